@@ -1,0 +1,93 @@
+"""Optimizer-state memory: measured from a live optimizer, and predicted analytically.
+
+The analytic count follows galorex's state layout exactly, so the two agree to the byte once every
+parameter has taken a step: a projected (m×n) weight at rank r holds two Adam moments of the
+low-rank shape and its basis (or two, for ``full``) in float32 (float64 for float64 weights), plus
+two float32 scalars (``step``, ``proj_step``); every other parameter holds AdamW's two moments in its
+own dtype and a float32 ``step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import projection as proj
+from .optim.base import compute_dtype
+
+_SCALAR_BYTES = 4  # float32 step counters
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the tensors of ``optimizer.state`` (each storage counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+                if value.device.type != "meta" and key in seen:
+                    continue
+                seen.add(key)
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _bytes_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def parameter_state_bytes(
+    shape: Iterable[int],
+    dtype: torch.dtype = torch.float32,
+    rank: int | None = None,
+    proj_type: str = "std",
+    optimizer: str = "galore",
+) -> int:
+    """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW)."""
+    shape = tuple(int(s) for s in shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if optimizer == "adamw" or rank is None or len(shape) < 2:
+        return 2 * numel * _bytes_of(dtype) + _SCALAR_BYTES
+    if optimizer != "galore":
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore' or 'adamw'")
+    m, n = proj.matrix_shape(shape)
+    side = proj.projection_side(proj_type, m, n)
+    lm, ln = proj.lowrank_shape(side, m, n, rank)
+    basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
+    cbytes = _bytes_of(compute_dtype(dtype))
+    return (2 * lm * ln + basis) * cbytes + 2 * _SCALAR_BYTES
+
+
+def estimate_optimizer_state_bytes(
+    model_or_groups: nn.Module | list[dict[str, Any]] | Iterable[Any],
+    optimizer: str = "galore",
+    **group_defaults: Any,
+) -> int:
+    """Analytic optimizer-state bytes for a model (every parameter on AdamW) or for param groups as
+    given to ``GaLoreAdamW`` (``rank``/``proj_type`` read per group; ``group_defaults`` fill keys a
+    group lacks, e.g. ``proj_type``). Works on the meta device: nothing is allocated.
+    With ``optimizer="adamw"`` every parameter is counted as torch.optim.AdamW holds it.
+    """
+    if isinstance(model_or_groups, nn.Module):
+        groups = [{"params": list(model_or_groups.parameters())}]
+    else:
+        groups = list(model_or_groups)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+    total = 0
+    for group in groups:
+        rank = group.get("rank", group_defaults.get("rank"))
+        proj_type = group.get("proj_type", group_defaults.get("proj_type", "std"))
+        for p in group["params"]:
+            if isinstance(p, tuple):
+                p = p[1]
+            if not p.requires_grad:
+                continue
+            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer)
+    return total

@@ -1,0 +1,441 @@
+"""The one step loop every galorex optimizer shares.
+
+For each parameter group with a ``rank`` key, every parameter with ≥ 2 dimensions is stepped as
+
+    G = grad as an (m×n) matrix
+    every update_proj_gap steps: P ← orthonormal top-r basis of G   (moments follow moment_policy)
+    R = project(G, P)                                  (r×n, m×r or r×r)
+    D = inner_rule(R)                                  (Adam's m̂/(√v̂+ε) in GaLoreAdamW)
+    W ← (1 − lr·wd)·W − lr·scale·project_back(D, P)    (decay decoupled, in full space)
+
+and everything else (groups without ``rank``, 1-D parameters) is plain AdamW through
+``torch.optim.adamw.adamw`` (fused where the device supports it), so it matches
+``torch.optim.AdamW``. Subclasses change only :meth:`_lowrank_directions` (what happens inside the
+subspace) and, if they keep more state, :meth:`_reproject_state`.
+
+The optimizer state holds tensors only: a checkpoint loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _adamw_functional
+
+from .. import projection as proj
+
+# Group keys, as galore-torch names them, plus galorex's own.
+RANK = "rank"
+UPDATE_PROJ_GAP = "update_proj_gap"
+SCALE = "scale"
+PROJ_TYPE = "proj_type"
+REFRESH_METHOD = "refresh_method"
+MOMENT_POLICY = "moment_policy"
+OVERSAMPLE = "oversample"
+POWER_ITERS = "power_iters"
+REFRESH_SEED = "refresh_seed"
+EPS_MODE = "eps_mode"
+EPS_MODES = ("torch", "galore_torch")
+
+MOMENT_POLICIES = ("keep", "reset", "reproject")
+
+# State keys.
+STEP = "step"
+PROJ_STEP = "proj_step"
+EXP_AVG = "exp_avg"
+EXP_AVG_SQ = "exp_avg_sq"
+
+
+def basis_keys(side: str) -> list[str]:
+    return ["basis_left", "basis_right"] if side == "full" else ["basis"]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Projection and subspace state run in float32, or float64 for float64 parameters."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class: the shared projected step loop; see the module docstring."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._validate_group(self.param_groups[index], index)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        def bad(key: str, what: str) -> ValueError:
+            return ValueError(f"param_groups[{index}]: {key!r} {what}, got {group.get(key)!r}")
+
+        lr = group["lr"]
+        if not _is_real(lr) or float(lr) < 0 or not math.isfinite(float(lr)):
+            raise bad("lr", "must be a finite number >= 0")
+        eps = group["eps"]
+        if not _is_real(eps) or eps < 0:
+            raise bad("eps", "must be a number >= 0")
+        betas = group["betas"]
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(_is_real(b) and 0.0 <= float(b) < 1.0 for b in betas)
+        ):
+            raise bad("betas", "must be two numbers in [0, 1)")
+        wd = group["weight_decay"]
+        if not _is_real(wd) or wd < 0:
+            raise bad("weight_decay", "must be a number >= 0")
+        if group.get(EPS_MODE, "torch") not in EPS_MODES:
+            raise bad(EPS_MODE, f"must be one of {EPS_MODES}")
+        if group.get(RANK) is None:
+            return
+        if not _is_int(group[RANK]) or group[RANK] <= 0:
+            raise bad(RANK, "must be a positive integer")
+        if not _is_int(group[UPDATE_PROJ_GAP]) or group[UPDATE_PROJ_GAP] <= 0:
+            raise bad(UPDATE_PROJ_GAP, "must be a positive integer")
+        if not _is_real(group[SCALE]) or not math.isfinite(group[SCALE]) or group[SCALE] <= 0:
+            raise bad(SCALE, "must be a finite number > 0")
+        if group[PROJ_TYPE] not in proj.PROJ_TYPES:
+            raise bad(PROJ_TYPE, f"must be one of {proj.PROJ_TYPES}")
+        if group[REFRESH_METHOD] not in proj.REFRESH_METHODS:
+            raise bad(REFRESH_METHOD, f"must be one of {proj.REFRESH_METHODS}")
+        if group[MOMENT_POLICY] not in MOMENT_POLICIES:
+            raise bad(MOMENT_POLICY, f"must be one of {MOMENT_POLICIES}")
+        if not _is_int(group[OVERSAMPLE]) or group[OVERSAMPLE] < 0:
+            raise bad(OVERSAMPLE, "must be an integer >= 0")
+        if not _is_int(group[POWER_ITERS]) or group[POWER_ITERS] < 0:
+            raise bad(POWER_ITERS, "must be an integer >= 0")
+        if not _is_int(group[REFRESH_SEED]):
+            raise bad(REFRESH_SEED, "must be an integer")
+
+    # ------------------------------------------------------------------ helpers
+    def _param_label(self, group_index: int, param_index: int) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        p = group["params"][param_index]
+        where = f"param_groups[{group_index}]['params'][{param_index}]"
+        if names:
+            return f"parameter {names[param_index]!r} ({where}, shape {tuple(p.shape)})"
+        return f"parameter {where} (shape {tuple(p.shape)})"
+
+    @staticmethod
+    def is_projected(group: dict[str, Any], p: torch.Tensor) -> bool:
+        return group.get(RANK) is not None and p.dim() >= 2
+
+    @staticmethod
+    def side_of(group: dict[str, Any], p: torch.Tensor) -> str:
+        m, n = proj.matrix_shape(p.shape)
+        return proj.projection_side(group[PROJ_TYPE], m, n)
+
+    def _check_grad(self, p: torch.Tensor, gi: int, pi: int) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(
+                f"{self._param_label(gi, pi)} has a sparse gradient; galorex optimizers need dense "
+                "gradients (use torch.optim.SparseAdam, or nn.Embedding(sparse=False))"
+            )
+        if g.is_complex() or p.is_complex():
+            raise RuntimeError(
+                f"{self._param_label(gi, pi)} is complex; galorex optimizers support real "
+                "parameters only (view it with torch.view_as_real)"
+            )
+
+    def _refresh_generator(self, device: torch.device, seed: int, index: int, step: int):
+        # Seeded from (seed, parameter, step) so a resumed run draws the same sketch without any
+        # RNG state in the checkpoint.
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1_000_003 + index * 7_919 + step) % (2**63 - 1))
+        return g
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plans = []  # (group, dense params, projected params with their per-param context)
+        global_index = 0
+        for gi, group in enumerate(self.param_groups):
+            dense: list[torch.Tensor] = []
+            projected: list[dict[str, Any]] = []
+            for pi, p in enumerate(group["params"]):
+                index = global_index + pi
+                if p.grad is None:
+                    continue
+                self._check_grad(p, gi, pi)
+                if self.is_projected(group, p):
+                    projected.append({"param": p, "group_index": gi, "param_index": pi, "index": index})
+                else:
+                    dense.append(p)
+            global_index += len(group["params"])
+            plans.append((group, dense, projected))
+
+        # Every new basis is computed before any parameter changes, so a non-finite gradient at a
+        # refresh raises with the optimizer and the model exactly as they were.
+        for group, _, projected in plans:
+            for item in projected:
+                self._prepare_projection(group, item)
+        for group, dense, projected in plans:
+            for item in projected:
+                self._commit_refresh(group, item)
+            if dense:
+                self._dense_adamw(group, dense)
+            if projected:
+                self._lowrank_step(group, projected)
+        return loss
+
+    def _prepare_projection(self, group: dict[str, Any], item: dict[str, Any]) -> None:
+        p = item["param"]
+        state = self.state[p]
+        side = self.side_of(group, p)
+        item["side"] = side
+        cdtype = compute_dtype(p.dtype)
+        g = proj.as_matrix(p.grad).to(cdtype)
+        item["grad"] = g
+        step = int(state[STEP].item()) if STEP in state else 0
+        item["step"] = step
+        item["new_bases"] = None
+        if state and step % group[UPDATE_PROJ_GAP] != 0:
+            return
+        if not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(
+                f"{self._param_label(item['group_index'], item['param_index'])} has a non-finite "
+                f"gradient at step {step}, where its projection basis is refreshed; the previous "
+                "basis and the optimizer state are kept unchanged"
+            )
+        generator = None
+        if group[REFRESH_METHOD] == "randomized":
+            generator = self._refresh_generator(g.device, group[REFRESH_SEED], item["index"], step)
+        item["new_bases"] = proj.compute_bases(
+            g,
+            group[RANK],
+            side,
+            group[REFRESH_METHOD],
+            oversample=group[OVERSAMPLE],
+            power_iters=group[POWER_ITERS],
+            generator=generator,
+        )
+
+    def _commit_refresh(self, group: dict[str, Any], item: dict[str, Any]) -> None:
+        new = item["new_bases"]
+        if new is None:
+            return
+        p = item["param"]
+        state = self.state[p]
+        keys = basis_keys(item["side"])
+        if not state:
+            state[STEP] = torch.zeros((), dtype=torch.float32)
+            state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
+            for k, b in zip(keys, new):
+                state[k] = b
+            m, n = item["grad"].shape
+            shape = proj.lowrank_shape(item["side"], m, n, group[RANK])
+            self._init_lowrank_state(group, p, state, shape, item["grad"].dtype)
+        else:
+            old = [state[k] for k in keys]
+            policy = group[MOMENT_POLICY]
+            if policy == "reset":
+                self._reset_state(group, p, state)
+            elif policy == "reproject":
+                self._reproject_state(group, p, state, proj.transition_matrices(old, new), item["side"])
+            for k, b in zip(keys, new):
+                state[k] = b
+            state[PROJ_STEP].fill_(item["step"])
+        item["new_bases"] = None
+
+    # -------------------------------------------------------- hooks for the inner rule
+    def _init_lowrank_state(
+        self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], shape, dtype
+    ) -> None:
+        state[EXP_AVG] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state[EXP_AVG_SQ] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _reset_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
+        state[EXP_AVG].zero_()
+        state[EXP_AVG_SQ].zero_()
+
+    def _reproject_state(self, group, p, state, transitions, side) -> None:
+        """Carry the moments into the new basis: m ← R m (R = P_newᵀ P_old); v ← (R∘R) v, which is
+        exact for the second moment when the coordinates are uncorrelated."""
+        state[EXP_AVG] = proj.reproject_lowrank(state[EXP_AVG], transitions, side)
+        squares = [t * t for t in transitions]
+        state[EXP_AVG_SQ] = proj.reproject_lowrank(state[EXP_AVG_SQ], squares, side)
+
+    def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int:
+        """Steps the current moments have seen (bias correction restarts on a reset refresh)."""
+        step = int(state[STEP].item())
+        if group[MOMENT_POLICY] == "reset":
+            return step - int(state[PROJ_STEP].item())
+        return step
+
+    def _lowrank_directions(
+        self, group: dict[str, Any], params, lows: list[torch.Tensor], states: list[dict[str, Any]]
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the updates
+    def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        params = [it["param"] for it in items]
+        states = [self.state[p] for p in params]
+        lows = []
+        for it, state in zip(items, states):
+            bases = [state[k] for k in basis_keys(it["side"])]
+            lows.append(proj.project(it["grad"], bases, it["side"]))
+            state[STEP] += 1
+        directions = self._lowrank_directions(group, params, lows, states)
+
+        lr = float(group["lr"])
+        decay = 1.0 - lr * float(group["weight_decay"])
+        alpha = -lr * float(group[SCALE])
+        if group[EPS_MODE] == "galore_torch":
+            alpha *= decay  # galore-torch decays the already-updated weight
+        for it, state, d in zip(items, states, directions):
+            p = it["param"]
+            bases = [state[k] for k in basis_keys(it["side"])]
+            if p.dtype == d.dtype and p.is_contiguous():
+                # W ← decay·W + alpha·back(D): one fused GEMM, no full-size temporary.
+                proj.add_projected_back_(proj.as_matrix(p), d, bases, it["side"], alpha=alpha, beta=decay)
+            else:
+                # Low-precision weights: accumulate in the compute dtype, round once.
+                w = proj.as_matrix(p).to(d.dtype)
+                proj.add_projected_back_(w, d, bases, it["side"], alpha=alpha, beta=decay)
+                p.copy_(w.view_as(p))
+            it["grad"] = None
+
+    def _dense_adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        if group[EPS_MODE] == "galore_torch":
+            return self._dense_adamw_galore_torch(group, params)
+        fused = group.get("fused")
+        if fused is None:
+            fused = _fused_supported(params)
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            step_device = p.device if fused else torch.device("cpu")
+            if not state:
+                state[STEP] = torch.zeros((), dtype=torch.float32, device=step_device)
+                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state[STEP].device != step_device:
+                state[STEP] = state[STEP].to(step_device)
+            grads.append(p.grad)
+            exp_avgs.append(state[EXP_AVG])
+            exp_avg_sqs.append(state[EXP_AVG_SQ])
+            steps.append(state[STEP])
+        beta1, beta2 = group["betas"]
+        _adamw_functional(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None if fused else group.get("foreach"),
+            fused=fused or None,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _dense_adamw_galore_torch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """galore-torch's AdamW for unprojected parameters (see ``eps_mode``)."""
+        from .galore import adam_directions
+
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state[STEP] = torch.zeros((), dtype=torch.float32)
+                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[STEP] += 1
+            states.append(state)
+        beta1, beta2 = group["betas"]
+        directions = adam_directions(
+            [p.grad for p in params],
+            [s[EXP_AVG] for s in states],
+            [s[EXP_AVG_SQ] for s in states],
+            [int(s[STEP].item()) for s in states],
+            float(beta1),
+            float(beta2),
+            float(group["eps"]),
+            "galore_torch",
+        )
+        lr = float(group["lr"])
+        torch._foreach_add_(params, directions, alpha=-lr)
+        if group["weight_decay"] > 0:
+            torch._foreach_mul_(params, 1.0 - lr * float(group["weight_decay"]))
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like ``Optimizer.load_state_dict``, but subspace state keeps its own dtype.
+
+        torch casts every floating state tensor to its parameter's dtype, which would round the
+        float32 basis and moments of a bf16 weight to bf16. Here every tensor keeps the dtype it was
+        saved with and moves to its parameter's device; ``step`` counters of projected parameters
+        stay on the CPU (they drive the refresh schedule without a device sync).
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_to_param = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                id_to_param[pid] = (p, group)
+        for pid, values in saved_state.items():
+            if pid not in id_to_param:
+                continue
+            p, group = id_to_param[pid]
+            restored = {}
+            projected = any(k in values for k in ("basis", "basis_left"))
+            for key, value in values.items():
+                if not isinstance(value, torch.Tensor):
+                    restored[key] = value
+                elif key in (STEP, PROJ_STEP):
+                    keep_on_cpu = projected or not (group.get("fused") or _fused_supported([p]))
+                    device = torch.device("cpu") if keep_on_cpu else p.device
+                    restored[key] = value.detach().to(device=device, dtype=torch.float32, copy=True)
+                else:
+                    restored[key] = value.detach().to(device=p.device, copy=True)
+            self.state[p] = restored
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """Use torch's fused AdamW kernel when every tensor is a floating dense tensor on a device it
+    supports (CPU included since torch 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except Exception:  # pragma: no cover - very old torch
+        return False
+    return all(
+        p.device.type in devices and p.is_floating_point() and not p.is_sparse
+        for p in params
+    )

@@ -1,0 +1,194 @@
+"""Low-rank projection of gradient matrices, as in GaLore (Zhao et al., 2024,
+"GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection").
+
+A gradient G (m×n) is projected onto rank r with an orthonormal basis P taken from G's top singular
+vectors: ``left`` keeps P (m×r) and works on Pᵀ G (r×n), ``right`` keeps P (n×r) and works on G P
+(m×r), ``full`` keeps both and works on Pₗᵀ G Pᵣ (r×r). Bases are columns, always orthonormal.
+
+Everything here is a pure function of tensors: the optimizer stores the bases in its state, so a
+checkpoint holds tensors only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+REFRESH_METHODS = ("svd", "randomized")
+SIDES = ("left", "right", "full")
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """View a parameter or gradient of any rank ≥ 2 as the matrix (shape[0], rest)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    m = int(shape[0])
+    n = 1
+    for d in shape[1:]:
+        n *= int(d)
+    return m, n
+
+
+def projection_side(proj_type: str, m: int, n: int) -> str:
+    """Which side an (m×n) gradient is projected on, with galore-torch's meaning of ``proj_type``.
+
+    ``std`` shrinks the smaller dimension (so the stored basis is the smaller one): right when m ≥ n,
+    left otherwise. ``reverse_std`` does the opposite. ``left``, ``right`` and ``full`` are literal.
+    """
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in SIDES:
+        return proj_type
+    raise ValueError(f"unknown proj_type {proj_type!r}; expected one of {PROJ_TYPES}")
+
+
+def effective_rank(rank: int, m: int, n: int) -> int:
+    """The rank is clipped to min(m, n): a basis cannot have more orthonormal columns than rows."""
+    return max(1, min(int(rank), m, n))
+
+
+def lowrank_shape(side: str, m: int, n: int, rank: int) -> tuple[int, int]:
+    r = effective_rank(rank, m, n)
+    return {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+
+
+def basis_shapes(side: str, m: int, n: int, rank: int) -> list[tuple[int, int]]:
+    """Shapes of the stored bases: one for left/right, two (left then right) for full."""
+    r = effective_rank(rank, m, n)
+    return {"left": [(m, r)], "right": [(n, r)], "full": [(m, r), (n, r)]}[side]
+
+
+def randomized_left_basis(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 16,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Top-``rank`` left singular vectors of ``a`` by a randomized range finder
+    (Halko, Martinsson & Tropp, 2011, Alg. 4.4 then 5.1).
+
+    Y = (A Aᵀ)^q A Ω spans the dominant column space; each product is re-orthonormalised (QR) so
+    that small singular directions survive in float32. A small SVD of Qᵀ A then rotates Q onto the
+    singular vectors, so the result is ordered like the exact SVD's.
+    """
+    m, n = a.shape
+    k = min(rank + oversample, m, n)
+    omega = torch.randn(n, k, device=a.device, dtype=a.dtype, generator=generator)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iters):
+        z = torch.linalg.qr(a.mT @ q).Q
+        q = torch.linalg.qr(a @ z).Q
+    ub, _, _ = torch.linalg.svd(q.mT @ a, full_matrices=False)
+    return q @ ub[:, :rank]
+
+
+def compute_bases(
+    g: torch.Tensor,
+    rank: int,
+    side: str,
+    method: str = "svd",
+    *,
+    oversample: int = 16,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Orthonormal bases (as columns) for projecting the matrix ``g`` on ``side`` at ``rank``.
+
+    Returns one basis for left/right and [left, right] for full; ``g`` should already be in the
+    dtype the bases are wanted in (float32 or float64).
+    """
+    m, n = g.shape
+    r = effective_rank(rank, m, n)
+
+    if method == "svd":
+        # One SVD of G itself for every side, as galore-torch does: the singular vectors' signs then
+        # match the reference's, which matters when moments are kept across a refresh.
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        left, right = u[:, :r].contiguous(), vh[:r].mT.contiguous()
+        return {"left": [left], "right": [right], "full": [left, right]}[side]
+    if method != "randomized":
+        raise ValueError(f"unknown refresh_method {method!r}; expected one of {REFRESH_METHODS}")
+
+    def left_of(a: torch.Tensor) -> torch.Tensor:
+        return randomized_left_basis(
+            a, r, oversample=oversample, power_iters=power_iters, generator=generator
+        ).contiguous()
+
+    if side == "left":
+        return [left_of(g)]
+    if side == "right":
+        return [left_of(g.mT)]
+    if side == "full":
+        return [left_of(g), left_of(g.mT)]
+    raise ValueError(f"unknown side {side!r}")
+
+
+def project(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tensor:
+    """G ↦ Pᵀ G (left), G P (right), Pₗᵀ G Pᵣ (full)."""
+    if side == "left":
+        return bases[0].mT @ g
+    if side == "right":
+        return g @ bases[0]
+    return bases[0].mT @ g @ bases[1]
+
+
+def project_back(low: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tensor:
+    """The adjoint of :func:`project`: R ↦ P R (left), R Pᵀ (right), Pₗ R Pᵣᵀ (full)."""
+    if side == "left":
+        return bases[0] @ low
+    if side == "right":
+        return low @ bases[0].mT
+    return bases[0] @ low @ bases[1].mT
+
+
+def add_projected_back_(
+    target: torch.Tensor,
+    low: torch.Tensor,
+    bases: list[torch.Tensor],
+    side: str,
+    *,
+    alpha: float,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """target ← beta·target + alpha·project_back(low), in place, without a full-size temporary.
+
+    ``target`` is an (m×n) matrix view of the same dtype as ``low`` and the bases.
+    """
+    if side == "left":
+        return target.addmm_(bases[0], low, beta=beta, alpha=alpha)
+    if side == "right":
+        return target.addmm_(low, bases[0].mT, beta=beta, alpha=alpha)
+    return target.addmm_(bases[0] @ low, bases[1].mT, beta=beta, alpha=alpha)
+
+
+def captured_energy(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> float:
+    """‖project(G)‖²_F divided by the energy of G's top-r singular values (1.0 = as good as exact SVD)."""
+    low = project(g, bases, side)
+    r = low.shape[0] if side == "left" else low.shape[-1]
+    s = torch.linalg.svdvals(g)
+    best = (s[:r] ** 2).sum()
+    return float((low.norm() ** 2) / best) if best > 0 else 1.0
+
+
+def transition_matrices(
+    old: list[torch.Tensor], new: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Rᵢ = P_newᵢᵀ P_oldᵢ: the change of coordinates from the old subspace to the new one."""
+    return [pn.mT @ po for po, pn in zip(old, new)]
+
+
+def reproject_lowrank(
+    low: torch.Tensor, transitions: list[torch.Tensor], side: str
+) -> torch.Tensor:
+    """Carry a low-rank tensor expressed in the old basis into the new one (project(project_back(low)))."""
+    if side == "left":
+        return transitions[0] @ low
+    if side == "right":
+        return low @ transitions[0].mT
+    return transitions[0] @ low @ transitions[1].mT
