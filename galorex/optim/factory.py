@@ -1,0 +1,60 @@
+"""Build an optimizer for a model by name: what ``galorex-train`` and ``galorex.bench`` use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .galore import GaLoreAdamW
+from .groups import galore_param_groups
+
+AVAILABLE = ("adamw", "galore")
+# Named here so that asking for them gives a clear answer rather than "unknown".
+PLANNED = ("natural-galore", "gradnorm-lorp")
+
+
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    refresh_method: str = "svd",
+    moment_policy: str = "keep",
+    target_modules: str | Sequence[str] = ("attn", "mlp"),
+    **extra: Any,
+) -> torch.optim.Optimizer:
+    """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
+    and MLP weights projected (``galore_param_groups``) and the rest on AdamW."""
+    if name == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+        )
+    if name == "galore":
+        groups = galore_param_groups(
+            model,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            target_modules=target_modules,
+            refresh_method=refresh_method,
+            moment_policy=moment_policy,
+            **extra,
+        )
+        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name in PLANNED:
+        raise ValueError(
+            f"optimizer {name!r} is not available in this version of galorex yet; "
+            f"available: {', '.join(AVAILABLE)}"
+        )
+    raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(AVAILABLE)}")

@@ -1,0 +1,1 @@
+"""Training utilities: data pipeline, checkpointing and the training loop."""

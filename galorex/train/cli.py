@@ -1,0 +1,91 @@
+"""``galorex-train``: command-line entry point (also ``python -m galorex.train``).
+
+With no arguments: pretrain ``llama-tiny`` on the embedded Shakespeare corpus with GaLore, on
+whatever device is there, then print the validation loss, perplexity, a sample and the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .trainer import TrainConfig, TrainError, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="galorex-train",
+        description="Pretrain a Llama from scratch with a galorex optimizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--model", default=d.model,
+      help="llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, or a JSON config file")
+    a("--optimizer", default=d.optimizer,
+      help="adamw | galore | natural-galore | gradnorm-lorp (the last two: not available yet)")
+    a("--rank", type=int, default=d.rank, help="GaLore rank")
+    a("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between basis refreshes")
+    a("--scale", type=float, default=d.scale, help="GaLore scale of the projected-back update")
+    a("--proj-type", default=d.proj_type, help="std | reverse_std | left | right | full")
+    a("--refresh-method", default=d.refresh_method, help="svd | randomized")
+    a("--moment-policy", default=d.moment_policy, help="keep | reset | reproject")
+    a("--lr", type=float, default=d.lr, help="peak learning rate")
+    a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
+    a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--beta1", type=float, default=d.beta1)
+    a("--beta2", type=float, default=d.beta2)
+    a("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (0: off)")
+    a("--batch-size", type=int, default=d.batch_size)
+    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    a("--seq-len", type=int, default=d.seq_len)
+    a("--dtype", default=d.dtype, choices=("fp32", "bf16"), help="parameter dtype")
+    a("--steps", type=int, default=d.steps, help="optimizer steps")
+    a("--eval-every", type=int, default=d.eval_every, help="steps between validations (0: only at the end)")
+    a("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation")
+    a("--log-every", type=int, default=d.log_every, help="steps between lines of metrics.jsonl")
+    a("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: none)")
+    a("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept")
+    a("--out", default=d.out, help="output folder (default: runs/galorex-<date>-<time>)")
+    a("--resume", nargs="?", const="latest", default=None,
+      help="continue the run in --out from its latest checkpoint, or from the checkpoint file given")
+    a("--seed", type=int, default=d.seed)
+    a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    a("--data", default=d.data, help="a text file or a folder of .txt files (default: embedded Shakespeare)")
+    a("--dataset", default=d.dataset, help="a Hugging Face dataset name, streamed (needs `datasets` and a network)")
+    a("--dataset-max-chars", type=int, default=d.dataset_max_chars)
+    a("--tokenizer", default=d.tokenizer, help="byte (default) or a tokenizer.json")
+    a("--halo", type=int, default=d.halo, choices=(0, 1, 2), help="HALO low-precision level (not available yet)")
+    a("--sample-tokens", type=int, default=d.sample_tokens, help="tokens generated at the end")
+    a("--threads", type=int, default=d.threads, help="torch CPU threads")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    try:
+        s = train(cfg)
+    except TrainError as e:
+        print(f"galorex-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("galorex-train: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    gib = 1024**3
+    print(f"validation loss {s['final_val_loss']:.4f} nats/token, perplexity {s['val_perplexity']:.2f} "
+          f"(unigram entropy of the corpus: {s['unigram_entropy']:.3f})")
+    print(f"{s['steps']} steps, {s['tokens']:,} tokens in {s['wall_s']:.1f} s "
+          f"({s['tokens_per_s']:,.0f} tokens/s); optimizer state {s['optimizer_state_bytes'] / 2**20:.2f} MiB, "
+          f"peak memory {s['peak_memory_bytes'] / gib:.2f} GiB")
+    if s["sample"]:
+        print("sample:\n" + s["sample"].strip() + "\n")
+    print(f"outputs in {s['out']}: metrics.jsonl, summary.json, checkpoints/"
+          + (", loss.png" if s["loss_png"] else " (install matplotlib for loss.png)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""Data pipeline for language-model training.
+
+Corpus text -> tokenizer -> cached token file (memory-mapped) -> packed
+``(x, y)`` batches with a resumable, seeded order.
+
+Every user-facing problem raises :class:`DataError` with a one-line message
+that names the offending file or folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "Tokenizer",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "load_tokenizer",
+    "default_corpus_path",
+    "corpus_files",
+    "read_corpus_texts",
+    "prepare_tokens",
+    "split_tokens",
+    "TokenBatcher",
+    "eval_batches",
+    "unigram_entropy",
+    "load_hf_dataset_stream",
+]
+
+# Bumped whenever the cached token format or tokenisation recipe changes, so
+# stale caches are never reused.
+_CACHE_FORMAT = 1
+
+
+class DataError(ValueError):
+    """A user-facing data problem (bad path, empty corpus, too little data...)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------
+# default corpus
+# --------------------------------------------------------------------------
+
+# Keeps an extracted copy alive for the whole process when the package is
+# imported from a zip (resources.as_file would otherwise delete it).
+_RESOURCE_STACK = contextlib.ExitStack()
+atexit.register(_RESOURCE_STACK.close)
+
+
+@functools.lru_cache(maxsize=None)
+def default_corpus_path() -> Path:
+    """Path of the embedded tinyshakespeare corpus (package data)."""
+    ref = resources.files("galorex") / "data" / "tinyshakespeare.txt"
+    if not ref.is_file():
+        raise DataError(
+            f"{ref}: embedded corpus is missing (broken galorex installation?)"
+        )
+    if isinstance(ref, Path):
+        return ref
+    return Path(_RESOURCE_STACK.enter_context(resources.as_file(ref)))
+
+
+# --------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------
+
+
+class Tokenizer(Protocol):
+    """What the pipeline needs from a tokenizer.
+
+    ``name`` must identify the exact token mapping: it keys the token cache.
+    """
+
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocab 256); needs no files and never fails."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Sampled byte sequences are often not valid UTF-8.
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` loaded through the ``tokenizers`` package."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: tokenizer file not found")
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError(
+                f"{self.path}: loading a tokenizer.json needs the `tokenizers` "
+                "package (pip install tokenizers)"
+            ) from None
+        raw = self.path.read_bytes()
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as exc:
+            raise DataError(
+                f"{self.path}: not a valid tokenizer.json ({_one_line(exc)})"
+            ) from None
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        # Content hash, not path: the token cache must change when the file does.
+        self.name = "hf:" + hashlib.sha256(raw).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS from post-processors: training consumes one packed stream.
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r})"
+
+
+def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """``None``/``"byte"`` -> :class:`ByteTokenizer`; a path -> :class:`HFTokenizer`.
+
+    A directory containing ``tokenizer.json`` is accepted as well.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "byte"):
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(f"{path}: folder has no tokenizer.json")
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise DataError(
+            f"{path}: tokenizer not found (expected 'byte' or a path to a tokenizer.json)"
+        )
+    return HFTokenizer(path)
+
+
+# --------------------------------------------------------------------------
+# corpus
+# --------------------------------------------------------------------------
+
+
+def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The text files that make up a corpus, in the order they are joined.
+
+    A file is used as is; a folder contributes every ``*.txt`` below it,
+    sorted by relative path so the order does not depend on the filesystem.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: data path not found")
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"{root}: data path is neither a file nor a folder")
+    files = [
+        p for p in root.rglob("*") if p.suffix.lower() == ".txt" and p.is_file()
+    ]
+    if not files:
+        raise DataError(f"{root}: folder contains no .txt files")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid UTF-8 (bad byte at offset {exc.start}); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
+def read_corpus_texts(path: str | os.PathLike[str]) -> str:
+    """Read a corpus as one string.
+
+    ``path`` is a text file, or a folder whose ``*.txt`` files (recursive,
+    sorted by relative path) are joined with ``"\\n\\n"``. Files must be UTF-8:
+    invalid bytes raise :class:`DataError` instead of being replaced, so a
+    mis-encoded corpus is never silently trained on. Blank files inside a
+    folder are skipped; a blank single file or an all-blank folder is an error.
+    """
+    root = Path(path)
+    files = corpus_files(root)
+    if root.is_file():
+        text = _read_text(root)
+        if not text.strip():
+            raise DataError(f"{root}: file is empty")
+        return text
+    texts = [t for t in (_read_text(f) for f in files) if t.strip()]
+    if not texts:
+        raise DataError(f"{root}: all .txt files in the folder are empty")
+    return "\n\n".join(texts)
+
+
+# --------------------------------------------------------------------------
+# token cache
+# --------------------------------------------------------------------------
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return Path(base) / "galorex" / "tokens"
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` via a same-directory temp file so readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def _cache_stem(source: Path) -> str:
+    # A readable prefix helps users find which cache belongs to which corpus.
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.stem or source.name)[:40]
+    return stem or "corpus"
+
+
+def _valid_cache(bin_path: Path, meta_path: Path, dtype: np.dtype, name: str) -> int | None:
+    """Token count of a usable cache entry, or None if it must be rebuilt."""
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+        n = int(meta["n_tokens"])
+        ok = (
+            meta.get("format") == _CACHE_FORMAT
+            and meta.get("dtype") == dtype.name
+            and meta.get("tokenizer") == name
+            and n > 0
+            and bin_path.stat().st_size == n * dtype.itemsize
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if ok else None
+
+
+def prepare_tokens(
+    data_path: str | os.PathLike[str] | None,
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> np.memmap:
+    """Tokenise a corpus once and return the cached token stream, memory-mapped.
+
+    The cache file is keyed by a sha256 over the tokenizer name and the exact
+    corpus text (so edits, renames that change order, or a different tokenizer
+    all produce a new entry). It is stored as ``uint16`` when the vocabulary
+    fits, else ``uint32``, next to a JSON sidecar ``{format, dtype, n_tokens,
+    tokenizer, source, sha256}``. Both are written atomically, so an
+    interrupted run never leaves a cache that a later run would trust.
+
+    ``data_path=None`` means the embedded tinyshakespeare corpus;
+    ``cache_dir=None`` means ``$XDG_CACHE_HOME/galorex/tokens``.
+    """
+    source = Path(data_path) if data_path is not None else default_corpus_path()
+    text = read_corpus_texts(source)
+    dtype = _token_dtype(int(tokenizer.vocab_size))
+    name = str(tokenizer.name)
+
+    h = hashlib.sha256()
+    h.update(f"galorex-tokens-v{_CACHE_FORMAT}\0{name}\0{dtype.name}\0".encode())
+    h.update(text.encode("utf-8"))
+    digest = h.hexdigest()
+
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{cache}: cannot create token cache folder ({_one_line(exc)})") from None
+    stem = f"{_cache_stem(source)}-{digest[:20]}"
+    bin_path = cache / f"{stem}.tok.bin"
+    meta_path = cache / f"{stem}.tok.json"
+
+    n = _valid_cache(bin_path, meta_path, dtype, name)
+    if n is None:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        if ids.size == 0:
+            raise DataError(f"{source}: tokenizer {name} produced no tokens")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= int(tokenizer.vocab_size):
+            raise DataError(
+                f"{source}: tokenizer {name} produced id {hi if hi >= 0 else lo} "
+                f"outside its vocab_size {tokenizer.vocab_size}"
+            )
+        tokens = ids.astype(dtype)
+        n = int(tokens.size)
+        meta = {
+            "format": _CACHE_FORMAT,
+            "dtype": dtype.name,
+            "n_tokens": n,
+            "tokenizer": name,
+            "source": str(source.resolve()),
+            "sha256": digest,
+        }
+        try:
+            # Tokens before sidecar: a sidecar only ever describes a complete file.
+            _atomic_write(bin_path, lambda f: f.write(tokens.tobytes()))
+            _atomic_write(
+                meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8"))
+            )
+        except OSError as exc:
+            raise DataError(f"{cache}: cannot write token cache ({_one_line(exc)})") from None
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Split a token stream into ``(train, val)`` views.
+
+    Validation is the contiguous tail (``floor(n * val_fraction)`` tokens), so
+    the split is deterministic and the two never share a window.
+    """
+    if not (0.0 <= float(val_fraction) < 1.0):
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(tokens)
+    n_val = int(math.floor(n * float(val_fraction)))
+    cut = n - n_val
+    return tokens[:cut], tokens[cut:]
+
+
+# --------------------------------------------------------------------------
+# batching
+# --------------------------------------------------------------------------
+
+
+def _n_windows(tokens: np.ndarray, seq_len: int, what: str) -> int:
+    if int(seq_len) < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    n = len(tokens)
+    # Window i covers tokens[i*seq_len : i*seq_len + seq_len + 1]; consecutive
+    # windows share one token so every token is a target exactly once.
+    n_windows = (n - 1) // seq_len if n > 0 else 0
+    if n_windows < 1:
+        raise DataError(
+            f"{what} has {n} tokens but seq_len={seq_len} needs at least "
+            f"{seq_len + 1}; use more data or a smaller seq_len"
+        )
+    return n_windows
+
+
+def _gather(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = np.asarray(window_ids, dtype=np.int64) * seq_len
+    idx = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]
+    w = torch.from_numpy(np.asarray(tokens)[idx].astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class TokenBatcher:
+    """Shuffled, packed ``(x, y)`` training batches with a resumable order.
+
+    Each epoch visits every window exactly once, in the order of a permutation
+    drawn from ``numpy.random.Generator(PCG64(seed + epoch))``. A batch that
+    runs past the end of an epoch continues with the next epoch's permutation,
+    so every batch is full even when there are fewer windows than
+    ``batch_size``. The whole order is a function of ``(seed, epoch,
+    position)``, which is exactly what :meth:`state_dict` stores.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+        if int(batch_size) < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if int(seed) < 0:
+            raise DataError(f"seed must be >= 0, got {seed}")
+        self.tokens = tokens
+        self.batch_size = int(batch_size)
+        self.seq_len = int(seq_len)
+        self.n_windows = _n_windows(tokens, self.seq_len, "training token stream")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0
+        self._perm: np.ndarray | None = None
+        self._perm_epoch = -1
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            rng = np.random.Generator(np.random.PCG64(self.seed + self.epoch))
+            self._perm = rng.permutation(self.n_windows)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next ``(x, y)``, each an int64 tensor of shape ``(batch_size, seq_len)``."""
+        picked = []
+        need = self.batch_size
+        while need:
+            perm = self._permutation()
+            take = perm[self.position : self.position + need]
+            picked.append(take)
+            need -= len(take)
+            self.position += len(take)
+            if self.position >= self.n_windows:
+                self.epoch += 1
+                self.position = 0
+        return _gather(self.tokens, np.concatenate(picked), self.seq_len)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    @property
+    def batches_per_epoch(self) -> float:
+        return self.n_windows / self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "position": int(self.position), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the exact batch order saved by :meth:`state_dict`.
+
+        The saved seed wins over the constructor's, since the order it
+        produced is what must be continued.
+        """
+        try:
+            epoch, position, seed = (int(state[k]) for k in ("epoch", "position", "seed"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"invalid batcher state {state!r} ({_one_line(exc)})") from None
+        if epoch < 0 or seed < 0 or not (0 <= position < self.n_windows):
+            raise DataError(
+                f"batcher state {state!r} does not fit this data ({self.n_windows} "
+                "windows); was it saved for a different corpus or seq_len?"
+            )
+        self.epoch, self.position, self.seed = epoch, position, seed
+        self._perm_epoch = -1
+
+
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic ``(x, y)`` batches over a (validation) stream, in order.
+
+    Windows are cut as in :class:`TokenBatcher`; the last batch may be smaller.
+    At most ``max_batches`` are produced. Returns a fresh iterator; call again
+    for another pass. Argument errors are raised here, not on first ``next``.
+    """
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    seq_len = int(seq_len)
+    n_windows = _n_windows(tokens, seq_len, "validation token stream")
+    n_batches = math.ceil(n_windows / int(batch_size))
+    if max_batches is not None:
+        n_batches = min(n_batches, max(int(max_batches), 0))
+
+    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in range(n_batches):
+            ids = np.arange(b * batch_size, min((b + 1) * batch_size, n_windows))
+            yield _gather(tokens, ids, seq_len)
+
+    return gen()
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy of the token frequency distribution, in nats.
+
+    A model whose loss is not clearly below this has learned no more than
+    token frequencies.
+    """
+    arr = np.asarray(tokens).ravel()
+    if arr.size == 0:
+        raise DataError("cannot compute unigram entropy of an empty token stream")
+    counts = np.bincount(arr.astype(np.int64, copy=False))
+    p = counts[counts > 0] / arr.size
+    return float(-(p * np.log(p)).sum())
+
+
+# --------------------------------------------------------------------------
+# Hugging Face datasets
+# --------------------------------------------------------------------------
+
+
+def load_hf_dataset_stream(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_chars: int = 10_000_000,
+    text_field: str = "text",
+    config: str | None = None,
+    split: str = "train",
+) -> Path:
+    """Stream up to ``max_chars`` characters of a HF dataset into a cached text file.
+
+    Records' ``text_field`` values are joined with ``"\\n\\n"``. The file is
+    named by a hash of the arguments and reused when present, so a second run
+    needs no network. Returns the path, ready for :func:`prepare_tokens`.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            "--dataset needs the `datasets` package (pip install datasets) and network access"
+        ) from None
+    if int(max_chars) < 1:
+        raise DataError(f"max_chars must be >= 1, got {max_chars}")
+
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir().parent / "datasets"
+    key = json.dumps([name, config, split, text_field, int(max_chars)])
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    out = cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}.txt"
+    if out.is_file() and out.stat().st_size > 0:
+        return out
+
+    parts: list[str] = []
+    total = 0
+    try:
+        args = (name, config) if config is not None else (name,)
+        stream = datasets.load_dataset(*args, split=split, streaming=True)
+        for record in stream:
+            if text_field not in record:
+                raise DataError(
+                    f"dataset {name}: records have no {text_field!r} field "
+                    f"(fields: {', '.join(sorted(record))})"
+                )
+            text = record[text_field]
+            if not isinstance(text, str) or not text.strip():
+                continue
+            sep = 2 if parts else 0
+            room = int(max_chars) - total - sep
+            if room <= 0:
+                break
+            parts.append(text[:room])
+            total += sep + len(parts[-1])
+            if total >= int(max_chars):
+                break
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"dataset {name}: cannot stream it ({_one_line(exc)})") from None
+    if not parts:
+        raise DataError(f"dataset {name}: no non-empty {text_field!r} text in split {split!r}")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        data = "\n\n".join(parts).encode("utf-8")
+        _atomic_write(out, lambda f: f.write(data))
+    except OSError as exc:
+        raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
+    return out

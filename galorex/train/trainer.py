@@ -1,0 +1,429 @@
+"""Pretrain a Llama from scratch with any galorex optimizer: the loop behind ``galorex-train``.
+
+Readable top to bottom: configuration, data, model, optimizer and schedule, resume, the loop
+(accumulate, clip, step, log, evaluate, checkpoint), then the final report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..memory import optimizer_state_bytes
+from ..models.llama import Llama, LlamaConfig, get_config
+from ..optim.factory import build_optimizer
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .data import (
+    DataError,
+    TokenBatcher,
+    eval_batches,
+    load_hf_dataset_stream,
+    load_tokenizer,
+    prepare_tokens,
+    split_tokens,
+    unigram_entropy,
+)
+
+CHECKPOINT_FORMAT = 1
+# Settings that must be the same when a run is resumed: they define the model and the optimizer.
+RESUME_MUST_MATCH = ("model", "optimizer", "rank", "proj_type", "dtype", "tokenizer", "seq_len")
+
+
+class TrainError(ValueError):
+    """A problem with the user's input: reported as one line, exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "llama-tiny"
+    optimizer: str = "galore"
+    rank: int = 32
+    update_proj_gap: int = 100
+    scale: float = 0.25
+    proj_type: str = "std"
+    refresh_method: str = "svd"
+    moment_policy: str = "keep"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 128
+    dtype: str = "fp32"
+    steps: int = 1000
+    eval_every: int = 200
+    eval_batches: int = 16
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    out: str | None = None
+    resume: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    data: str | None = None
+    dataset: str | None = None
+    dataset_max_chars: int = 20_000_000
+    tokenizer: str | None = None
+    halo: int | None = None
+    sample_tokens: int = 200
+    threads: int | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TrainError(f"--device {name!r} is not a device torch knows ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise TrainError(f"--dtype {name!r}: expected one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    positive = ("rank", "update_proj_gap", "batch_size", "grad_accum", "seq_len", "eval_batches",
+                "log_every", "keep_checkpoints")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise TrainError(f"--{key.replace('_', '-')} must be > 0, got {getattr(cfg, key)}")
+    for key in ("steps", "warmup", "eval_every", "save_every", "sample_tokens"):
+        if getattr(cfg, key) < 0:
+            raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.halo is not None:
+        raise TrainError("--halo is not available in this version of galorex yet")
+    if cfg.data is not None and cfg.dataset is not None:
+        raise TrainError("give either --data or --dataset, not both")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except Exception:  # pragma: no cover - non-POSIX
+        return 0
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: Llama, tokens, cfg: TrainConfig, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        _, loss = model(x.to(device), y.to(device))
+        total += float(loss) * x.shape[0]
+        count += x.shape[0]
+    model.train()
+    return total / max(count, 1)
+
+
+def _prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("galorex-%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out}: exists and is not a folder")
+    holds_run = out.is_dir() and any(out.iterdir())
+    if cfg.resume is None and holds_run:
+        raise TrainError(
+            f"--out {out}: the folder already holds files (another run?); "
+            "pass --resume to continue it, or choose another --out"
+        )
+    if cfg.resume is not None and not holds_run and cfg.resume == "latest":
+        raise TrainError(f"--resume: {out} holds no run to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _load_resume(cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    path = latest_checkpoint(out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
+    if path is None:
+        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise TrainError(f"--resume: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"--resume: {path} is not a galorex-train checkpoint")
+    saved = ckpt["config"]
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != getattr(cfg, key):
+            raise TrainError(
+                f"--resume: {path} was trained with {key}={saved.get(key)!r}, "
+                f"this run asks for {key}={getattr(cfg, key)!r}"
+            )
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run's tail)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _plot(metrics_path: Path, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Run the training described by ``cfg``; returns the summary (also written to OUT/summary.json)."""
+    _check_config(cfg)
+    device = _device(cfg.device)
+    dtype = _dtype(cfg.dtype)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = _prepare_out_dir(cfg)
+    ckpt = _load_resume(cfg, out) if cfg.resume is not None else None
+
+    # Data: tokenised once into a memory-mapped cache, split deterministically.
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        data_path = cfg.data
+        if cfg.dataset is not None:
+            data_path = load_hf_dataset_stream(cfg.dataset, max_chars=cfg.dataset_max_chars)
+        tokens = prepare_tokens(data_path, tokenizer, cache_dir=out / "cache")
+        train_tokens, val_tokens = split_tokens(tokens)
+        batcher = TokenBatcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        next(iter(eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, 1)))
+    except DataError as e:
+        raise TrainError(str(e)) from None
+
+    # Model.
+    try:
+        model_cfg: LlamaConfig = get_config(cfg.model)
+    except ValueError as e:
+        raise TrainError(f"--model: {e}") from None
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainError(
+            f"--tokenizer has {tokenizer.vocab_size} tokens, more than --model {cfg.model}'s "
+            f"vocabulary of {model_cfg.vocab_size}"
+        )
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    torch.manual_seed(cfg.seed)
+    model = Llama(model_cfg).to(device=device, dtype=dtype)
+
+    # Optimizer and schedule.
+    try:
+        optimizer = build_optimizer(
+            cfg.optimizer, model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+            scale=cfg.scale, proj_type=cfg.proj_type, refresh_method=cfg.refresh_method,
+            moment_policy=cfg.moment_policy,
+        )
+    except ValueError as e:
+        raise TrainError(f"--optimizer {cfg.optimizer}: {e}") from None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
+
+    step, tokens_seen, wall_before = 0, 0, 0.0
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainError(f"--resume: {ckpt['path']} does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+        scheduler.load_state_dict(ckpt["scheduler"])
+        batcher.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+        step, tokens_seen, wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
+        _truncate_metrics(metrics_path, step)
+        log(f"resumed from {ckpt['path']} at step {step}")
+    else:
+        _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "wall_s": wall_before + (time.perf_counter() - t_start),
+                "config": cfg.to_dict(),
+                "model_config": model_cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data": batcher.state_dict(),
+                "rng": rng_state(),
+            },
+            out / "checkpoints",
+            step,
+            keep_last=cfg.keep_checkpoints,
+        )
+
+    # The loop.
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    progress = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.optimizer} {cfg.model}",
+                        unit="step", dynamic_ncols=True, file=sys.stderr)
+    val_loss = None
+    t_start = time.perf_counter()
+    t_window, tokens_window = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=device)
+    model.train()
+    with open(metrics_path, "a") as metrics:
+        while step < cfg.steps:
+            for _ in range(cfg.grad_accum):
+                x, y = batcher.next_batch()
+                _, loss = model(x.to(device), y.to(device))
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                optimizer.step()
+            except FloatingPointError as e:
+                raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            tokens_window += tokens_per_step
+
+            record = None
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - t_window
+                n = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
+                record = {"step": step, "train_loss": float(loss_sum) / n, "lr": lr,
+                          "tokens_per_s": tokens_window / max(elapsed, 1e-9)}
+                loss_sum.zero_()
+                t_window, tokens_window = time.perf_counter(), 0
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val_loss = evaluate(model, val_tokens, cfg, device)
+                record = record or {"step": step}
+                record["val_loss"] = val_loss
+                t_window = time.perf_counter()  # evaluation time is not training throughput
+            if record is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if progress is not None:
+                    post = {k: f"{v:.4g}" for k, v in record.items() if k != "step"}
+                    progress.set_postfix(post, refresh=False)
+            if progress is not None:
+                progress.update(1)
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint()
+    if progress is not None:
+        progress.close()
+    wall_s = wall_before + (time.perf_counter() - t_start)
+    if cfg.save_every and (step % cfg.save_every != 0):
+        checkpoint()
+
+    # The report.
+    if val_loss is None:
+        val_loss = evaluate(model, val_tokens, cfg, device)
+    sample = ""
+    if cfg.sample_tokens:
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        prompt = torch.as_tensor(val_tokens[: min(16, cfg.seq_len)].astype("int64"), device=device)[None]
+        ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, generator=g)
+        sample = tokenizer.decode(ids[0].tolist())
+    summary = {
+        "final_val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, 50.0)),
+        "unigram_entropy": unigram_entropy(train_tokens),
+        "steps": step,
+        "tokens": tokens_seen,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens_seen / max(wall_s, 1e-9),
+        "optimizer": cfg.optimizer,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+        "parameters": model.num_parameters(),
+        "model": cfg.model,
+        "device": str(device),
+        "dtype": cfg.dtype,
+        "sample": sample,
+    }
+    _write_json_atomic(out / "summary.json", summary)
+    plotted = _plot(metrics_path, out / "loss.png")
+    summary["out"] = str(out)
+    summary["loss_png"] = str(out / "loss.png") if plotted else None
+    return summary
