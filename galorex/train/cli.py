@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=d.seed)
     a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     a("--data", default=d.data, help="a text file or a folder of .txt files (default: embedded Shakespeare)")
+    a("--cache-dir", default=d.cache_dir, help="token cache folder (default: $XDG_CACHE_HOME/galorex/tokens)")
     a("--dataset", default=d.dataset, help="a Hugging Face dataset name, streamed (needs `datasets` and a network)")
     a("--dataset-max-chars", type=int, default=d.dataset_max_chars)
     a("--tokenizer", default=d.tokenizer, help="byte (default) or a tokenizer.json")

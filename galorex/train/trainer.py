@@ -20,7 +20,7 @@ import torch
 
 from ..memory import optimizer_state_bytes
 from ..models.llama import Llama, LlamaConfig, get_config
-from ..optim.factory import build_optimizer
+from ..optim.factory import AVAILABLE, PLANNED, build_optimizer
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -32,6 +32,7 @@ from .checkpoint import (
 from .data import (
     DataError,
     TokenBatcher,
+    default_corpus_path,
     eval_batches,
     load_hf_dataset_stream,
     load_tokenizer,
@@ -81,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     data: str | None = None
+    cache_dir: str | None = None
     dataset: str | None = None
     dataset_max_chars: int = 20_000_000
     tokenizer: str | None = None
@@ -183,7 +185,6 @@ def _prepare_out_dir(cfg: TrainConfig) -> Path:
         )
     if cfg.resume is not None and not holds_run and cfg.resume == "latest":
         raise TrainError(f"--resume: {out} holds no run to resume")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -212,8 +213,13 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (a killed run's tail)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut off by a crash
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -244,15 +250,28 @@ def _plot(metrics_path: Path, png: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
-    """Run the training described by ``cfg``; returns the summary (also written to OUT/summary.json)."""
+def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
+    """Run the training described by ``cfg``; returns the summary (also written to OUT/summary.json).
+
+    ``make_optimizer(model, **options)`` replaces :func:`galorex.optim.factory.build_optimizer`
+    (same options), e.g. to run another library's optimizer through the same loop.
+    """
     _check_config(cfg)
     device = _device(cfg.device)
     dtype = _dtype(cfg.dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # Nothing is written into --out until every input has been checked, so a failed start leaves
+    # the folder as it was (and reusable).
     out = _prepare_out_dir(cfg)
     ckpt = _load_resume(cfg, out) if cfg.resume is not None else None
+    if cfg.optimizer not in AVAILABLE:
+        known = "not available in this version of galorex yet" if cfg.optimizer in PLANNED else "unknown optimizer"
+        raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(AVAILABLE)}")
+    try:
+        model_cfg: LlamaConfig = get_config(cfg.model)
+    except ValueError as e:
+        raise TrainError(f"--model: {e}") from None
 
     # Data: tokenised once into a memory-mapped cache, split deterministically.
     try:
@@ -260,18 +279,18 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         data_path = cfg.data
         if cfg.dataset is not None:
             data_path = load_hf_dataset_stream(cfg.dataset, max_chars=cfg.dataset_max_chars)
-        tokens = prepare_tokens(data_path, tokenizer, cache_dir=out / "cache")
+        tokens = prepare_tokens(data_path, tokenizer, cache_dir=cfg.cache_dir)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    source = data_path or default_corpus_path()
+    try:
         train_tokens, val_tokens = split_tokens(tokens)
         batcher = TokenBatcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         next(iter(eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, 1)))
     except DataError as e:
-        raise TrainError(str(e)) from None
+        raise TrainError(f"{source}: {e}") from None
 
     # Model.
-    try:
-        model_cfg: LlamaConfig = get_config(cfg.model)
-    except ValueError as e:
-        raise TrainError(f"--model: {e}") from None
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainError(
             f"--tokenizer has {tokenizer.vocab_size} tokens, more than --model {cfg.model}'s "
@@ -284,7 +303,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     # Optimizer and schedule.
     try:
-        optimizer = build_optimizer(
+        optimizer = (make_optimizer or build_optimizer)(
             cfg.optimizer, model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
             scale=cfg.scale, proj_type=cfg.proj_type, refresh_method=cfg.refresh_method,
@@ -311,6 +330,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         _truncate_metrics(metrics_path, step)
         log(f"resumed from {ckpt['path']} at step {step}")
     else:
+        out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
 
     def checkpoint() -> Path:
@@ -327,6 +347,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(),
                 "data": batcher.state_dict(),
                 "rng": rng_state(),
+                "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
             },
             out / "checkpoints",
             step,
@@ -345,6 +366,10 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     t_start = time.perf_counter()
     t_window, tokens_window = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
+    window_steps = 0  # steps whose loss is in loss_sum
+    if ckpt is not None and "log_window" in ckpt:
+        loss_sum.copy_(ckpt["log_window"]["loss_sum"])
+        window_steps = ckpt["log_window"]["steps"]
     model.train()
     with open(metrics_path, "a") as metrics:
         while step < cfg.steps:
@@ -365,14 +390,15 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             step += 1
             tokens_seen += tokens_per_step
             tokens_window += tokens_per_step
+            window_steps += 1
 
             record = None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                n = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
-                record = {"step": step, "train_loss": float(loss_sum) / n, "lr": lr,
+                record = {"step": step, "train_loss": float(loss_sum) / window_steps, "lr": lr,
                           "tokens_per_s": tokens_window / max(elapsed, 1e-9)}
                 loss_sum.zero_()
+                window_steps = 0
                 t_window, tokens_window = time.perf_counter(), 0
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss = evaluate(model, val_tokens, cfg, device)
