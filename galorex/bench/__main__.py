@@ -1,0 +1,322 @@
+"""``python -m galorex.bench``: optimizer step time, refresh cost, state memory, reference losses.
+
+    python -m galorex.bench step      [--model llama-60m --rank 128 --repeats 15]
+    python -m galorex.bench refresh   [--m 4096 --n 11008 --rank 512]
+    python -m galorex.bench memory    [--rank 128 ...]
+    python -m galorex.bench train-reference [--steps 1000]
+
+Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import projection as proj
+from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
+from ..models.llama import MODEL_CONFIGS, Llama, get_config
+from ..optim import GaLoreAdamW, galore_param_groups
+
+
+def _write(out: Path, name: str, table: str, data: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(table)
+    print(f"\nwritten: {out / (name + '.md')}, {out / (name + '.json')}")
+
+
+def _env() -> dict[str, Any]:
+    import platform
+
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _import_reference():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from galore_torch import GaLoreAdamW as Reference
+        return Reference
+    except ImportError:
+        return None
+
+
+def _state_bytes_any(opt: torch.optim.Optimizer) -> int:
+    """State bytes of any optimizer, galore-torch's too (its projector objects hold tensors)."""
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+            elif hasattr(v, "ortho_matrix"):
+                mats = v.ortho_matrix if isinstance(v.ortho_matrix, list) else [v.ortho_matrix]
+                total += sum(t.numel() * t.element_size() for t in mats if t is not None)
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- step
+def bench_step(args: argparse.Namespace) -> dict[str, Any]:
+    """Median optimizer.step() time with no refresh, on the GaLore paper's Llama shapes."""
+    device = torch.device(args.device)
+    cfg = get_config(args.model)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(device)
+    grads = {p: torch.randn_like(p) * 1e-3 for p in model.parameters()}
+
+    def set_grads():
+        for p, g in grads.items():
+            p.grad = g.clone()
+
+    runs: dict[str, torch.optim.Optimizer] = {}
+    runs["torch AdamW (foreach)"] = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    Reference = _import_reference()
+    gap = 10**9  # only the first step refreshes; timed steps measure the steady state
+    groups = lambda: galore_param_groups(model, rank=args.rank, update_proj_gap=gap, scale=0.25)  # noqa: E731
+    if Reference is not None:
+        ref_groups = [{**g, "params": [p for _, p in g["params"]]} for g in groups()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs["galore-torch GaLoreAdamW"] = Reference(ref_groups, lr=1e-3)
+    runs["galorex GaLoreAdamW"] = GaLoreAdamW(groups(), lr=1e-3)
+
+    # Warm-up (includes the first refresh), then interleave the optimizers so that machine noise
+    # hits all of them alike. Parameters drift a little; the work per step does not change.
+    for opt in runs.values():
+        for _ in range(2):
+            set_grads()
+            opt.step()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for name, opt in runs.items():
+            set_grads()
+            _sync(device)
+            t = time.perf_counter()
+            opt.step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+
+    analytic_galore = estimate_optimizer_state_bytes(groups())
+    analytic_adamw = estimate_optimizer_state_bytes(model, optimizer="adamw")
+    rows, data = [], {"env": _env(), "model": args.model, "rank": args.rank, "results": {}}
+    ref_median = statistics.median(times["galore-torch GaLoreAdamW"]) if Reference else None
+    for name, opt in runs.items():
+        med = statistics.median(times[name])
+        measured = optimizer_state_bytes(opt) if name != "galore-torch GaLoreAdamW" else _state_bytes_any(opt)
+        analytic = analytic_galore if name.startswith("galorex") else analytic_adamw if "torch AdamW" in name else None
+        ratio = med / ref_median if ref_median else float("nan")
+        data["results"][name] = {"median_step_s": med, "all_s": times[name], "state_bytes": measured,
+                                 "analytic_state_bytes": analytic, "vs_galore_torch": ratio}
+        rows.append(f"| {name} | {med * 1e3:.1f} | {ratio:.2f}× | {measured / 2**20:.2f} | "
+                    f"{'' if analytic is None else f'{analytic / 2**20:.2f}'} |")
+    table = "\n".join([
+        f"optimizer.step() on {args.model} (rank {args.rank} on attention and MLP weights), "
+        f"{args.repeats} interleaved repeats, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "",
+        "| optimizer | median step (ms) | time vs galore-torch | state (MiB) | analytic minimum (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *rows,
+    ])
+    _write(Path(args.out), "step", table, data)
+    return data
+
+
+# ----------------------------------------------------------------------------- refresh
+def synthetic_gradient(m: int, n: int, *, spectrum: str, seed: int, device, decay: float = 1.0) -> torch.Tensor:
+    """A test gradient. ``decaying``: σᵢ ∝ (1 + i)^(−decay) on a random basis (built as a sum of
+    random rank-one terms, nearly orthogonal in high dimension) plus 1% Gaussian noise — gradients
+    of trained networks have such spectra. ``flat``: plain Gaussian entries (worst case)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn(m, n, generator=g, device=device)
+    if spectrum == "flat":
+        return noise
+    k = min(m, n)
+    a = torch.linalg.qr(torch.randn(m, k, generator=g, device=device)).Q
+    b = torch.randn(k, n, generator=g, device=device) / n**0.5
+    s = (1.0 + torch.arange(k, device=device, dtype=torch.float32)) ** (-decay)
+    low = (a * s) @ b
+    return low + 0.01 * noise * (low.norm() / noise.norm())
+
+
+def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    rows, results = [], []
+    for spectrum in args.spectrum:
+        G = synthetic_gradient(args.m, args.n, spectrum=spectrum, seed=0, device=device)
+        side = proj.projection_side("std", args.m, args.n)
+        timings: dict[str, float] = {}
+        bases: dict[str, list[torch.Tensor]] = {}
+        for method in ("svd", "randomized"):
+            best = float("inf")
+            for rep in range(args.repeats if method == "randomized" else 1):
+                gen = torch.Generator(device=device).manual_seed(rep)
+                _sync(device)
+                t = time.perf_counter()
+                b = proj.compute_bases(G, args.rank, side, method, oversample=args.oversample,
+                                       power_iters=args.power_iters, generator=gen)
+                _sync(device)
+                best = min(best, time.perf_counter() - t)
+            timings[method], bases[method] = best, b
+        s = torch.linalg.svdvals(G)
+        top = float((s[: args.rank] ** 2).sum())
+        energy = {k: float(proj.project(G, b, side).norm() ** 2) / top for k, b in bases.items()}
+        speedup = timings["svd"] / timings["randomized"]
+        results.append({"spectrum": spectrum, "svd_s": timings["svd"], "randomized_s": timings["randomized"],
+                        "speedup": speedup, "energy_svd": energy["svd"], "energy_randomized": energy["randomized"]})
+        rows.append(f"| {spectrum} | {timings['svd']:.2f} | {timings['randomized']:.3f} | {speedup:.1f}× | "
+                    f"{energy['svd']:.4f} | {energy['randomized']:.4f} |")
+    table = "\n".join([
+        f"Basis refresh of a {args.m}×{args.n} float32 gradient at rank {args.rank} "
+        f"(randomized: oversample {args.oversample}, {args.power_iters} power iterations; best of "
+        f"{args.repeats}), device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "",
+        "| spectrum | svd (s) | randomized (s) | speed-up | energy svd | energy randomized |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        "energy = ‖project(G)‖²_F / Σᵢ≤r σᵢ² (1.0 = the exact top-r subspace)",
+    ])
+    data = {"env": _env(), "m": args.m, "n": args.n, "rank": args.rank, "results": results}
+    _write(Path(args.out), "refresh", table, data)
+    return data
+
+
+# ----------------------------------------------------------------------------- memory
+def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Optimizer-state bytes for the paper's shapes: analytic everywhere, measured where it fits."""
+    rows, results = [], []
+    for name in args.models:
+        cfg = get_config(name)
+        with torch.device("meta"):
+            model = Llama(cfg)
+        groups = galore_param_groups(model, rank=args.rank, scale=0.25)
+        adamw = estimate_optimizer_state_bytes(model, optimizer="adamw")
+        galore = estimate_optimizer_state_bytes(groups)
+        measured = None
+        if model.num_parameters() <= args.measure_up_to:
+            real = Llama(cfg)
+            opt = GaLoreAdamW(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3)
+            for p in real.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+            measured = optimizer_state_bytes(opt)
+            del real, opt
+        params = model.num_parameters()
+        results.append({"model": name, "parameters": params, "adamw_bytes": adamw,
+                        "galore_bytes": galore, "galore_measured_bytes": measured})
+        rows.append(f"| {name} | {params / 1e6:.0f}M | {adamw / 2**30:.3f} | {galore / 2**30:.3f} | "
+                    f"{'—' if measured is None else f'{measured / 2**30:.3f}'} | {galore / adamw:.2f} |")
+    table = "\n".join([
+        f"Optimizer state in GiB (fp32 weights; GaLore rank {args.rank} on attention and MLP weights, "
+        "embeddings/head/norms on AdamW)",
+        "",
+        "| model | parameters | AdamW | GaLore (analytic) | GaLore (measured) | GaLore / AdamW |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ])
+    data = {"env": _env(), "rank": args.rank, "results": results}
+    _write(Path(args.out), "memory", table, data)
+    return data
+
+
+# ----------------------------------------------------------------------------- train-reference
+def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """galorex-train's llama-tiny recipe with AdamW, galorex GaLore and galore-torch's GaLoreAdamW,
+    same seed, data and schedule; galore-torch runs through the same loop with its optimizer
+    swapped in (same groups, lr, betas, ε and weight decay)."""
+    import tempfile
+
+    from ..train.trainer import TrainConfig, train
+
+    Reference = _import_reference()
+    results = {}
+    runs = [("adamw", "adamw", None), ("galore", "galore", None)]
+    if Reference is not None:
+        runs.append(("galore-torch", "galore", Reference))
+    for label, name, cls in runs:
+        make = None
+        if cls is not None:
+            def make(optimizer_name, model, *, lr, betas, eps, weight_decay, **galore_keys):
+                # galore-torch takes plain parameter lists and only its own group keys.
+                groups = galore_param_groups(model, rank=galore_keys["rank"], scale=galore_keys["scale"],
+                                             update_proj_gap=galore_keys["update_proj_gap"],
+                                             proj_type=galore_keys["proj_type"])
+                plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return cls(plain, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(optimizer=name, steps=args.steps, out=f"{tmp}/run", progress=False,
+                              sample_tokens=0, save_every=0, seed=args.seed)
+            s = train(cfg, log=lambda *a: None, make_optimizer=make)
+        results[label] = {k: s[k] for k in ("final_val_loss", "val_perplexity", "tokens_per_s", "wall_s",
+                                             "optimizer_state_bytes", "unigram_entropy")}
+        print(f"{label}: val loss {s['final_val_loss']:.4f}", file=sys.stderr)
+    rows = [f"| {k} | {v['final_val_loss']:.4f} | {v['val_perplexity']:.2f} | {v['tokens_per_s']:,.0f} |"
+            for k, v in results.items()]
+    entropy = next(iter(results.values()))["unigram_entropy"]
+    table = "\n".join([
+        f"llama-tiny on the embedded corpus, {args.steps} steps, seed {args.seed}, galorex-train defaults "
+        f"(unigram entropy of the corpus {entropy:.3f} nats)",
+        "",
+        "| optimizer | final validation loss | perplexity | tokens/s |",
+        "| --- | ---: | ---: | ---: |",
+        *rows,
+    ])
+    data = {"env": _env(), "steps": args.steps, "results": results}
+    _write(Path(args.out), "train_reference", table, data)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m galorex.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-out", help="folder for the tables and JSON")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("step", help="median optimizer step time and state bytes")
+    s.add_argument("--model", default="llama-60m", choices=sorted(MODEL_CONFIGS))
+    s.add_argument("--rank", type=int, default=128)
+    s.add_argument("--repeats", type=int, default=15)
+    r = sub.add_parser("refresh", help="exact vs randomized basis refresh")
+    r.add_argument("--m", type=int, default=4096)
+    r.add_argument("--n", type=int, default=11008)
+    r.add_argument("--rank", type=int, default=512)
+    r.add_argument("--oversample", type=int, default=16)
+    r.add_argument("--power-iters", type=int, default=2)
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--spectrum", nargs="+", default=["decaying", "flat"], choices=("decaying", "flat"))
+    m = sub.add_parser("memory", help="optimizer state bytes of the paper's shapes")
+    m.add_argument("--rank", type=int, default=128)
+    m.add_argument("--models", nargs="+", default=["llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"])
+    m.add_argument("--measure-up-to", type=int, default=200_000_000, help="measure models up to this many parameters")
+    t = sub.add_parser("train-reference", help="llama-tiny losses: AdamW, galorex GaLore, galore-torch")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
+     "train-reference": bench_train_reference}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
