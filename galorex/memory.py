@@ -52,7 +52,7 @@ def parameter_state_bytes(
     numel = 1
     for s in shape:
         numel *= s
-    if optimizer == "adamw" or rank is None or len(shape) < 2:
+    if optimizer == "adamw" or rank is None or len(shape) < 2 or numel == 0:
         return 2 * numel * _bytes_of(dtype) + _SCALAR_BYTES
     if optimizer != "galore":
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore' or 'adamw'")

@@ -20,7 +20,7 @@ SIDES = ("left", "right", "full")
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a parameter or gradient of any rank ≥ 2 as the matrix (shape[0], rest)."""
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(matrix_shape(t.shape))
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -110,7 +110,9 @@ def compute_bases(
         # One SVD of G itself for every side, as galore-torch does: the singular vectors' signs then
         # match the reference's, which matters when moments are kept across a refresh.
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
-        left, right = u[:, :r].contiguous(), vh[:r].mT.contiguous()
+        # Copies, not views: a view would keep the whole SVD factor alive in the optimizer state.
+        left = u[:, :r].clone(memory_format=torch.contiguous_format)
+        right = vh[:r].mT.clone(memory_format=torch.contiguous_format)
         return {"left": [left], "right": [right], "full": [left, right]}[side]
     if method != "randomized":
         raise ValueError(f"unknown refresh_method {method!r}; expected one of {REFRESH_METHODS}")
@@ -167,13 +169,17 @@ def add_projected_back_(
     return target.addmm_(bases[0] @ low, bases[1].mT, beta=beta, alpha=alpha)
 
 
+def energy(t: torch.Tensor) -> float:
+    """‖t‖²_F accumulated in float64 (a float32 sum over tens of millions of entries is off by ~1%)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
+
+
 def captured_energy(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> float:
     """‖project(G)‖²_F divided by the energy of G's top-r singular values (1.0 = as good as exact SVD)."""
     low = project(g, bases, side)
     r = low.shape[0] if side == "left" else low.shape[-1]
-    s = torch.linalg.svdvals(g)
-    best = (s[:r] ** 2).sum()
-    return float((low.norm() ** 2) / best) if best > 0 else 1.0
+    best = float((torch.linalg.svdvals(g).double()[:r] ** 2).sum())
+    return energy(low) / best if best > 0 else 1.0
 
 
 def transition_matrices(

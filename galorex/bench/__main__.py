@@ -154,7 +154,7 @@ def synthetic_gradient(m: int, n: int, *, spectrum: str, seed: int, device, deca
     b = torch.randn(k, n, generator=g, device=device) / n**0.5
     s = (1.0 + torch.arange(k, device=device, dtype=torch.float32)) ** (-decay)
     low = (a * s) @ b
-    return low + 0.01 * noise * (low.norm() / noise.norm())
+    return low + 0.01 * noise * (proj.energy(low) / proj.energy(noise)) ** 0.5
 
 
 def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,9 +176,9 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
                 _sync(device)
                 best = min(best, time.perf_counter() - t)
             timings[method], bases[method] = best, b
-        s = torch.linalg.svdvals(G)
+        s = torch.linalg.svdvals(G).double()
         top = float((s[: args.rank] ** 2).sum())
-        energy = {k: float(proj.project(G, b, side).norm() ** 2) / top for k, b in bases.items()}
+        energy = {k: proj.energy(proj.project(G, b, side)) / top for k, b in bases.items()}
         speedup = timings["svd"] / timings["randomized"]
         results.append({"spectrum": spectrum, "svd_s": timings["svd"], "randomized_s": timings["randomized"],
                         "speedup": speedup, "energy_svd": energy["svd"], "energy_randomized": energy["randomized"]})

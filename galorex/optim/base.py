@@ -140,7 +140,8 @@ class LowRankOptimizer(Optimizer):
 
     @staticmethod
     def is_projected(group: dict[str, Any], p: torch.Tensor) -> bool:
-        return group.get(RANK) is not None and p.dim() >= 2
+        # Empty weights have nothing to project; AdamW treats them as a no-op.
+        return group.get(RANK) is not None and p.dim() >= 2 and p.numel() > 0
 
     @staticmethod
     def side_of(group: dict[str, Any], p: torch.Tensor) -> str:
