@@ -3,6 +3,7 @@ dtypes and devices of the restored state."""
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import pytest
@@ -301,3 +302,38 @@ def test_state_moves_to_cuda_on_load(tmp_path):
     train(model, opt, GAP + 1, GAP + 4)
     for a, b in zip(cuda_model.parameters(), model.parameters()):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_state_loads_into_a_bf16_model_and_steps():
+    """Unprojected (AdamW) state follows torch's rule and is cast to its parameter's dtype;
+    projected state keeps float32 — and the next step runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Linear(20, 6))
+    groups = [{"params": [model[0].bias, model[1].bias]},
+              {"params": [model[0].weight, model[1].weight], "rank": 4, "update_proj_gap": 3}]
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(8, 12)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = opt.state_dict()
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    groups16 = [{"params": [bf16[0].bias, bf16[1].bias]},
+                {"params": [bf16[0].weight, bf16[1].weight], "rank": 4, "update_proj_gap": 3}]
+    opt16 = GaLoreAdamW(groups16, lr=1e-2)
+    opt16.load_state_dict(saved)
+    assert opt16.state[bf16[0].bias]["exp_avg"].dtype == torch.bfloat16
+    assert opt16.state[bf16[0].weight]["exp_avg"].dtype == torch.float32
+    assert opt16.state[bf16[0].weight]["basis"].dtype == torch.float32
+    bf16(torch.randn(8, 12, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt16.step()
+    assert all(torch.isfinite(p).all() for p in bf16.parameters())
+
+
+def test_randomized_refresh_seeds_do_not_repeat_across_parameters_and_steps():
+    from galorex.optim.base import _mix_seed
+
+    seeds = {_mix_seed(0, index, step) for index in range(50) for step in range(0, 5000, 50)}
+    assert len(seeds) == 50 * 100
+    assert all(0 <= s < 2**63 for s in seeds)

@@ -485,7 +485,7 @@ def test_resume_with_an_edited_model_json(tmp_path, capsys):
     capsys.readouterr()
     rc = main(argv + ["--steps", "4", "--resume"])
     cap = capsys.readouterr()
-    assert_one_line_error(rc, cap.out, cap.err, "--resume", "ckpt-00000002.pt", "does not fit")
+    assert_one_line_error(rc, cap.out, cap.err, "--resume", "ckpt-00000002.pt", "another shape", "hidden_size")
     assert_unchanged(before, out)
 
 
@@ -543,3 +543,53 @@ def test_help_lists_the_flags():
                  "--steps", "--eval-every", "--save-every", "--out", "--resume", "--seed",
                  "--device", "--data", "--dataset", "--tokenizer", "--halo"):
         assert f"{flag} " in r.stdout or f"{flag}\n" in r.stdout or f"{flag}," in r.stdout, flag
+
+
+# ----------------------------------------------------------------------------- resume guards
+@pytest.fixture()
+def short_run(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run_quiet(TINY + ["--out", str(out), "--steps", "2", "--save-every", "2",
+                                   "--eval-every", "0", "--optimizer", "galore", "--rank", "8"])
+    assert rc == 0, err
+    return out
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--lr", "0.01", "lr"),
+    ("--update-proj-gap", "7", "update_proj_gap"),
+    ("--scale", "1.0", "scale"),
+    ("--batch-size", "8", "batch_size"),
+    ("--seed", "3", "seed"),
+])
+def test_resume_refuses_changed_training_settings(short_run, capsys, flag, value, key):
+    before = snapshot(short_run)
+    argv = TINY + ["--out", str(short_run), "--steps", "4", "--optimizer", "galore", "--rank", "8",
+                   "--resume", flag, value]
+    # argparse keeps the last occurrence, so this overrides TINY's value too
+    rc = main(argv)
+    cap = capsys.readouterr()
+    assert_one_line_error(rc, cap.out, cap.err, "--resume", f"{key}=")
+    assert_unchanged(before, short_run)
+
+
+def test_resume_refuses_other_data(short_run, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("a different corpus, long enough for a few windows. " * 200)
+    before = snapshot(short_run)
+    rc = main(TINY + ["--out", str(short_run), "--steps", "4", "--optimizer", "galore", "--rank", "8",
+                      "--resume", "--data", str(other)])
+    cap = capsys.readouterr()
+    assert_one_line_error(rc, cap.out, cap.err, "other data", str(other))
+    assert_unchanged(before, short_run)
+
+
+def test_resume_from_a_checkpoint_file_without_out_continues_that_run(short_run, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a default --out would land here
+    ckpt = short_run / "checkpoints" / "ckpt-00000002.pt"
+    rc = main(TINY + ["--steps", "4", "--save-every", "2", "--eval-every", "0", "--optimizer", "galore",
+                      "--rank", "8", "--resume", str(ckpt)])
+    assert rc == 0, capsys.readouterr().err
+    assert read_summary(short_run)["steps"] == 4
+    assert [r["step"] for r in read_metrics(short_run)] == [2, 4]  # logged at each run's end
+    assert not (tmp_path / "runs").exists()

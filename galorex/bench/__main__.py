@@ -255,7 +255,7 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
     for label, name, cls in runs:
         make = None
         if cls is not None:
-            def make(optimizer_name, model, *, lr, betas, eps, weight_decay, **galore_keys):
+            def make(optimizer_name, model, *, lr, betas, weight_decay, eps=1e-8, **galore_keys):
                 # galore-torch takes plain parameter lists and only its own group keys.
                 groups = galore_param_groups(model, rank=galore_keys["rank"], scale=galore_keys["scale"],
                                              update_proj_gap=galore_keys["update_proj_gap"],

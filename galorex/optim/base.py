@@ -165,7 +165,7 @@ class LowRankOptimizer(Optimizer):
         # Seeded from (seed, parameter, step) so a resumed run draws the same sketch without any
         # RNG state in the checkpoint.
         g = torch.Generator(device=device)
-        g.manual_seed((seed * 1_000_003 + index * 7_919 + step) % (2**63 - 1))
+        g.manual_seed(_mix_seed(seed, index, step))
         return g
 
     # ------------------------------------------------------------------ the step
@@ -212,14 +212,14 @@ class LowRankOptimizer(Optimizer):
         state = self.state[p]
         side = self.side_of(group, p)
         item["side"] = side
-        cdtype = compute_dtype(p.dtype)
-        g = proj.as_matrix(p.grad).to(cdtype)
-        item["grad"] = g
         step = int(state[STEP].item()) if STEP in state else 0
         item["step"] = step
         item["new_bases"] = None
         if state and step % group[UPDATE_PROJ_GAP] != 0:
             return
+        # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
+        # every bf16 gradient at once would cost as much memory as AdamW's moments.
+        g = proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
         if not bool(torch.isfinite(g).all()):
             raise FloatingPointError(
                 f"{self._param_label(item['group_index'], item['param_index'])} has a non-finite "
@@ -251,9 +251,9 @@ class LowRankOptimizer(Optimizer):
             state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
             for k, b in zip(keys, new):
                 state[k] = b
-            m, n = item["grad"].shape
+            m, n = proj.matrix_shape(p.shape)
             shape = proj.lowrank_shape(item["side"], m, n, group[RANK])
-            self._init_lowrank_state(group, p, state, shape, item["grad"].dtype)
+            self._init_lowrank_state(group, p, state, shape, compute_dtype(p.dtype))
         else:
             old = [state[k] for k in keys]
             policy = group[MOMENT_POLICY]
@@ -300,10 +300,11 @@ class LowRankOptimizer(Optimizer):
     def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
         params = [it["param"] for it in items]
         states = [self.state[p] for p in params]
+        all_bases = [[s[k] for k in basis_keys(it["side"])] for it, s in zip(items, states)]
         lows = []
-        for it, state in zip(items, states):
-            bases = [state[k] for k in basis_keys(it["side"])]
-            lows.append(proj.project(it["grad"], bases, it["side"]))
+        for p, state, bases, it in zip(params, states, all_bases, items):
+            g = proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
+            lows.append(proj.project(g, bases, it["side"]))
             state[STEP] += 1
         directions = self._lowrank_directions(group, params, lows, states)
 
@@ -312,9 +313,7 @@ class LowRankOptimizer(Optimizer):
         alpha = -lr * float(group[SCALE])
         if group[EPS_MODE] == "galore_torch":
             alpha *= decay  # galore-torch decays the already-updated weight
-        for it, state, d in zip(items, states, directions):
-            p = it["param"]
-            bases = [state[k] for k in basis_keys(it["side"])]
+        for p, bases, it, d in zip(params, all_bases, items, directions):
             if p.dtype == d.dtype and p.is_contiguous():
                 # W ← decay·W + alpha·back(D): one fused GEMM, no full-size temporary.
                 proj.add_projected_back_(proj.as_matrix(p), d, bases, it["side"], alpha=alpha, beta=decay)
@@ -323,7 +322,6 @@ class LowRankOptimizer(Optimizer):
                 w = proj.as_matrix(p).to(d.dtype)
                 proj.add_projected_back_(w, d, bases, it["side"], alpha=alpha, beta=decay)
                 p.copy_(w.view_as(p))
-            it["grad"] = None
 
     def _dense_adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if group[EPS_MODE] == "galore_torch":
@@ -398,9 +396,10 @@ class LowRankOptimizer(Optimizer):
         """Like ``Optimizer.load_state_dict``, but subspace state keeps its own dtype.
 
         torch casts every floating state tensor to its parameter's dtype, which would round the
-        float32 basis and moments of a bf16 weight to bf16. Here every tensor keeps the dtype it was
-        saved with and moves to its parameter's device; ``step`` counters of projected parameters
-        stay on the CPU (they drive the refresh schedule without a device sync).
+        float32 basis and moments of a bf16 weight to bf16. Here the state of projected parameters
+        keeps the dtype it was saved with and moves to its parameter's device; unprojected (AdamW)
+        state is cast to its parameter's dtype, as torch does. ``step`` counters of projected
+        parameters stay on the CPU (they drive the refresh schedule without a device sync).
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
@@ -422,9 +421,25 @@ class LowRankOptimizer(Optimizer):
                     keep_on_cpu = projected or not (group.get("fused") or _fused_supported([p]))
                     device = torch.device("cpu") if keep_on_cpu else p.device
                     restored[key] = value.detach().to(device=device, dtype=torch.float32, copy=True)
-                else:
+                elif projected or not (value.is_floating_point() and p.is_floating_point()):
                     restored[key] = value.detach().to(device=p.device, copy=True)
+                else:
+                    restored[key] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
             self.state[p] = restored
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers, through splitmix64 so that nearby tuples give unrelated seeds
+    (a linear combination would repeat: parameter 1 at step 0 = parameter 0 at step k)."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & mask)) & mask
+        h = (h + 0x9E3779B97F4A7C15) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"galorex-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("galorex-train: interrupted; the last checkpoint is intact", file=sys.stderr)
+        print("galorex-train: interrupted; every checkpoint written so far is complete "
+              "(continue with --resume)", file=sys.stderr)
         return 130
     gib = 1024**3
     print(f"validation loss {s['final_val_loss']:.4f} nats/token, perplexity {s['val_perplexity']:.2f} "

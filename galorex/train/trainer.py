@@ -42,8 +42,14 @@ from .data import (
 )
 
 CHECKPOINT_FORMAT = 1
-# Settings that must be the same when a run is resumed: they define the model and the optimizer.
-RESUME_MUST_MATCH = ("model", "optimizer", "rank", "proj_type", "dtype", "tokenizer", "seq_len")
+# Settings a resumed run may change; every other one defines the model, the optimizer, the
+# schedule or the data order and must match the checkpoint's. (--steps may grow: the cosine then
+# stretches to the new length. The data itself is compared by content, not by path.)
+RESUME_MAY_CHANGE = frozenset({
+    "steps", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints", "out",
+    "resume", "device", "threads", "progress", "sample_tokens", "cache_dir", "data", "dataset",
+    "dataset_max_chars",
+})
 
 
 class TrainError(ValueError):
@@ -174,7 +180,12 @@ def evaluate(model: Llama, tokens, cfg: TrainConfig, device: torch.device) -> fl
 
 
 def _prepare_out_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("galorex-%Y%m%d-%H%M%S")
+    if cfg.out:
+        out = Path(cfg.out)
+    elif cfg.resume not in (None, "latest") and Path(cfg.resume).parent.name == "checkpoints":
+        out = Path(cfg.resume).parent.parent  # the run the checkpoint belongs to
+    else:
+        out = Path("runs") / time.strftime("galorex-%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out}: exists and is not a folder")
     holds_run = out.is_dir() and any(out.iterdir())
@@ -196,17 +207,24 @@ def _load_resume(cfg: TrainConfig, out: Path) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise TrainError(f"--resume: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"--resume: {path} is not a galorex-train checkpoint")
+    needed = ("config", "model_config", "model", "optimizer", "scheduler", "data", "rng", "step",
+              "tokens_seen", "wall_s", "data_fingerprint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or any(k not in ckpt for k in needed):
+        raise TrainError(f"--resume: {path} is not a galorex-train checkpoint (format {CHECKPOINT_FORMAT})")
     saved = ckpt["config"]
-    for key in RESUME_MUST_MATCH:
-        if saved.get(key) != getattr(cfg, key):
+    for key, value in cfg.to_dict().items():
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
             raise TrainError(
                 f"--resume: {path} was trained with {key}={saved.get(key)!r}, "
-                f"this run asks for {key}={getattr(cfg, key)!r}"
+                f"this run asks for {key}={value!r}"
             )
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _data_fingerprint(tokens) -> str:
+    """The token cache is named by a hash of the tokenizer and the corpus text: that names the data."""
+    return Path(tokens.filename).stem.rsplit("-", 1)[-1].split(".")[0]
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -220,7 +238,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut off by a crash
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _plot(metrics_path: Path, png: Path) -> bool:
@@ -317,15 +340,23 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
 
     step, tokens_seen, wall_before = 0, 0, 0.0
     metrics_path = out / "metrics.jsonl"
+    fingerprint = _data_fingerprint(tokens)
     if ckpt is not None:
+        where = f"--resume: {ckpt['path']}"
+        if ckpt["model_config"] != model_cfg.to_dict():
+            diff = sorted(k for k, v in model_cfg.to_dict().items() if ckpt["model_config"].get(k) != v)
+            raise TrainError(f"{where} holds a model of another shape (differs in {', '.join(diff)})")
+        if ckpt["data_fingerprint"] != fingerprint:
+            raise TrainError(f"{where} was trained on other data (or another tokenizer) than {source}")
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainError(f"--resume: {ckpt['path']} does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
-        scheduler.load_state_dict(ckpt["scheduler"])
-        batcher.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            batcher.load_state_dict(ckpt["data"])
+            set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"{where} does not fit this model/optimizer/data ({str(e).splitlines()[0]})") from None
+        out.mkdir(parents=True, exist_ok=True)
         step, tokens_seen, wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
         _truncate_metrics(metrics_path, step)
         log(f"resumed from {ckpt['path']} at step {step}")
@@ -347,6 +378,7 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(),
                 "data": batcher.state_dict(),
                 "rng": rng_state(),
+                "data_fingerprint": fingerprint,
                 "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
             },
             out / "checkpoints",
