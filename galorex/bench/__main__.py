@@ -239,6 +239,22 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- train-reference
+def _reference_factory(cls):
+    """A ``make_optimizer`` for galorex-train that builds galore-torch's optimizer on the same groups."""
+
+    def make(optimizer_name, model, *, lr, betas, weight_decay, eps=1e-8, **galore_keys):
+        # galore-torch takes plain parameter lists and only its own group keys.
+        groups = galore_param_groups(model, rank=galore_keys["rank"], scale=galore_keys["scale"],
+                                     update_proj_gap=galore_keys["update_proj_gap"],
+                                     proj_type=galore_keys["proj_type"])
+        plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(plain, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    return make
+
+
 def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
     """galorex-train's llama-tiny recipe with AdamW, galorex GaLore and galore-torch's GaLoreAdamW,
     same seed, data and schedule; galore-torch runs through the same loop with its optimizer
@@ -253,17 +269,7 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
     if Reference is not None:
         runs.append(("galore-torch", "galore", Reference))
     for label, name, cls in runs:
-        make = None
-        if cls is not None:
-            def make(optimizer_name, model, *, lr, betas, weight_decay, eps=1e-8, **galore_keys):
-                # galore-torch takes plain parameter lists and only its own group keys.
-                groups = galore_param_groups(model, rank=galore_keys["rank"], scale=galore_keys["scale"],
-                                             update_proj_gap=galore_keys["update_proj_gap"],
-                                             proj_type=galore_keys["proj_type"])
-                plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    return cls(plain, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        make = _reference_factory(cls) if cls is not None else None
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(optimizer=name, steps=args.steps, out=f"{tmp}/run", progress=False,
                               sample_tokens=0, save_every=0, seed=args.seed)

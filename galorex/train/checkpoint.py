@@ -22,12 +22,13 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write, fsync_dir
 
 __all__ = [
     "CheckpointError",
@@ -52,19 +53,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Without this the rename may not survive a power loss. Directories
-    # cannot be opened/fsynced on every platform (e.g. Windows): best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -111,19 +99,7 @@ def save_checkpoint(
     final = d / f"ckpt-{step:08d}.pt"
 
     # The leading dot and .tmp suffix keep partial files out of the ckpt-*.pt glob.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".ckpt-{step:08d}.", suffix=".tmp", dir=d)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(d)
+    atomic_write(final, lambda f: torch.save(obj, f), tmp_prefix=f".ckpt-{step:08d}.")
 
     for p in d.iterdir():
         if _TMP_RE.match(p.name):
@@ -137,7 +113,7 @@ def save_checkpoint(
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if old:
-            _fsync_dir(d)
+            fsync_dir(d)
     return final
 
 

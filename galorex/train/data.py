@@ -17,13 +17,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 __all__ = [
     "DataError",
@@ -241,34 +242,8 @@ def _default_cache_dir() -> Path:
     return Path(base) / "galorex" / "tokens"
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported on every platform.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` via a same-directory temp file so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -357,8 +332,8 @@ def prepare_tokens(
         }
         try:
             # Tokens before sidecar: a sidecar only ever describes a complete file.
-            _atomic_write(bin_path, lambda f: f.write(tokens.tobytes()))
-            _atomic_write(
+            atomic_write(bin_path, lambda f: f.write(tokens.tobytes()))
+            atomic_write(
                 meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8"))
             )
         except OSError as exc:
@@ -591,7 +566,7 @@ def load_hf_dataset_stream(
     try:
         cache.mkdir(parents=True, exist_ok=True)
         data = "\n\n".join(parts).encode("utf-8")
-        _atomic_write(out, lambda f: f.write(data))
+        atomic_write(out, lambda f: f.write(data))
     except OSError as exc:
         raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from ..memory import optimizer_state_bytes
 from ..models.llama import Llama, LlamaConfig, get_config
 from ..optim.factory import AVAILABLE, PLANNED, build_optimizer
+from .atomic import atomic_write
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -139,12 +139,7 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -238,12 +233,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut off by a crash
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def _plot(metrics_path: Path, png: Path) -> bool:
