@@ -46,8 +46,13 @@ def parameter_state_bytes(
     rank: int | None = None,
     proj_type: str = "std",
     optimizer: str = "galore",
+    natural_history: int = 0,
 ) -> int:
-    """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW)."""
+    """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
+
+    ``natural_history`` (NaturalGaLoreAdamW's s) adds its window, s·(low-rank size) entries, an
+    s×s float64 Gram matrix and two float32 counters.
+    """
     shape = tuple(int(s) for s in shape)
     numel = 1
     for s in shape:
@@ -61,7 +66,10 @@ def parameter_state_bytes(
     lm, ln = proj.lowrank_shape(side, m, n, rank)
     basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
     cbytes = _bytes_of(compute_dtype(dtype))
-    return (2 * lm * ln + basis) * cbytes + 2 * _SCALAR_BYTES
+    total = (2 * lm * ln + basis) * cbytes + 2 * _SCALAR_BYTES
+    if natural_history > 0:
+        total += natural_history * lm * ln * cbytes + natural_history**2 * 8 + 2 * _SCALAR_BYTES
+    return total
 
 
 def estimate_optimizer_state_bytes(
@@ -72,7 +80,9 @@ def estimate_optimizer_state_bytes(
     """Analytic optimizer-state bytes for a model (every parameter on AdamW) or for param groups as
     given to ``GaLoreAdamW`` (``rank``/``proj_type`` read per group; ``group_defaults`` fill keys a
     group lacks, e.g. ``proj_type``). Works on the meta device: nothing is allocated.
-    With ``optimizer="adamw"`` every parameter is counted as torch.optim.AdamW holds it.
+    With ``optimizer="adamw"`` every parameter is counted as torch.optim.AdamW holds it. For
+    NaturalGaLoreAdamW pass ``natural_history=s`` (or have the key in the groups): its window of s
+    low-rank gradients per matrix is counted too.
     """
     if isinstance(model_or_groups, nn.Module):
         groups = [{"params": list(model_or_groups.parameters())}]
@@ -84,10 +94,11 @@ def estimate_optimizer_state_bytes(
     for group in groups:
         rank = group.get("rank", group_defaults.get("rank"))
         proj_type = group.get("proj_type", group_defaults.get("proj_type", "std"))
+        history = group.get("natural_history", group_defaults.get("natural_history", 0))
         for p in group["params"]:
             if isinstance(p, tuple):
                 p = p[1]
             if not p.requires_grad:
                 continue
-            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer)
+            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history)
     return total

@@ -256,11 +256,7 @@ class LowRankOptimizer(Optimizer):
             self._init_lowrank_state(group, p, state, shape, compute_dtype(p.dtype))
         else:
             old = [state[k] for k in keys]
-            policy = group[MOMENT_POLICY]
-            if policy == "reset":
-                self._reset_state(group, p, state)
-            elif policy == "reproject":
-                self._reproject_state(group, p, state, proj.transition_matrices(old, new), item["side"])
+            self._on_refresh(group, p, state, old, new, item["side"])
             for k, b in zip(keys, new):
                 state[k] = b
             state[PROJ_STEP].fill_(item["step"])
@@ -272,6 +268,14 @@ class LowRankOptimizer(Optimizer):
     ) -> None:
         state[EXP_AVG] = torch.zeros(shape, dtype=dtype, device=p.device)
         state[EXP_AVG_SQ] = torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _on_refresh(self, group, p, state, old_bases, new_bases, side) -> None:
+        """Called when a parameter's basis changes (not at its first one), before the swap."""
+        policy = group[MOMENT_POLICY]
+        if policy == "reset":
+            self._reset_state(group, p, state)
+        elif policy == "reproject":
+            self._reproject_state(group, p, state, proj.transition_matrices(old_bases, new_bases), side)
 
     def _reset_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
         state[EXP_AVG].zero_()

@@ -10,10 +10,11 @@ from torch import nn
 
 from .galore import GaLoreAdamW
 from .groups import galore_param_groups
+from .natural_galore import NaturalGaLoreAdamW
 
-AVAILABLE = ("adamw", "galore")
+AVAILABLE = ("adamw", "galore", "natural-galore")
 # Named here so that asking for them gives a clear answer rather than "unknown".
-PLANNED = ("natural-galore", "gradnorm-lorp")
+PLANNED = ("gradnorm-lorp",)
 
 
 def build_optimizer(
@@ -31,15 +32,18 @@ def build_optimizer(
     refresh_method: str = "svd",
     moment_policy: str = "keep",
     target_modules: str | Sequence[str] = ("attn", "mlp"),
+    natural_history: int = 8,
+    natural_damping: float = 1e-3,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
-    and MLP weights projected (``galore_param_groups``) and the rest on AdamW."""
+    and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
+    the same groups on NaturalGaLoreAdamW."""
     if name == "adamw":
         return torch.optim.AdamW(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
         )
-    if name == "galore":
+    if name in ("galore", "natural-galore"):
         groups = galore_param_groups(
             model,
             rank=rank,
@@ -51,6 +55,9 @@ def build_optimizer(
             moment_policy=moment_policy,
             **extra,
         )
+        if name == "natural-galore":
+            return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      natural_history=natural_history, natural_damping=natural_damping)
         return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name in PLANNED:
         raise ValueError(

@@ -116,6 +116,8 @@ class GaLoreAdamW(LowRankOptimizer):
             foreach=foreach,
             fused=fused,
         )
+        # Subclasses add their own group keys (set before calling this constructor).
+        defaults.update(getattr(self, "_extra_defaults", {}))
         super().__init__(params, defaults)
 
     def _lowrank_directions(self, group, params, lows, states):

@@ -23,13 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default=d.model,
       help="llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, or a JSON config file")
     a("--optimizer", default=d.optimizer,
-      help="adamw | galore | natural-galore | gradnorm-lorp (the last two: not available yet)")
+      help="adamw | galore | natural-galore | gradnorm-lorp (not available yet)")
     a("--rank", type=int, default=d.rank, help="GaLore rank")
     a("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between basis refreshes")
     a("--scale", type=float, default=d.scale, help="GaLore scale of the projected-back update")
     a("--proj-type", default=d.proj_type, help="std | reverse_std | left | right | full")
     a("--refresh-method", default=d.refresh_method, help="svd | randomized")
     a("--moment-policy", default=d.moment_policy, help="keep | reset | reproject")
+    a("--natural-history", type=int, default=d.natural_history,
+      help="natural-galore: recent low-rank gradients in the empirical Fisher (s)")
+    a("--natural-damping", type=float, default=d.natural_damping, help="natural-galore: Fisher damping (lambda)")
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
     a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")

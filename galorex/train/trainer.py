@@ -66,6 +66,8 @@ class TrainConfig:
     proj_type: str = "std"
     refresh_method: str = "svd"
     moment_policy: str = "keep"
+    natural_history: int = 8
+    natural_damping: float = 1e-3
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
@@ -320,7 +322,8 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
             cfg.optimizer, model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
             scale=cfg.scale, proj_type=cfg.proj_type, refresh_method=cfg.refresh_method,
-            moment_policy=cfg.moment_policy,
+            moment_policy=cfg.moment_policy, natural_history=cfg.natural_history,
+            natural_damping=cfg.natural_damping,
         )
     except ValueError as e:
         raise TrainError(f"--optimizer {cfg.optimizer}: {e}") from None
