@@ -72,3 +72,23 @@ def test_synthetic_gradient_spectrum_decays():
     g = synthetic_gradient(64, 128, spectrum="decaying", seed=0, device="cpu")
     s = torch.linalg.svdvals(g)
     assert s[0] > 10 * s[32]
+
+
+def test_convergence_quick(tmp_path, monkeypatch):
+    import galorex.train.trainer as trainer
+
+    original = trainer.TrainConfig
+
+    def small(**kw):
+        return original(**{**kw, "batch_size": 4, "seq_len": 32, "eval_batches": 2, "threads": 1})
+
+    monkeypatch.setattr(trainer, "TrainConfig", small)
+    main(["--out", str(tmp_path), "convergence", "--steps", "4", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1",
+          "--optimizers", "galore", "natural-galore", "--natural-history", "2"])
+    results = json.loads((tmp_path / "convergence.json").read_text())["results"]
+    for r in results.values():
+        assert set(r["sweep"]) == {"0.001", "0.003"}
+        assert r["best_lr"] == min((float(k) for k in r["sweep"]), key=lambda lr: r["sweep"][str(lr)])
+        assert len(r["seeds"]) == 2 and r["std"] >= 0
+        assert r["mean"] == pytest.approx(sum(r["seeds"].values()) / 2)
+    assert (tmp_path / "convergence.png").exists()

@@ -24,7 +24,7 @@ import torch
 from .. import projection as proj
 from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from ..models.llama import MODEL_CONFIGS, Llama, get_config
-from ..optim import GaLoreAdamW, galore_param_groups
+from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
 
 
 def _write(out: Path, name: str, table: str, data: Any) -> None:
@@ -97,6 +97,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             runs["galore-torch GaLoreAdamW"] = Reference(ref_groups, lr=1e-3)
     runs["galorex GaLoreAdamW"] = GaLoreAdamW(groups(), lr=1e-3)
+    if args.natural_history > 0:
+        runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(
+            groups(), lr=1e-3, natural_history=args.natural_history)
 
     # Warm-up (includes the first refresh), then interleave the optimizers so that machine noise
     # hits all of them alike. Parameters drift a little; the work per step does not change.
@@ -115,13 +118,16 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(time.perf_counter() - t)
 
     analytic_galore = estimate_optimizer_state_bytes(groups())
+    analytic_natural = estimate_optimizer_state_bytes(groups(), natural_history=args.natural_history)
     analytic_adamw = estimate_optimizer_state_bytes(model, optimizer="adamw")
-    rows, data = [], {"env": _env(), "model": args.model, "rank": args.rank, "results": {}}
+    rows, data = [], {"env": _env(), "model": args.model, "rank": args.rank,
+                      "natural_history": args.natural_history, "results": {}}
     ref_median = statistics.median(times["galore-torch GaLoreAdamW"]) if Reference else None
     for name, opt in runs.items():
         med = statistics.median(times[name])
         measured = optimizer_state_bytes(opt) if name != "galore-torch GaLoreAdamW" else _state_bytes_any(opt)
-        analytic = analytic_galore if name.startswith("galorex") else analytic_adamw if "torch AdamW" in name else None
+        analytic = {"galorex GaLoreAdamW": analytic_galore, "galorex NaturalGaLoreAdamW": analytic_natural,
+                    "torch AdamW (foreach)": analytic_adamw}.get(name)
         ratio = med / ref_median if ref_median else float("nan")
         data["results"][name] = {"median_step_s": med, "all_s": times[name], "state_bytes": measured,
                                  "analytic_state_bytes": analytic, "vs_galore_torch": ratio}
@@ -293,6 +299,84 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+# ----------------------------------------------------------------------------- convergence
+def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
+    """Final validation loss of each optimizer on llama-tiny at a fixed step budget: a learning-rate
+    sweep on the first seed, then the best rate of each optimizer over every seed (mean ± std)."""
+    import tempfile
+
+    from ..train.trainer import TrainConfig, train
+
+    def run(optimizer: str, lr: float, seed: int) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(optimizer=optimizer, lr=lr, seed=seed, steps=args.steps, out=f"{tmp}/run",
+                              eval_every=max(1, args.steps // 10), save_every=0, sample_tokens=0,
+                              progress=False, natural_history=args.natural_history,
+                              natural_damping=args.natural_damping)
+            summary = train(cfg, log=lambda *a: None)
+            curve = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+        val = [(r["step"], r["val_loss"]) for r in curve if "val_loss" in r]
+        print(f"{optimizer} lr={lr:g} seed={seed}: val loss {summary['final_val_loss']:.4f}", file=sys.stderr)
+        return {"final_val_loss": summary["final_val_loss"], "curve": val,
+                "unigram_entropy": summary["unigram_entropy"]}
+
+    results: dict[str, Any] = {}
+    for name in args.optimizers:
+        sweep = {lr: run(name, lr, args.seeds[0]) for lr in args.lrs}
+        best_lr = min(sweep, key=lambda lr: sweep[lr]["final_val_loss"])
+        per_seed = {args.seeds[0]: sweep[best_lr]}
+        for seed in args.seeds[1:]:
+            per_seed[seed] = run(name, best_lr, seed)
+        losses = [r["final_val_loss"] for r in per_seed.values()]
+        results[name] = {
+            "sweep": {str(lr): r["final_val_loss"] for lr, r in sweep.items()},
+            "best_lr": best_lr,
+            "seeds": {str(k): v["final_val_loss"] for k, v in per_seed.items()},
+            "mean": statistics.mean(losses),
+            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "curves": {str(k): v["curve"] for k, v in per_seed.items()},
+        }
+    entropy = next(iter(per_seed.values()))["unigram_entropy"]
+    lr_cols = " | ".join(f"lr {lr:g}" for lr in args.lrs)
+    rows = []
+    for name, r in results.items():
+        sweep_cells = " | ".join(f"{r['sweep'][str(lr)]:.4f}" for lr in args.lrs)
+        rows.append(f"| {name} | {sweep_cells} | {r['best_lr']:g} | {r['mean']:.4f} ± {r['std']:.4f} |")
+    table = "\n".join([
+        f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
+        f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
+        f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
+        f"unigram entropy {entropy:.3f}",
+        "",
+        f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
+        "| --- | " + " | ".join("---:" for _ in args.lrs) + " | ---: | ---: |",
+        *rows,
+    ])
+    data = {"env": _env(), "steps": args.steps, "lrs": args.lrs, "seeds": args.seeds, "results": results}
+    _write(Path(args.out), "convergence", table, data)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in results.items():
+            for i, curve in enumerate(r["curves"].values()):
+                ax.plot(*zip(*curve), color=f"C{list(results).index(name)}", alpha=0.7,
+                        label=f"{name} (lr {r['best_lr']:g})" if i == 0 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(Path(args.out) / "convergence.png", dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m galorex.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -303,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default="llama-60m", choices=sorted(MODEL_CONFIGS))
     s.add_argument("--rank", type=int, default=128)
     s.add_argument("--repeats", type=int, default=15)
+    s.add_argument("--natural-history", type=int, default=8, help="NaturalGaLoreAdamW's s (0: leave it out)")
     r = sub.add_parser("refresh", help="exact vs randomized basis refresh")
     r.add_argument("--m", type=int, default=4096)
     r.add_argument("--n", type=int, default=11008)
@@ -318,8 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train-reference", help="llama-tiny losses: AdamW, galorex GaLore, galore-torch")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("convergence", help="validation loss of each optimizer on llama-tiny, lr sweep and seeds")
+    c.add_argument("--optimizers", nargs="+", default=["adamw", "galore", "natural-galore"])
+    c.add_argument("--steps", type=int, default=300)
+    c.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    c.add_argument("--natural-history", type=int, default=8)
+    c.add_argument("--natural-damping", type=float, default=1e-3)
     args = p.parse_args(argv)
-    {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
+    {"convergence": bench_convergence, "step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
      "train-reference": bench_train_reference}[args.command](args)
     return 0
 
