@@ -72,6 +72,9 @@ def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
 class LowRankOptimizer(Optimizer):
     """Base class: the shared projected step loop; see the module docstring."""
 
+    # Scalars read on the host every step: they live on the CPU so reading them never syncs a GPU.
+    _cpu_state_keys: tuple[str, ...] = ("step", "proj_step")
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
 
@@ -421,7 +424,7 @@ class LowRankOptimizer(Optimizer):
             for key, value in values.items():
                 if not isinstance(value, torch.Tensor):
                     restored[key] = value
-                elif key in (STEP, PROJ_STEP):
+                elif key in self._cpu_state_keys:
                     keep_on_cpu = projected or not (group.get("fused") or _fused_supported([p]))
                     device = torch.device("cpu") if keep_on_cpu else p.device
                     restored[key] = value.detach().to(device=device, dtype=torch.float32, copy=True)

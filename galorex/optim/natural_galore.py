@@ -10,8 +10,9 @@ and Adam runs on g̃ exactly as in GaLoreAdamW. As in the paper, the window incl
 gradient and the Fisher is not divided by the window length (a constant factor Adam's normalisation
 removes anyway, up to ε). Where galorex differs: the window is a fixed-size ring buffer in the state
 (a tensor, so checkpoints stay tensors-only), HᵀH is kept up to date one row per step instead of being
-rebuilt, and the k×k system is solved in float64 by Cholesky with a jitter of 10·ε·trace (ε of the
-stored gradients' dtype), which keeps it positive definite without any host synchronisation.
+rebuilt, and the k×k system is solved in float64 by Cholesky with the damping raised by
+δ = 10·ε·(trace HᵀH + kλ) (ε of the stored gradients' dtype), which keeps it positive definite
+without any host synchronisation.
 With s = 0 the optimizer is GaLoreAdamW.
 
 The window costs s·r·n entries per projected (m×n) matrix (s times one Adam moment) plus an s×s
@@ -36,7 +37,7 @@ NATURAL_DAMPING = "natural_damping"
 HISTORY = "natural_history"  # state: (s, *lowrank shape) ring buffer of low-rank gradients
 GRAM = "natural_gram"  # state: (s, s) float64, HᵀH of the buffer's rows
 FILLED = "natural_filled"  # state: CPU scalar, rows of the buffer holding gradients
-WRITTEN = "natural_written"  # state: CPU scalar, gradients written so far (next row = written mod s)
+NEXT_ROW = "natural_next_row"  # state: CPU scalar, the row the next gradient overwrites
 
 
 def woodbury_inverse_fisher(
@@ -51,8 +52,9 @@ def woodbury_inverse_fisher(
 
     ``g`` is (d,), ``rows`` (k, d). ``gram`` = rows·rowsᵀ and ``dots`` = rows·g may be passed when
     already known. The k×k solve runs in float64 by Cholesky and never synchronises with the host.
-    A jitter of 10·ε·trace (ε of ``rows``' dtype: the rounding of the dot products) keeps the system
-    positive definite when λ is below what the stored gradients' precision resolves.
+    The damping used is λ + δ with δ = 10·ε·(trace(HᵀH) + kλ), ε of ``rows``' dtype: the rounding of
+    the stored dot products, which would otherwise make the system indefinite when λ is below what
+    they resolve. In float64 δ is negligible; with float32 gradients of norm ~1 it is ~1e-6·k.
     """
     k = rows.shape[0]
     if dots is None:
@@ -61,15 +63,19 @@ def woodbury_inverse_fisher(
     if gram is None:
         r64 = rows.to(torch.float64)
         gram = r64 @ r64.mT
+    gram = gram.to(torch.float64)
+    # The jitter joins the damping (on both sides of the identity), so the result is exactly
+    # ((λ+δ)I + H Hᵀ)⁻¹ g: a slightly larger damping, never a rescaled answer.
+    damping = damping + 10 * torch.finfo(rows.dtype).eps * (gram.diagonal().sum() + k * damping)
     eye = torch.eye(k, dtype=torch.float64, device=rows.device)
-    system = gram.to(torch.float64) + damping * eye
-    system = system + (10 * torch.finfo(rows.dtype).eps * system.diagonal().sum()) * eye
-    chol, _ = torch.linalg.cholesky_ex(system)
+    chol, _ = torch.linalg.cholesky_ex(gram + damping * eye)
     coeffs = torch.cholesky_solve(dots.unsqueeze(-1), chol).squeeze(-1)
-    return (g - coeffs.to(g.dtype) @ rows) / damping
+    return (g - coeffs.to(g.dtype) @ rows) / damping.to(g.dtype)
 
 
 class NaturalGaLoreAdamW(GaLoreAdamW):
+    _cpu_state_keys = GaLoreAdamW._cpu_state_keys + (FILLED, NEXT_ROW)
+
     """GaLoreAdamW whose Adam sees the inverse-empirical-Fisher-preconditioned low-rank gradient.
 
     Takes GaLoreAdamW's arguments and group keys plus, per group:
@@ -114,7 +120,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             state[HISTORY] = torch.zeros((s, *shape), dtype=dtype, device=p.device)
             state[GRAM] = torch.zeros((s, s), dtype=torch.float64, device=p.device)
             state[FILLED] = torch.zeros((), dtype=torch.float32)
-            state[WRITTEN] = torch.zeros((), dtype=torch.float32)
+            state[NEXT_ROW] = torch.zeros((), dtype=torch.float32)
 
     def _on_refresh(self, group, p, state, old_bases, new_bases, side) -> None:
         super()._on_refresh(group, p, state, old_bases, new_bases, side)
@@ -124,7 +130,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             state[HISTORY].zero_()
             state[GRAM].zero_()
             state[FILLED].zero_()
-            state[WRITTEN].zero_()
+            state[NEXT_ROW].zero_()
             return
         transitions = proj.transition_matrices(old_bases, new_bases)
         history = torch.stack([proj.reproject_lowrank(h, transitions, side) for h in state[HISTORY]])
@@ -138,9 +144,10 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         s = history.shape[0]
         rows = history.view(s, -1)
         g = low.reshape(-1)
-        row = int(state[WRITTEN].item()) % s
+        row = int(state[NEXT_ROW].item())
         rows[row].copy_(g)
-        state[WRITTEN] += 1
+        # The row index itself, not a running count: a float32 count would stall at 2^24 steps.
+        state[NEXT_ROW].fill_((row + 1) % s)
         filled = min(int(state[FILLED].item()) + 1, s)
         state[FILLED].fill_(filled)
         valid = rows[:filled]
