@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import projection as proj
+from .optim import state8bit
 from .optim.base import compute_dtype
 
 _SCALAR_BYTES = 4  # float32 step counters
@@ -47,18 +48,25 @@ def parameter_state_bytes(
     proj_type: str = "std",
     optimizer: str = "galore",
     natural_history: int = 0,
+    optim_bits: int = 32,
 ) -> int:
     """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
 
     ``natural_history`` (NaturalGaLoreAdamW's s) adds its window, s·(low-rank size) entries, an
-    s×s float64 Gram matrix and two float32 counters.
+    s×s float64 Gram matrix and two float32 counters. ``optim_bits=8`` stores each Adam moment of
+    4096 or more entries as one byte per entry plus a float32 scale per 256 (smaller ones float32).
     """
     shape = tuple(int(s) for s in shape)
     numel = 1
     for s in shape:
         numel *= s
+    def moments(n: int, float_bytes: int) -> int:
+        if optim_bits == 8:
+            return sum(state8bit.packed_nbytes(n, kind) for kind in (state8bit.SIGNED, state8bit.UNSIGNED_SQRT))
+        return 2 * n * float_bytes
+
     if optimizer == "adamw" or rank is None or len(shape) < 2 or numel == 0:
-        return 2 * numel * _bytes_of(dtype) + _SCALAR_BYTES
+        return moments(numel, _bytes_of(dtype)) + _SCALAR_BYTES
     if optimizer != "galore":
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore' or 'adamw'")
     m, n = proj.matrix_shape(shape)
@@ -66,7 +74,7 @@ def parameter_state_bytes(
     lm, ln = proj.lowrank_shape(side, m, n, rank)
     basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
     cbytes = _bytes_of(compute_dtype(dtype))
-    total = (2 * lm * ln + basis) * cbytes + 2 * _SCALAR_BYTES
+    total = moments(lm * ln, cbytes) + basis * cbytes + 2 * _SCALAR_BYTES
     if natural_history > 0:
         total += natural_history * lm * ln * cbytes + natural_history**2 * 8 + 2 * _SCALAR_BYTES
     return total
@@ -95,10 +103,11 @@ def estimate_optimizer_state_bytes(
         rank = group.get("rank", group_defaults.get("rank"))
         proj_type = group.get("proj_type", group_defaults.get("proj_type", "std"))
         history = group.get("natural_history", group_defaults.get("natural_history", 0))
+        bits = group.get("optim_bits", group_defaults.get("optim_bits", 32))
         for p in group["params"]:
             if isinstance(p, tuple):
                 p = p[1]
             if not p.requires_grad:
                 continue
-            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history)
+            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history, bits)
     return total

@@ -132,6 +132,8 @@ SMOKE = {
     "galore-bf16": ["--optimizer", "galore", "--dtype", "bf16"],
     "adamw-accum2": ["--optimizer", "adamw", "--grad-accum", "2"],
     "natural-galore": ["--optimizer", "natural-galore", "--natural-history", "3", "--update-proj-gap", "2"],
+    "galore-8bit": ["--optimizer", "galore", "--optim-bits", "8", "--rank", "64"],
+    "adamw-8bit": ["--optimizer", "adamw", "--optim-bits", "8"],
 }
 
 

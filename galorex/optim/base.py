@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from .. import projection as proj
+from . import state8bit
 
 # Group keys, as galore-torch names them, plus galorex's own.
 RANK = "rank"
@@ -40,6 +41,7 @@ POWER_ITERS = "power_iters"
 REFRESH_SEED = "refresh_seed"
 EPS_MODE = "eps_mode"
 EPS_MODES = ("torch", "galore_torch")
+OPTIM_BITS = "optim_bits"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
@@ -48,6 +50,32 @@ STEP = "step"
 PROJ_STEP = "proj_step"
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
+# How each Adam moment is stored with optim_bits=8 (state8bit): m signed, v as √v.
+MOMENT_KINDS = {EXP_AVG: state8bit.SIGNED, EXP_AVG_SQ: state8bit.UNSIGNED_SQRT}
+
+
+def load_moment(state: dict[str, Any], key: str) -> torch.Tensor:
+    """A moment as a float tensor: the state tensor itself (32-bit) or a dequantised copy (8-bit)."""
+    if key + "_q" in state:
+        q = state[key + "_q"]
+        return state8bit.unpack_moment({"q": q, "absmax": state[key + "_absmax"]}, q.shape, MOMENT_KINDS[key])
+    return state[key]
+
+
+def store_moment(state: dict[str, Any], key: str, value: torch.Tensor, eight_bit: bool) -> None:
+    """Write a moment back: as is (32-bit), or block-wise quantised when large enough (8-bit)."""
+    if not eight_bit:
+        state[key] = value
+        return
+    packed = state8bit.pack_moment(value, MOMENT_KINDS[key])
+    if "value" in packed:
+        state[key] = packed["value"]
+    else:
+        state[key + "_q"], state[key + "_absmax"] = packed["q"], packed["absmax"]
+
+
+def _eight_bit(group: dict[str, Any]) -> bool:
+    return group.get(OPTIM_BITS, 32) == 8
 
 
 def basis_keys(side: str) -> list[str]:
@@ -110,6 +138,9 @@ class LowRankOptimizer(Optimizer):
             raise bad("weight_decay", "must be a number >= 0")
         if group.get(EPS_MODE, "torch") not in EPS_MODES:
             raise bad(EPS_MODE, f"must be one of {EPS_MODES}")
+        bits = group.get(OPTIM_BITS, 32)
+        if not _is_int(bits) or bits not in (8, 32):
+            raise bad(OPTIM_BITS, "must be 8 or 32")
         if group.get(RANK) is None:
             return
         if not _is_int(group[RANK]) or group[RANK] <= 0:
@@ -269,8 +300,8 @@ class LowRankOptimizer(Optimizer):
     def _init_lowrank_state(
         self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], shape, dtype
     ) -> None:
-        state[EXP_AVG] = torch.zeros(shape, dtype=dtype, device=p.device)
-        state[EXP_AVG_SQ] = torch.zeros(shape, dtype=dtype, device=p.device)
+        for key in MOMENT_KINDS:
+            store_moment(state, key, torch.zeros(shape, dtype=dtype, device=p.device), _eight_bit(group))
 
     def _on_refresh(self, group, p, state, old_bases, new_bases, side) -> None:
         """Called when a parameter's basis changes (not at its first one), before the swap."""
@@ -281,15 +312,17 @@ class LowRankOptimizer(Optimizer):
             self._reproject_state(group, p, state, proj.transition_matrices(old_bases, new_bases), side)
 
     def _reset_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
-        state[EXP_AVG].zero_()
-        state[EXP_AVG_SQ].zero_()
+        for key in MOMENT_KINDS:
+            store_moment(state, key, torch.zeros_like(load_moment(state, key)), _eight_bit(group))
 
     def _reproject_state(self, group, p, state, transitions, side) -> None:
         """Carry the moments into the new basis: m ← R m (R = P_newᵀ P_old); v ← (R∘R) v, which is
         exact for the second moment when the coordinates are uncorrelated."""
-        state[EXP_AVG] = proj.reproject_lowrank(state[EXP_AVG], transitions, side)
         squares = [t * t for t in transitions]
-        state[EXP_AVG_SQ] = proj.reproject_lowrank(state[EXP_AVG_SQ], squares, side)
+        m = proj.reproject_lowrank(load_moment(state, EXP_AVG), transitions, side)
+        v = proj.reproject_lowrank(load_moment(state, EXP_AVG_SQ), squares, side)
+        store_moment(state, EXP_AVG, m, _eight_bit(group))
+        store_moment(state, EXP_AVG_SQ, v, _eight_bit(group))
 
     def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int:
         """Steps the current moments have seen (bias correction restarts on a reset refresh)."""
@@ -331,8 +364,8 @@ class LowRankOptimizer(Optimizer):
                 p.copy_(w.view_as(p))
 
     def _dense_adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        if group[EPS_MODE] == "galore_torch":
-            return self._dense_adamw_galore_torch(group, params)
+        if group[EPS_MODE] == "galore_torch" or _eight_bit(group):
+            return self._dense_adamw_foreach(group, params)
         fused = group.get("fused")
         if fused is None:
             fused = _fused_supported(params)
@@ -369,34 +402,51 @@ class LowRankOptimizer(Optimizer):
             maximize=False,
         )
 
-    def _dense_adamw_galore_torch(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """galore-torch's AdamW for unprojected parameters (see ``eps_mode``)."""
+    def _dense_adamw_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """AdamW for unprojected parameters when torch's kernels do not apply: 8-bit moments
+        (``optim_bits=8``, kept in float32 when too small to quantise), or galore-torch's ε and
+        decay placement (``eps_mode="galore_torch"``)."""
         from .galore import adam_directions
 
+        eight_bit = _eight_bit(group)
         states = []
         for p in params:
             state = self.state[p]
             if not state:
                 state[STEP] = torch.zeros((), dtype=torch.float32)
-                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for key in MOMENT_KINDS:
+                    zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    store_moment(state, key, zeros.float() if eight_bit else zeros, eight_bit)
             state[STEP] += 1
             states.append(state)
+        exp_avgs = [load_moment(s, EXP_AVG) for s in states]
+        exp_avg_sqs = [load_moment(s, EXP_AVG_SQ) for s in states]
+        grads = [p.grad.to(m.dtype) for p, m in zip(params, exp_avgs)]
         beta1, beta2 = group["betas"]
         directions = adam_directions(
-            [p.grad for p in params],
-            [s[EXP_AVG] for s in states],
-            [s[EXP_AVG_SQ] for s in states],
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
             [int(s[STEP].item()) for s in states],
             float(beta1),
             float(beta2),
             float(group["eps"]),
-            "galore_torch",
+            group[EPS_MODE],
         )
-        lr = float(group["lr"])
-        torch._foreach_add_(params, directions, alpha=-lr)
-        if group["weight_decay"] > 0:
-            torch._foreach_mul_(params, 1.0 - lr * float(group["weight_decay"]))
+        if eight_bit:
+            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
+                store_moment(s, EXP_AVG, m, True)
+                store_moment(s, EXP_AVG_SQ, v, True)
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        directions = [d.to(p.dtype) for d, p in zip(directions, params)]
+        if group[EPS_MODE] == "galore_torch":
+            torch._foreach_add_(params, directions, alpha=-lr)
+            if wd > 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+        else:
+            if wd > 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, directions, alpha=-lr)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -428,7 +478,8 @@ class LowRankOptimizer(Optimizer):
                     keep_on_cpu = projected or not (group.get("fused") or _fused_supported([p]))
                     device = torch.device("cpu") if keep_on_cpu else p.device
                     restored[key] = value.detach().to(device=device, dtype=torch.float32, copy=True)
-                elif projected or not (value.is_floating_point() and p.is_floating_point()):
+                elif projected or _eight_bit(group) or not (value.is_floating_point() and p.is_floating_point()):
+                    # 8-bit scales and float32 small moments keep their dtype, like subspace state.
                     restored[key] = value.detach().to(device=p.device, copy=True)
                 else:
                     restored[key] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)

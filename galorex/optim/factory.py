@@ -34,11 +34,17 @@ def build_optimizer(
     target_modules: str | Sequence[str] = ("attn", "mlp"),
     natural_history: int = 8,
     natural_damping: float = 1e-3,
+    optim_bits: int = 32,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
     and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
-    the same groups on NaturalGaLoreAdamW."""
+    the same groups on NaturalGaLoreAdamW. ``optim_bits=8`` keeps Adam's moments in 8 bits (for
+    ``adamw`` too, through a galorex optimizer with no rank group)."""
+    if name == "adamw" and optim_bits == 8:
+        # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments.
+        return GaLoreAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           optim_bits=8)
     if name == "adamw":
         return torch.optim.AdamW(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
@@ -57,8 +63,10 @@ def build_optimizer(
         )
         if name == "natural-galore":
             return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      natural_history=natural_history, natural_damping=natural_damping)
-        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                                      natural_history=natural_history, natural_damping=natural_damping,
+                                      optim_bits=optim_bits)
+        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           optim_bits=optim_bits)
     if name in PLANNED:
         raise ValueError(
             f"optimizer {name!r} is not available in this version of galorex yet; "

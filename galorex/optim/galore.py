@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .base import EXP_AVG, EXP_AVG_SQ, LowRankOptimizer
+from .base import EXP_AVG, EXP_AVG_SQ, LowRankOptimizer, _eight_bit, load_moment, store_moment
 
 
 def adam_directions(
@@ -76,6 +76,11 @@ class GaLoreAdamW(LowRankOptimizer):
       effectively 1/√(1−β₂ᵗ) times larger early in training — and decay applied after the update,
       for every parameter of the group, projected or not. Use it to continue a galore-torch run.
 
+    - ``optim_bits`` (32): 8 stores Adam's moments block-wise in 8 bits (``state8bit``: per-block
+      absmax scales, non-linear codes, √v for the second moment; tensors under 4096 elements stay
+      float32), for projected and unprojected parameters alike. Unprojected parameters then use a
+      foreach AdamW instead of torch's fused kernel.
+
     Weight decay is decoupled and applied to the full weight.
     """
 
@@ -96,6 +101,7 @@ class GaLoreAdamW(LowRankOptimizer):
         power_iters: int = 2,
         refresh_seed: int = 0,
         eps_mode: str = "torch",
+        optim_bits: int = 32,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -113,6 +119,7 @@ class GaLoreAdamW(LowRankOptimizer):
             power_iters=power_iters,
             refresh_seed=refresh_seed,
             eps_mode=eps_mode,
+            optim_bits=optim_bits,
             foreach=foreach,
             fused=fused,
         )
@@ -122,13 +129,20 @@ class GaLoreAdamW(LowRankOptimizer):
 
     def _lowrank_directions(self, group, params, lows, states):
         beta1, beta2 = group["betas"]
-        return adam_directions(
+        exp_avgs = [load_moment(s, EXP_AVG) for s in states]
+        exp_avg_sqs = [load_moment(s, EXP_AVG_SQ) for s in states]
+        directions = adam_directions(
             lows,
-            [s[EXP_AVG] for s in states],
-            [s[EXP_AVG_SQ] for s in states],
+            exp_avgs,
+            exp_avg_sqs,
             [self._bias_step(group, s) for s in states],
             float(beta1),
             float(beta2),
             float(group["eps"]),
             group["eps_mode"],
         )
+        if _eight_bit(group):
+            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
+                store_moment(s, EXP_AVG, m, True)
+                store_moment(s, EXP_AVG_SQ, v, True)
+        return directions

@@ -1,0 +1,143 @@
+"""optim_bits=8: GaLoreAdamW (and AdamW groups) with block-wise 8-bit Adam moments (state8bit)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import galorex
+from galorex import GaLoreAdamW, NaturalGaLoreAdamW
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 96)).to(dtype)
+
+
+def make_groups(model, rank=48, gap=50, **extra):
+    return [{"params": [model[0].weight, model[2].weight], "rank": rank, "update_proj_gap": gap, **extra},
+            {"params": [model[0].bias, model[2].bias]}]
+
+
+DATA = (torch.randn(256, 64, generator=torch.Generator().manual_seed(1)),
+        torch.randn(256, 96, generator=torch.Generator().manual_seed(2)))
+
+
+def train(model, opt, steps):
+    x, y = DATA
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x.to(model[0].weight.dtype)).float() - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("bad", [16, 0, "8", True, 8.0])
+def test_optim_bits_must_be_8_or_32(bad):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*'optim_bits'"):
+        GaLoreAdamW(make_groups(model, optim_bits=bad), lr=1e-3)
+    with pytest.raises(ValueError, match=r"'optim_bits'"):
+        GaLoreAdamW(model.parameters(), lr=1e-3, optim_bits=bad)
+
+
+def test_large_moments_are_uint8_small_ones_float32():
+    model = make_model()
+    opt = GaLoreAdamW(make_groups(model, rank=48), lr=1e-3, optim_bits=8)
+    train(model, opt, 1)
+    big = opt.state[model[0].weight]  # 128×64 weight, right side: low-rank 128×48 = 6144 entries
+    assert big["exp_avg_q"].dtype == torch.uint8 and big["exp_avg_sq_q"].dtype == torch.uint8
+    assert big["exp_avg_absmax"].dtype == torch.float32 and "exp_avg" not in big
+    small = opt.state[model[0].bias]  # 128 entries: below the 4096 threshold
+    assert small["exp_avg"].dtype == torch.float32 and "exp_avg_q" not in small
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("proj_type", ["std", "left", "full"])
+def test_measured_bytes_equal_estimate(dtype, proj_type):
+    model = make_model(dtype=dtype)
+    groups = make_groups(model, rank=40, proj_type=proj_type)
+    expected = galorex.estimate_optimizer_state_bytes(groups, optim_bits=8)
+    opt = GaLoreAdamW(groups, lr=1e-3, optim_bits=8)
+    train(model, opt, 1)
+    assert galorex.optimizer_state_bytes(opt) == expected
+    full_precision = galorex.estimate_optimizer_state_bytes(make_groups(model, rank=40, proj_type=proj_type))
+    # full: 40×40 low-rank moments are under 4096 entries and stay float32 (for bf16 weights the
+    # small unprojected moments are then float32 too, not bf16), so only the others must shrink
+    if proj_type != "full":
+        assert expected < full_precision
+
+
+def test_eight_bit_follows_the_32_bit_trajectory():
+    """Measured (this seed, 200 steps, lr 3e-3): 32-bit ends at 0.2430, 8-bit at 0.2283 (−6.1 %);
+    8-bit rounding cannot follow Adam's slow second-moment EMA exactly (see state8bit), so the
+    runs part, but both descend alike. Stated tolerance: final losses within 10 %, and the 8-bit
+    loss at every 20th step within 15 % of the 32-bit one."""
+    m32, m8 = make_model(), make_model()
+    l32 = train(m32, GaLoreAdamW(make_groups(m32), lr=3e-3), 200)
+    l8 = train(m8, GaLoreAdamW(make_groups(m8), lr=3e-3, optim_bits=8), 200)
+    assert l32[-1] < 0.3 * l32[0]
+    assert abs(l8[-1] - l32[-1]) / l32[-1] < 0.10
+    for a, b in zip(l32[::20], l8[::20]):
+        assert abs(a - b) / a < 0.15
+
+
+def test_adamw_group_in_eight_bits_tracks_torch_adamw():
+    m_ref, m8 = make_model(), make_model()
+    ref = train(m_ref, torch.optim.AdamW(m_ref.parameters(), lr=3e-3, weight_decay=0.1), 100)
+    got = train(m8, GaLoreAdamW(m8.parameters(), lr=3e-3, weight_decay=0.1, optim_bits=8), 100)
+    assert abs(got[-1] - ref[-1]) / ref[-1] < 0.10
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, NaturalGaLoreAdamW])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_round_trip_continues_bit_for_bit(cls, dtype):
+    def fresh(model):
+        return cls(make_groups(model, gap=7, moment_policy="reproject"), lr=3e-3, optim_bits=8)
+
+    straight = make_model(dtype=dtype)
+    opt = fresh(straight)
+    train(straight, opt, 20)
+
+    first = make_model(dtype=dtype)
+    opt1 = fresh(first)
+    train(first, opt1, 12)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = make_model(seed=5, dtype=dtype)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = fresh(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    st = opt2.state[resumed[0].weight]
+    assert st["exp_avg_q"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
+    assert opt2.state[resumed[0].bias]["exp_avg"].dtype == torch.float32  # small: float32, even for bf16
+    train(resumed, opt2, 8)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_reset_policy_with_eight_bits_zeroes_the_moments():
+    model = make_model()
+    opt = GaLoreAdamW(make_groups(model, gap=3, moment_policy="reset"), lr=3e-3, optim_bits=8)
+    train(model, opt, 3)
+    before = copy.deepcopy(opt.state[model[0].weight]["exp_avg_q"])
+    train(model, opt, 1)  # the refresh at step 3 resets, then one update: |m| = (1-β1)|g| everywhere
+    m = galorex.optim.base.load_moment(opt.state[model[0].weight], "exp_avg")
+    assert not torch.equal(before, opt.state[model[0].weight]["exp_avg_q"])
+    assert torch.isfinite(m).all() and m.abs().max() > 0
