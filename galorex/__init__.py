@@ -1,12 +1,13 @@
 """galorex: low-rank gradient optimizers for PyTorch."""
 
 from .memory import estimate_optimizer_state_bytes, optimizer_state_bytes
-from .optim import GaLoreAdamW, LowRankOptimizer, NaturalGaLoreAdamW, galore_param_groups, select_galore_parameters
+from .optim import GaLoreAdamW, GradNormLoRPAdamW, LowRankOptimizer, NaturalGaLoreAdamW, galore_param_groups, select_galore_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GaLoreAdamW",
+    "GradNormLoRPAdamW",
     "LowRankOptimizer",
     "NaturalGaLoreAdamW",
     "estimate_optimizer_state_bytes",

@@ -50,8 +50,10 @@ def parameter_state_bytes(
     natural_history: int = 0,
     optim_bits: int = 32,
 ) -> int:
+    # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw"
     """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
 
+    ``optimizer="gradnorm_lorp"`` adds the row magnitudes' Adam moments (2·m entries).
     ``natural_history`` (NaturalGaLoreAdamW's s) adds its window, s·(low-rank size) entries, an
     s×s float64 Gram matrix and two float32 counters. ``optim_bits=8`` stores each Adam moment of
     4096 or more entries as one byte per entry plus a float32 scale per 256 (smaller ones float32).
@@ -67,14 +69,16 @@ def parameter_state_bytes(
 
     if optimizer == "adamw" or rank is None or len(shape) < 2 or numel == 0:
         return moments(numel, _bytes_of(dtype)) + _SCALAR_BYTES
-    if optimizer != "galore":
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore' or 'adamw'")
+    if optimizer not in ("galore", "gradnorm_lorp"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore', 'gradnorm_lorp' or 'adamw'")
     m, n = proj.matrix_shape(shape)
     side = proj.projection_side(proj_type, m, n)
     lm, ln = proj.lowrank_shape(side, m, n, rank)
     basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
     cbytes = _bytes_of(compute_dtype(dtype))
     total = moments(lm * ln, cbytes) + basis * cbytes + 2 * _SCALAR_BYTES
+    if optimizer == "gradnorm_lorp":  # the row magnitudes' two Adam moments (m entries each)
+        total += moments(m, cbytes)
     if natural_history > 0:
         total += natural_history * lm * ln * cbytes + natural_history**2 * 8 + 2 * _SCALAR_BYTES
     return total

@@ -134,6 +134,8 @@ SMOKE = {
     "natural-galore": ["--optimizer", "natural-galore", "--natural-history", "3", "--update-proj-gap", "2"],
     "galore-8bit": ["--optimizer", "galore", "--optim-bits", "8", "--rank", "64"],
     "adamw-8bit": ["--optimizer", "adamw", "--optim-bits", "8"],
+    "gradnorm-lorp": ["--optimizer", "gradnorm-lorp"],
+    "gradnorm-lorp-8bit": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--rank", "64"],
 }
 
 
@@ -221,13 +223,6 @@ def test_grad_accum_changes_the_trajectory(smoke_runs):
 
 
 # ----------------------------------------------------------------------------- 2. optimizer names
-@pytest.mark.parametrize("name", ["gradnorm-lorp"])
-def test_planned_optimizers_are_not_available_yet(tmp_path, capsys, name):
-    rc = main(TINY + ["--optimizer", name, "--steps", "2", "--out", str(tmp_path / "o")])
-    cap = capsys.readouterr()
-    assert_one_line_error(rc, cap.out, cap.err, name, "not available")
-
-
 def test_unknown_optimizer(tmp_path, capsys):
     rc = main(TINY + ["--optimizer", "nope", "--steps", "2", "--out", str(tmp_path / "o")])
     cap = capsys.readouterr()
@@ -244,6 +239,8 @@ RESUME = {
     "adamw": ["--optimizer", "adamw"],
     "natural-galore": ["--optimizer", "natural-galore", "--natural-history", "3", "--update-proj-gap", "4",
                        "--moment-policy", "reproject"],
+    "gradnorm-lorp-8bit": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--rank", "64",
+                           "--update-proj-gap", "4"],
 }
 COMPARED = ("step", "tokens_seen", "model", "optimizer", "scheduler", "data", "rng")
 
@@ -519,14 +516,14 @@ def test_resume_on_a_missing_folder(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["unknown-model", "planned-optimizer", "short-corpus"])
+@pytest.mark.parametrize("name", ["unknown-model", "unknown-optimizer", "short-corpus"])
 def test_failed_start_leaves_out_reusable(tmp_path, capsys, name):
     """A run refused for bad input trained nothing: fixing the flag and rerunning into the same
     --out must work, not be refused as 'the folder already holds files (another run?)'."""
     short = tmp_path / "short.txt"
     short.write_text("0123456789")
     bad = {"unknown-model": ["--model", "llama-nope"],
-           "planned-optimizer": ["--optimizer", "gradnorm-lorp"],
+           "unknown-optimizer": ["--optimizer", "nope"],
            "short-corpus": ["--data", str(short)]}[name]
     out = tmp_path / "out"
     base = TINY + ["--steps", "2", "--eval-every", "0", "--out", str(out)]

@@ -2,15 +2,18 @@
 
 from .base import LowRankOptimizer
 from .galore import GaLoreAdamW, adam_directions
+from .gradnorm_lorp import GradNormLoRPAdamW, weight_norm_gradients
 from .natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
 from .groups import galore_param_groups, select_galore_parameters
 
 __all__ = [
     "GaLoreAdamW",
+    "GradNormLoRPAdamW",
     "LowRankOptimizer",
     "NaturalGaLoreAdamW",
     "adam_directions",
     "galore_param_groups",
     "select_galore_parameters",
+    "weight_norm_gradients",
     "woodbury_inverse_fisher",
 ]

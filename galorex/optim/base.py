@@ -50,15 +50,20 @@ STEP = "step"
 PROJ_STEP = "proj_step"
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
-# How each Adam moment is stored with optim_bits=8 (state8bit): m signed, v as √v.
-MOMENT_KINDS = {EXP_AVG: state8bit.SIGNED, EXP_AVG_SQ: state8bit.UNSIGNED_SQRT}
+ADAM_MOMENTS = (EXP_AVG, EXP_AVG_SQ)
+
+
+def _moment_kind(key: str) -> str:
+    """How a moment is stored with optim_bits=8 (state8bit): first moments signed, second
+    moments (keys ending in ``exp_avg_sq``) as √v."""
+    return state8bit.UNSIGNED_SQRT if key.endswith(EXP_AVG_SQ) else state8bit.SIGNED
 
 
 def load_moment(state: dict[str, Any], key: str) -> torch.Tensor:
     """A moment as a float tensor: the state tensor itself (32-bit) or a dequantised copy (8-bit)."""
     if key + "_q" in state:
         q = state[key + "_q"]
-        return state8bit.unpack_moment({"q": q, "absmax": state[key + "_absmax"]}, q.shape, MOMENT_KINDS[key])
+        return state8bit.unpack_moment({"q": q, "absmax": state[key + "_absmax"]}, q.shape, _moment_kind(key))
     return state[key]
 
 
@@ -67,7 +72,7 @@ def store_moment(state: dict[str, Any], key: str, value: torch.Tensor, eight_bit
     if not eight_bit:
         state[key] = value
         return
-    packed = state8bit.pack_moment(value, MOMENT_KINDS[key])
+    packed = state8bit.pack_moment(value, _moment_kind(key))
     if "value" in packed:
         state[key] = packed["value"]
     else:
@@ -253,7 +258,7 @@ class LowRankOptimizer(Optimizer):
             return
         # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
         # every bf16 gradient at once would cost as much memory as AdamW's moments.
-        g = proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
+        g = self._gradient_matrix(group, p)
         if not bool(torch.isfinite(g).all()):
             raise FloatingPointError(
                 f"{self._param_label(item['group_index'], item['param_index'])} has a non-finite "
@@ -300,7 +305,7 @@ class LowRankOptimizer(Optimizer):
     def _init_lowrank_state(
         self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], shape, dtype
     ) -> None:
-        for key in MOMENT_KINDS:
+        for key in ADAM_MOMENTS:
             store_moment(state, key, torch.zeros(shape, dtype=dtype, device=p.device), _eight_bit(group))
 
     def _on_refresh(self, group, p, state, old_bases, new_bases, side) -> None:
@@ -312,7 +317,7 @@ class LowRankOptimizer(Optimizer):
             self._reproject_state(group, p, state, proj.transition_matrices(old_bases, new_bases), side)
 
     def _reset_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> None:
-        for key in MOMENT_KINDS:
+        for key in ADAM_MOMENTS:
             store_moment(state, key, torch.zeros_like(load_moment(state, key)), _eight_bit(group))
 
     def _reproject_state(self, group, p, state, transitions, side) -> None:
@@ -343,7 +348,7 @@ class LowRankOptimizer(Optimizer):
         all_bases = [[s[k] for k in basis_keys(it["side"])] for it, s in zip(items, states)]
         lows = []
         for p, state, bases, it in zip(params, states, all_bases, items):
-            g = proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
+            g = self._gradient_matrix(group, p)
             lows.append(proj.project(g, bases, it["side"]))
             state[STEP] += 1
         directions = self._lowrank_directions(group, params, lows, states)
@@ -353,15 +358,23 @@ class LowRankOptimizer(Optimizer):
         alpha = -lr * float(group[SCALE])
         if group[EPS_MODE] == "galore_torch":
             alpha *= decay  # galore-torch decays the already-updated weight
-        for p, bases, it, d in zip(params, all_bases, items, directions):
-            if p.dtype == d.dtype and p.is_contiguous():
-                # W ← decay·W + alpha·back(D): one fused GEMM, no full-size temporary.
-                proj.add_projected_back_(proj.as_matrix(p), d, bases, it["side"], alpha=alpha, beta=decay)
-            else:
-                # Low-precision weights: accumulate in the compute dtype, round once.
-                w = proj.as_matrix(p).to(d.dtype)
-                proj.add_projected_back_(w, d, bases, it["side"], alpha=alpha, beta=decay)
-                p.copy_(w.view_as(p))
+        for p, state, bases, it, d in zip(params, states, all_bases, items, directions):
+            self._apply_lowrank_update(group, p, state, d, bases, it["side"], decay=decay, alpha=alpha)
+
+    def _gradient_matrix(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        """The (m×n) matrix that is projected (and whose SVD gives the basis): here the gradient."""
+        return proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
+
+    def _apply_lowrank_update(self, group, p, state, d, bases, side, *, decay: float, alpha: float) -> None:
+        """W ← decay·W + alpha·project_back(D)."""
+        if p.dtype == d.dtype and p.is_contiguous():
+            # One fused GEMM into the weight, no full-size temporary.
+            proj.add_projected_back_(proj.as_matrix(p), d, bases, side, alpha=alpha, beta=decay)
+        else:
+            # Low-precision weights: accumulate in the compute dtype, round once.
+            w = proj.as_matrix(p).to(d.dtype)
+            proj.add_projected_back_(w, d, bases, side, alpha=alpha, beta=decay)
+            p.copy_(w.view_as(p))
 
     def _dense_adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if group[EPS_MODE] == "galore_torch" or _eight_bit(group):
@@ -414,7 +427,7 @@ class LowRankOptimizer(Optimizer):
             state = self.state[p]
             if not state:
                 state[STEP] = torch.zeros((), dtype=torch.float32)
-                for key in MOMENT_KINDS:
+                for key in ADAM_MOMENTS:
                     zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
                     store_moment(state, key, zeros.float() if eight_bit else zeros, eight_bit)
             state[STEP] += 1

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from .galore import GaLoreAdamW
+from .gradnorm_lorp import GradNormLoRPAdamW
 from .groups import galore_param_groups
 from .natural_galore import NaturalGaLoreAdamW
 
-AVAILABLE = ("adamw", "galore", "natural-galore")
-# Named here so that asking for them gives a clear answer rather than "unknown".
-PLANNED = ("gradnorm-lorp",)
+AVAILABLE = ("adamw", "galore", "natural-galore", "gradnorm-lorp")
+# Names of optimizers still to come, so that asking for one gives a clear answer.
+PLANNED: tuple[str, ...] = ()
 
 
 def build_optimizer(
@@ -39,7 +40,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
     and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
-    the same groups on NaturalGaLoreAdamW. ``optim_bits=8`` keeps Adam's moments in 8 bits (for
+    the same groups on NaturalGaLoreAdamW; ``gradnorm-lorp`` on GradNormLoRPAdamW. ``optim_bits=8`` keeps Adam's moments in 8 bits (for
     ``adamw`` too, through a galorex optimizer with no rank group)."""
     if name == "adamw" and optim_bits == 8:
         # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments.
@@ -49,7 +50,7 @@ def build_optimizer(
         return torch.optim.AdamW(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
         )
-    if name in ("galore", "natural-galore"):
+    if name in ("galore", "natural-galore", "gradnorm-lorp"):
         groups = galore_param_groups(
             model,
             rank=rank,
@@ -65,8 +66,8 @@ def build_optimizer(
             return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       natural_history=natural_history, natural_damping=natural_damping,
                                       optim_bits=optim_bits)
-        return GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           optim_bits=optim_bits)
+        cls = GradNormLoRPAdamW if name == "gradnorm-lorp" else GaLoreAdamW
+        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits)
     if name in PLANNED:
         raise ValueError(
             f"optimizer {name!r} is not available in this version of galorex yet; "
