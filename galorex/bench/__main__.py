@@ -209,34 +209,53 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- memory
 def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Optimizer-state bytes for the paper's shapes: analytic everywhere, measured where it fits."""
+    from ..optim import GradNormLoRPAdamW
+
+    variants = {  # name: (optimizer class, estimate kind, optim_bits)
+        "GaLore 32-bit": (GaLoreAdamW, "galore", 32),
+        "GaLore 8-bit": (GaLoreAdamW, "galore", 8),
+        "GradNormLoRP 8-bit": (GradNormLoRPAdamW, "gradnorm_lorp", 8),
+    }
     rows, results = [], []
     for name in args.models:
         cfg = get_config(name)
         with torch.device("meta"):
             model = Llama(cfg)
         groups = galore_param_groups(model, rank=args.rank, scale=0.25)
-        adamw = estimate_optimizer_state_bytes(model, optimizer="adamw")
-        galore = estimate_optimizer_state_bytes(groups)
-        measured = None
+        row = {"model": name, "parameters": model.num_parameters(),
+               "AdamW": estimate_optimizer_state_bytes(model, optimizer="adamw")}
+        projected_only = {}
+        for label, (_, kind, bits) in variants.items():
+            row[label] = estimate_optimizer_state_bytes(groups, optimizer=kind, optim_bits=bits)
+            projected_only[label] = estimate_optimizer_state_bytes([groups[-1]], optimizer=kind, optim_bits=bits)
+        row["projected_ratio_gradnorm8_vs_galore32"] = projected_only["GradNormLoRP 8-bit"] / projected_only["GaLore 32-bit"]
+        measured = {}
         if model.num_parameters() <= args.measure_up_to:
-            real = Llama(cfg)
-            opt = GaLoreAdamW(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3)
-            for p in real.parameters():
-                p.grad = torch.randn_like(p)
-            opt.step()
-            measured = optimizer_state_bytes(opt)
-            del real, opt
-        params = model.num_parameters()
-        results.append({"model": name, "parameters": params, "adamw_bytes": adamw,
-                        "galore_bytes": galore, "galore_measured_bytes": measured})
-        rows.append(f"| {name} | {params / 1e6:.0f}M | {adamw / 2**30:.3f} | {galore / 2**30:.3f} | "
-                    f"{'—' if measured is None else f'{measured / 2**30:.3f}'} | {galore / adamw:.2f} |")
+            for label, (cls, kind, bits) in variants.items():
+                real = Llama(cfg)
+                opt = cls(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3, optim_bits=bits)
+                for p in real.parameters():
+                    p.grad = torch.randn_like(p) * 1e-3
+                opt.step()
+                measured[label] = optimizer_state_bytes(opt)
+                del real, opt
+        row["measured"] = measured
+        results.append(row)
+        cells = []
+        for label in ("AdamW", *variants):
+            value = f"{row[label] / 2**30:.3f}"
+            if label in measured:
+                value += " ✓" if measured[label] == row[label] else f" (measured {measured[label] / 2**30:.3f})"
+            cells.append(value)
+        rows.append(f"| {name} | {row['parameters'] / 1e6:.0f}M | " + " | ".join(cells)
+                    + f" | {row['projected_ratio_gradnorm8_vs_galore32']:.2f} |")
     table = "\n".join([
-        f"Optimizer state in GiB (fp32 weights; GaLore rank {args.rank} on attention and MLP weights, "
-        "embeddings/head/norms on AdamW)",
+        f"Optimizer state in GiB (fp32 weights; rank {args.rank} on attention and MLP weights, embeddings/"
+        "head/norms on AdamW). ✓: measured after one real step and equal to the analytic count.",
         "",
-        "| model | parameters | AdamW | GaLore (analytic) | GaLore (measured) | GaLore / AdamW |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | parameters | AdamW | GaLore 32-bit | GaLore 8-bit | GradNormLoRP 8-bit | "
+        "GradNormLoRP 8-bit / GaLore 32-bit on the projected weights |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ])
     data = {"env": _env(), "rank": args.rank, "results": results}
@@ -312,7 +331,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
             cfg = TrainConfig(optimizer=optimizer, lr=lr, seed=seed, steps=args.steps, out=f"{tmp}/run",
                               eval_every=max(1, args.steps // 10), save_every=0, sample_tokens=0,
                               progress=False, natural_history=args.natural_history,
-                              natural_damping=args.natural_damping)
+                              natural_damping=args.natural_damping, optim_bits=args.optim_bits)
             summary = train(cfg, log=lambda *a: None)
             curve = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
         val = [(r["step"], r["val_loss"]) for r in curve if "val_loss" in r]
@@ -346,6 +365,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
         f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
         f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
         f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
+        f"{args.optim_bits}-bit moments; "
         f"unigram entropy {entropy:.3f}",
         "",
         f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
@@ -410,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     c.add_argument("--natural-history", type=int, default=8)
     c.add_argument("--natural-damping", type=float, default=1e-3)
+    c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
     args = p.parse_args(argv)
     {"convergence": bench_convergence, "step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
      "train-reference": bench_train_reference}[args.command](args)
