@@ -15,7 +15,8 @@ the reference code: the radial term is kept (the reference drops it), no second 
 stored, and ‖v‖ is renormalised to 1 every step rather than drifting (Adam's update is scale-free,
 so this only fixes the direction's effective step size to lr·scale). Weight decay multiplies the
 magnitudes by (1 − lr·wd), which is W ← (1 − lr·wd)W. A row with zero norm has no direction; it
-stays zero (no NaN).
+stays zero (no NaN). A magnitude stepped below zero moves its sign into the direction (g is re-read
+as ‖W_i‖), so that row's Adam moments then push it back towards zero rather than through it.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def weight_norm_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂L/∂g, ∂L/∂v) for W = g ⊙ v/‖v‖ (row-wise, g of shape (m,), v and ∂L/∂W of shape (m, n)).
 
-    Rows with ‖v‖ below the dtype's smallest normal number are treated as having that norm, so the
-    result stays finite (autograd divides by zero there)."""
-    norms = v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+    Rows with ‖v‖ below the dtype's smallest normal number get a zero ∂L/∂v (autograd divides by
+    zero there), so the result stays finite."""
+    tiny = torch.finfo(v.dtype).tiny
+    raw = v.norm(dim=1)
+    norms = raw.clamp_min(tiny)
     v_hat = v / norms[:, None]
     radial = (grad_w * v_hat).sum(dim=1)
-    grad_v = (g / norms)[:, None] * (grad_w - radial[:, None] * v_hat)
+    # A row without a norm has no direction to move: no gradient, rather than g/tiny overflowing.
+    coef = torch.where(raw >= tiny, g / norms, torch.zeros_like(g))
+    grad_v = coef[:, None] * (grad_w - radial[:, None] * v_hat)
     return radial, grad_v
 
 
