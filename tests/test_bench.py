@@ -93,3 +93,10 @@ def test_convergence_quick(tmp_path, monkeypatch):
         assert len(r["seeds"]) == 2 and r["std"] >= 0
         assert r["mean"] == pytest.approx(sum(r["seeds"].values()) / 2)
     assert (tmp_path / "convergence.png").exists()
+
+
+def test_all_quick_writes_every_table(tmp_path):
+    main(["--out", str(tmp_path), "--device", "cpu", "--quick", "all"])
+    for name in ("step", "refresh", "memory", "convergence", "train_reference"):
+        assert (tmp_path / f"{name}.md").read_text().strip()
+        assert json.loads((tmp_path / f"{name}.json").read_text())["results"]

@@ -4,6 +4,8 @@
     python -m galorex.bench refresh   [--m 4096 --n 11008 --rank 512]
     python -m galorex.bench memory    [--rank 128 ...]
     python -m galorex.bench train-reference [--steps 1000]
+    python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2]
+    python -m galorex.bench all [--quick]
 
 Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
 """
@@ -297,7 +299,7 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
         make = _reference_factory(cls) if cls is not None else None
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(optimizer=name, steps=args.steps, out=f"{tmp}/run", progress=False,
-                              sample_tokens=0, save_every=0, seed=args.seed)
+                              sample_tokens=0, save_every=0, seed=args.seed, **_train_overrides(args))
             s = train(cfg, log=lambda *a: None, make_optimizer=make)
         results[label] = {k: s[k] for k in ("final_val_loss", "val_perplexity", "tokens_per_s", "wall_s",
                                              "optimizer_state_bytes", "unigram_entropy")}
@@ -331,14 +333,20 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
             cfg = TrainConfig(optimizer=optimizer, lr=lr, seed=seed, steps=args.steps, out=f"{tmp}/run",
                               eval_every=max(1, args.steps // 10), save_every=0, sample_tokens=0,
                               progress=False, natural_history=args.natural_history,
-                              natural_damping=args.natural_damping, optim_bits=args.optim_bits)
+                              natural_damping=args.natural_damping, optim_bits=args.optim_bits,
+                              **_train_overrides(args))
             summary = train(cfg, log=lambda *a: None)
             curve = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+        bar.update(1)
         val = [(r["step"], r["val_loss"]) for r in curve if "val_loss" in r]
         print(f"{optimizer} lr={lr:g} seed={seed}: val loss {summary['final_val_loss']:.4f}", file=sys.stderr)
         return {"final_val_loss": summary["final_val_loss"], "curve": val,
                 "unigram_entropy": summary["unigram_entropy"]}
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(args.optimizers) * (len(args.lrs) + len(args.seeds) - 1), desc="convergence runs",
+               unit="run", file=sys.stderr)
     results: dict[str, Any] = {}
     for name in args.optimizers:
         sweep = {lr: run(name, lr, args.seeds[0]) for lr in args.lrs}
@@ -355,6 +363,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
             "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             "curves": {str(k): v["curve"] for k, v in per_seed.items()},
         }
+    bar.close()
     entropy = next(iter(per_seed.values()))["unigram_entropy"]
     lr_cols = " | ".join(f"lr {lr:g}" for lr in args.lrs)
     rows = []
@@ -397,12 +406,31 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+# Small sizes for --quick: everything end to end in well under a minute on 2 CPU cores.
+QUICK = {
+    "step": {"model": "llama-tiny", "rank": 16, "repeats": 3},
+    "refresh": {"m": 256, "n": 512, "rank": 32, "repeats": 1},
+    "memory": {"models": ["llama-tiny", "llama-60m"], "measure_up_to": 1_000_000},
+    "convergence": {"steps": 10, "lrs": [3e-3], "seeds": [0, 1]},
+    "train-reference": {"steps": 10},
+}
+COMMANDS = {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
+            "convergence": bench_convergence, "train-reference": bench_train_reference}
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Training settings for --quick runs of the training benchmarks (none otherwise)."""
+    return {"batch_size": 4, "seq_len": 32, "eval_batches": 2} if getattr(args, "quick", False) else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m galorex.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-out", help="folder for the tables and JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run, not figures)")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("all", help="every benchmark below, one after the other, into --out")
     s = sub.add_parser("step", help="median optimizer step time and state bytes")
     s.add_argument("--model", default="llama-60m", choices=sorted(MODEL_CONFIGS))
     s.add_argument("--rank", type=int, default=128)
@@ -432,8 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
     args = p.parse_args(argv)
-    {"convergence": bench_convergence, "step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
-     "train-reference": bench_train_reference}[args.command](args)
+    commands = list(COMMANDS) if args.command == "all" else [args.command]
+    for command in commands:
+        sub_args = args if command == args.command else p.parse_args(
+            ["--out", args.out, "--device", args.device, command])
+        sub_args.quick = args.quick
+        if args.quick:
+            for key, value in QUICK[command].items():
+                setattr(sub_args, key, value)
+        COMMANDS[command](sub_args)
     return 0
 
 
