@@ -49,13 +49,15 @@ def parameter_state_bytes(
     optimizer: str = "galore",
     natural_history: int = 0,
     optim_bits: int = 32,
+    basis_bits: int = 32,
 ) -> int:
     # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw"
     """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
 
     ``optimizer="gradnorm_lorp"`` adds the row magnitudes' Adam moments (2·m entries).
     ``natural_history`` (NaturalGaLoreAdamW's s) adds its window, s·(low-rank size) entries, an
-    s×s float64 Gram matrix and two float32 counters. ``optim_bits=8`` stores each Adam moment of
+    s×s float64 Gram matrix and two float32 counters. ``basis_bits=4`` stores bases in half a byte
+    per entry plus a float32 scale per 64. ``optim_bits=8`` stores each Adam moment of
     4096 or more entries as one byte per entry plus a float32 scale per 256 (smaller ones float32).
     """
     shape = tuple(int(s) for s in shape)
@@ -76,7 +78,11 @@ def parameter_state_bytes(
     lm, ln = proj.lowrank_shape(side, m, n, rank)
     basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
     cbytes = _bytes_of(compute_dtype(dtype))
-    total = moments(lm * ln, cbytes) + basis * cbytes + 2 * _SCALAR_BYTES
+    if basis_bits == 4:
+        basis_bytes = sum(state8bit.int4_nbytes(a * b) for a, b in proj.basis_shapes(side, m, n, rank))
+    else:
+        basis_bytes = basis * cbytes
+    total = moments(lm * ln, cbytes) + basis_bytes + 2 * _SCALAR_BYTES
     if optimizer == "gradnorm_lorp":  # the row magnitudes' two Adam moments (m entries each)
         total += moments(m, cbytes)
     if natural_history > 0:
@@ -108,10 +114,11 @@ def estimate_optimizer_state_bytes(
         proj_type = group.get("proj_type", group_defaults.get("proj_type", "std"))
         history = group.get("natural_history", group_defaults.get("natural_history", 0))
         bits = group.get("optim_bits", group_defaults.get("optim_bits", 32))
+        basis_bits = group.get("basis_bits", group_defaults.get("basis_bits", 32))
         for p in group["params"]:
             if isinstance(p, tuple):
                 p = p[1]
             if not p.requires_grad:
                 continue
-            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history, bits)
+            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits)
     return total

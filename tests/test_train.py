@@ -136,6 +136,7 @@ SMOKE = {
     "adamw-8bit": ["--optimizer", "adamw", "--optim-bits", "8"],
     "gradnorm-lorp": ["--optimizer", "gradnorm-lorp"],
     "gradnorm-lorp-8bit": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--rank", "64"],
+    "gradnorm-lorp-8bit-basis4": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--basis-bits", "4"],
 }
 
 

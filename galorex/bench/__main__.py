@@ -213,10 +213,11 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Optimizer-state bytes for the paper's shapes: analytic everywhere, measured where it fits."""
     from ..optim import GradNormLoRPAdamW
 
-    variants = {  # name: (optimizer class, estimate kind, optim_bits)
-        "GaLore 32-bit": (GaLoreAdamW, "galore", 32),
-        "GaLore 8-bit": (GaLoreAdamW, "galore", 8),
-        "GradNormLoRP 8-bit": (GradNormLoRPAdamW, "gradnorm_lorp", 8),
+    variants = {  # name: (optimizer class, estimate kind, optim_bits, basis_bits)
+        "GaLore 32-bit": (GaLoreAdamW, "galore", 32, 32),
+        "GaLore 8-bit": (GaLoreAdamW, "galore", 8, 32),
+        "GradNormLoRP 8-bit": (GradNormLoRPAdamW, "gradnorm_lorp", 8, 32),
+        "GradNormLoRP 8-bit, 4-bit basis": (GradNormLoRPAdamW, "gradnorm_lorp", 8, 4),
     }
     rows, results = [], []
     for name in args.models:
@@ -227,15 +228,20 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         row = {"model": name, "parameters": model.num_parameters(),
                "AdamW": estimate_optimizer_state_bytes(model, optimizer="adamw")}
         projected_only = {}
-        for label, (_, kind, bits) in variants.items():
-            row[label] = estimate_optimizer_state_bytes(groups, optimizer=kind, optim_bits=bits)
-            projected_only[label] = estimate_optimizer_state_bytes([groups[-1]], optimizer=kind, optim_bits=bits)
+        for label, (_, kind, bits, basis_bits) in variants.items():
+            row[label] = estimate_optimizer_state_bytes(groups, optimizer=kind, optim_bits=bits,
+                                                        basis_bits=basis_bits)
+            projected_only[label] = estimate_optimizer_state_bytes([groups[-1]], optimizer=kind, optim_bits=bits,
+                                                                   basis_bits=basis_bits)
         row["projected_ratio_gradnorm8_vs_galore32"] = projected_only["GradNormLoRP 8-bit"] / projected_only["GaLore 32-bit"]
+        row["projected_ratio_gradnorm8_basis4_vs_galore32"] = (
+            projected_only["GradNormLoRP 8-bit, 4-bit basis"] / projected_only["GaLore 32-bit"])
         measured = {}
         if model.num_parameters() <= args.measure_up_to:
-            for label, (cls, kind, bits) in variants.items():
+            for label, (cls, kind, bits, basis_bits) in variants.items():
                 real = Llama(cfg)
-                opt = cls(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3, optim_bits=bits)
+                opt = cls(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3, optim_bits=bits,
+                          basis_bits=basis_bits)
                 for p in real.parameters():
                     p.grad = torch.randn_like(p) * 1e-3
                 opt.step()
@@ -250,14 +256,16 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
                 value += " ✓" if measured[label] == row[label] else f" (measured {measured[label] / 2**30:.3f})"
             cells.append(value)
         rows.append(f"| {name} | {row['parameters'] / 1e6:.0f}M | " + " | ".join(cells)
-                    + f" | {row['projected_ratio_gradnorm8_vs_galore32']:.2f} |")
+                    + f" | {row['projected_ratio_gradnorm8_vs_galore32']:.2f} | "
+                    f"{row['projected_ratio_gradnorm8_basis4_vs_galore32']:.2f} |")
     table = "\n".join([
         f"Optimizer state in GiB (fp32 weights; rank {args.rank} on attention and MLP weights, embeddings/"
         "head/norms on AdamW). ✓: measured after one real step and equal to the analytic count.",
         "",
         "| model | parameters | AdamW | GaLore 32-bit | GaLore 8-bit | GradNormLoRP 8-bit | "
-        "GradNormLoRP 8-bit / GaLore 32-bit on the projected weights |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "GradNormLoRP 8-bit, 4-bit basis | projected weights: GradNormLoRP 8-bit / GaLore 32-bit | "
+        "the same with a 4-bit basis |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ])
     data = {"env": _env(), "rank": args.rank, "results": results}
@@ -334,7 +342,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
                               eval_every=max(1, args.steps // 10), save_every=0, sample_tokens=0,
                               progress=False, natural_history=args.natural_history,
                               natural_damping=args.natural_damping, optim_bits=args.optim_bits,
-                              **_train_overrides(args))
+                              basis_bits=args.basis_bits, **_train_overrides(args))
             summary = train(cfg, log=lambda *a: None)
             curve = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
         bar.update(1)
@@ -374,7 +382,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
         f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
         f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
         f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
-        f"{args.optim_bits}-bit moments; "
+        f"{args.optim_bits}-bit moments, {args.basis_bits}-bit bases; "
         f"unigram entropy {entropy:.3f}",
         "",
         f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
@@ -459,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-history", type=int, default=8)
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
+    c.add_argument("--basis-bits", type=int, default=32, choices=(4, 32))
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:

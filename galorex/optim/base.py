@@ -42,6 +42,7 @@ REFRESH_SEED = "refresh_seed"
 EPS_MODE = "eps_mode"
 EPS_MODES = ("torch", "galore_torch")
 OPTIM_BITS = "optim_bits"
+BASIS_BITS = "basis_bits"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
@@ -85,6 +86,28 @@ def _eight_bit(group: dict[str, Any]) -> bool:
 
 def basis_keys(side: str) -> list[str]:
     return ["basis_left", "basis_right"] if side == "full" else ["basis"]
+
+
+def store_bases(state: dict[str, Any], side: str, bases: list[torch.Tensor], bits: int) -> None:
+    """Keep the bases as they are (32 bits) or as 4-bit codes with per-64 scales (``basis_bits=4``)."""
+    for key, basis in zip(basis_keys(side), bases):
+        if bits == 4:
+            state[key + "_q4"], state[key + "_scale"] = state8bit.quantize_int4_blockwise(basis)
+        else:
+            state[key] = basis
+
+
+def load_bases(state: dict[str, Any], side: str, p: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """The bases as float tensors (4-bit ones dequantised; their shapes follow from p and the rank)."""
+    keys = basis_keys(side)
+    if keys[0] in state:
+        return [state[k] for k in keys]
+    m, n = proj.matrix_shape(p.shape)
+    dtype = compute_dtype(p.dtype)
+    return [
+        state8bit.dequantize_int4_blockwise(state[k + "_q4"], state[k + "_scale"], shape).to(dtype)
+        for k, shape in zip(keys, proj.basis_shapes(side, m, n, rank))
+    ]
 
 
 def _is_int(x: Any) -> bool:
@@ -166,6 +189,9 @@ class LowRankOptimizer(Optimizer):
             raise bad(POWER_ITERS, "must be an integer >= 0")
         if not _is_int(group[REFRESH_SEED]):
             raise bad(REFRESH_SEED, "must be an integer")
+        bits = group.get(BASIS_BITS, 32)
+        if not _is_int(bits) or bits not in (4, 32):
+            raise bad(BASIS_BITS, "must be 4 or 32")
 
     # ------------------------------------------------------------------ helpers
     def _param_label(self, group_index: int, param_index: int) -> str:
@@ -284,20 +310,22 @@ class LowRankOptimizer(Optimizer):
             return
         p = item["param"]
         state = self.state[p]
-        keys = basis_keys(item["side"])
+        side = item["side"]
+        if group[BASIS_BITS] == 4:
+            # Work with the basis as it will be stored, so moments carried into it match it.
+            new = [state8bit.dequantize_int4_blockwise(*state8bit.quantize_int4_blockwise(b), b.shape).to(b.dtype)
+                   for b in new]
         if not state:
             state[STEP] = torch.zeros((), dtype=torch.float32)
             state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
-            for k, b in zip(keys, new):
-                state[k] = b
+            store_bases(state, side, new, group[BASIS_BITS])
             m, n = proj.matrix_shape(p.shape)
             shape = proj.lowrank_shape(item["side"], m, n, group[RANK])
             self._init_lowrank_state(group, p, state, shape, compute_dtype(p.dtype))
         else:
-            old = [state[k] for k in keys]
-            self._on_refresh(group, p, state, old, new, item["side"])
-            for k, b in zip(keys, new):
-                state[k] = b
+            old = load_bases(state, side, p, group[RANK])
+            self._on_refresh(group, p, state, old, new, side)
+            store_bases(state, side, new, group[BASIS_BITS])
             state[PROJ_STEP].fill_(item["step"])
         item["new_bases"] = None
 
@@ -345,7 +373,7 @@ class LowRankOptimizer(Optimizer):
     def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
         params = [it["param"] for it in items]
         states = [self.state[p] for p in params]
-        all_bases = [[s[k] for k in basis_keys(it["side"])] for it, s in zip(items, states)]
+        all_bases = [load_bases(s, it["side"], p, group[RANK]) for p, it, s in zip(params, items, states)]
         lows = []
         for p, state, bases, it in zip(params, states, all_bases, items):
             g = self._gradient_matrix(group, p)
@@ -483,7 +511,7 @@ class LowRankOptimizer(Optimizer):
                 continue
             p, group = id_to_param[pid]
             restored = {}
-            projected = any(k in values for k in ("basis", "basis_left"))
+            projected = any(k in values for k in ("basis", "basis_left", "basis_q4", "basis_left_q4"))
             for key, value in values.items():
                 if not isinstance(value, torch.Tensor):
                     restored[key] = value

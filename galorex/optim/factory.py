@@ -36,6 +36,7 @@ def build_optimizer(
     natural_history: int = 8,
     natural_damping: float = 1e-3,
     optim_bits: int = 32,
+    basis_bits: int = 32,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
@@ -60,6 +61,7 @@ def build_optimizer(
             target_modules=target_modules,
             refresh_method=refresh_method,
             moment_policy=moment_policy,
+            basis_bits=basis_bits,
             **extra,
         )
         if name == "natural-galore":

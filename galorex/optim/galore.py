@@ -81,6 +81,10 @@ class GaLoreAdamW(LowRankOptimizer):
       float32), for projected and unprojected parameters alike. Unprojected parameters then use a
       foreach AdamW instead of torch's fused kernel.
 
+    - ``basis_bits`` (32): 4 stores each basis in 4 bits (symmetric codes, one float32 scale per 64
+      entries, as Q-GaLore does) and dequantises it on use; the basis is then only approximately
+      orthonormal (entries within half a code step).
+
     Weight decay is decoupled and applied to the full weight.
     """
 
@@ -102,6 +106,7 @@ class GaLoreAdamW(LowRankOptimizer):
         refresh_seed: int = 0,
         eps_mode: str = "torch",
         optim_bits: int = 32,
+        basis_bits: int = 32,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -120,6 +125,7 @@ class GaLoreAdamW(LowRankOptimizer):
             refresh_seed=refresh_seed,
             eps_mode=eps_mode,
             optim_bits=optim_bits,
+            basis_bits=basis_bits,
             foreach=foreach,
             fused=fused,
         )

@@ -401,3 +401,46 @@ def packed_nbytes(numel: int, kind: str, block_size: int = BLOCK_SIZE) -> int:
     if not use_8bit(numel):
         return 4 * numel
     return numel + 4 * _num_blocks(numel, block_size)
+
+
+# --------------------------------------------------------------------------- 4-bit bases
+INT4_BLOCK_SIZE = 64
+
+
+def quantize_int4_blockwise(
+    x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit codes for a projection basis (Q-GaLore keeps its projections in 4 bits):
+    s_b = max|x_b|/7, q = round(x/s_b) ∈ [−7, 7], two codes per byte. Returns (packed uint8 of
+    ⌈numel/2⌉ bytes, float32 scales of ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise."""
+    _check_block_size(block_size)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    blocks = _blocks(flat, block_size)
+    scale = blocks.abs().amax(dim=1) / 7.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None]).clamp_(-7, 7).to(torch.int16).reshape(-1)[:n] + 8
+    if n % 2:
+        q = torch.cat([q, q.new_full((1,), 8)])
+    packed = (q[0::2] | (q[1::2] << 4)).to(torch.uint8)
+    return packed, scale
+
+
+def dequantize_int4_blockwise(
+    packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tuple[int, ...],
+    block_size: int = INT4_BLOCK_SIZE,
+) -> torch.Tensor:
+    """The float32 tensor of ``shape`` that :func:`quantize_int4_blockwise` stored."""
+    shape = torch.Size(shape)
+    n = shape.numel()
+    wide = packed.to(torch.int16)
+    q = torch.stack([wide & 0xF, wide >> 4], dim=1).reshape(-1)[:n].to(torch.float32) - 8.0
+    pad = (-n) % block_size
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad)])
+    return (q.view(-1, block_size) * scale[:, None]).reshape(-1)[:n].reshape(shape)
+
+
+def int4_nbytes(numel: int, block_size: int = INT4_BLOCK_SIZE) -> int:
+    """Bytes of a 4-bit basis: one byte per two entries plus a float32 scale per block."""
+    return -(-numel // 2) + 4 * _num_blocks(numel, block_size)

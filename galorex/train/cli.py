@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--natural-damping", type=float, default=d.natural_damping, help="natural-galore: Fisher damping (lambda)")
     a("--optim-bits", type=int, default=d.optim_bits, choices=(8, 32),
       help="bits of Adam's moments (8: block-wise quantised)")
+    a("--basis-bits", type=int, default=d.basis_bits, choices=(4, 32),
+      help="bits of the stored projection bases (4: block-wise int4)")
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
     a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")

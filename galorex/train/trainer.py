@@ -69,6 +69,7 @@ class TrainConfig:
     natural_history: int = 8
     natural_damping: float = 1e-3
     optim_bits: int = 32
+    basis_bits: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
@@ -324,7 +325,7 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
             weight_decay=cfg.weight_decay, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
             scale=cfg.scale, proj_type=cfg.proj_type, refresh_method=cfg.refresh_method,
             moment_policy=cfg.moment_policy, natural_history=cfg.natural_history,
-            natural_damping=cfg.natural_damping, optim_bits=cfg.optim_bits,
+            natural_damping=cfg.natural_damping, optim_bits=cfg.optim_bits, basis_bits=cfg.basis_bits,
         )
     except ValueError as e:
         raise TrainError(f"--optimizer {cfg.optimizer}: {e}") from None
