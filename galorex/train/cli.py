@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .trainer import TrainConfig, TrainError, train
 
@@ -91,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
           f"peak memory {s['peak_memory_bytes'] / gib:.2f} GiB")
     if s["sample"]:
         print("sample:\n" + s["sample"].strip() + "\n")
-    print(f"outputs in {s['out']}: metrics.jsonl, summary.json, checkpoints/"
-          + (", loss.png" if s["loss_png"] else " (install matplotlib for loss.png)"))
+    outputs = ["metrics.jsonl", "summary.json"]
+    if (Path(s["out"]) / "checkpoints").is_dir():
+        outputs.append("checkpoints/")
+    outputs.append("loss.png" if s["loss_png"] else "(install matplotlib for loss.png)")
+    print(f"outputs in {s['out']}: {', '.join(outputs)}")
     return 0
 
 
