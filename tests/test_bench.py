@@ -20,8 +20,14 @@ def _one_thread():
 
 def test_step_on_tiny_model(tmp_path):
     main(["--out", str(tmp_path), "--device", "cpu", "step", "--model", "llama-tiny", "--rank", "8",
-          "--repeats", "2"])
+          "--repeats", "2", "--refresh-repeats", "1", "--gap", "10"])
     data = json.loads((tmp_path / "step.json").read_text())["results"]
+    for name, r in data.items():
+        if r["refresh_step_s"] is None:
+            assert r["amortised_step_s"] == r["median_step_s"]
+        else:
+            assert r["amortised_step_s"] == pytest.approx(
+                r["median_step_s"] + (r["refresh_step_s"] - r["median_step_s"]) / 10)
     galorex_run = data["galorex GaLoreAdamW"]
     assert galorex_run["state_bytes"] == galorex_run["analytic_state_bytes"]
     adamw = data["torch AdamW (foreach)"]
