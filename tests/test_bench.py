@@ -54,8 +54,10 @@ def test_refresh_small(tmp_path):
 def test_memory_small(tmp_path):
     main(["--out", str(tmp_path), "memory", "--models", "llama-tiny", "--rank", "16"])
     (row,) = json.loads((tmp_path / "memory.json").read_text())["results"]
-    for label in ("GaLore 32-bit", "GaLore 8-bit", "GradNormLoRP 8-bit", "GradNormLoRP 8-bit, 4-bit basis"):
-        assert row["measured"][label] == row[label] < row["AdamW"]
+    for label in ("GaLore 32-bit", "GaLore 8-bit", "GradNormLoRP 8-bit", "GradNormLoRP 8-bit, 4-bit basis",
+                  "Natural GaLore 32-bit (s=8)"):
+        assert row["measured"][label] == row[label]
+    assert row["GaLore 8-bit"] < row["GaLore 32-bit"] < row["Natural GaLore 32-bit (s=8)"]
 
 
 def test_train_reference_runs_all_three(tmp_path, monkeypatch):
