@@ -596,3 +596,41 @@ def test_resume_from_a_checkpoint_file_without_out_continues_that_run(short_run,
     assert read_summary(short_run)["steps"] == 4
     assert [r["step"] for r in read_metrics(short_run)] == [2, 4]  # logged at each run's end
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- --init-from
+def test_init_from_an_earlier_runs_weights(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(TINY + ["--out", str(a), "--steps", "4", "--save-every", "0", "--eval-every", "0"]) == 0
+    weights = a / "model.safetensors"
+    assert weights.is_file() and "model.safetensors" in capsys.readouterr().out
+    # zero steps from those weights: the written weights are the ones read
+    assert main(TINY + ["--out", str(b), "--steps", "0", "--save-every", "0", "--eval-every", "0",
+                        "--init-from", str(weights)]) == 0
+    first, second = load_file(str(weights)), load_file(str(b / "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_init_from_a_checkpoint_file_and_bad_inputs(tmp_path, capsys):
+    a = tmp_path / "a"
+    assert main(TINY + ["--out", str(a), "--steps", "2", "--save-every", "2", "--eval-every", "0"]) == 0
+    capsys.readouterr()
+    ckpt = a / "checkpoints" / "ckpt-00000002.pt"
+    assert main(TINY + ["--out", str(tmp_path / "b"), "--steps", "1", "--init-from", str(ckpt)]) == 0
+    capsys.readouterr()
+    rc = main(TINY + ["--out", str(tmp_path / "c"), "--steps", "1", "--init-from", str(tmp_path / "nope.safetensors")])
+    cap = capsys.readouterr()
+    assert_one_line_error(rc, cap.out, cap.err, "--init-from", "nope.safetensors", "no such file")
+    assert not (tmp_path / "c").exists()
+    other = model_json(tmp_path / "wide.json", hidden=64)
+    rc = main(TINY + ["--out", str(tmp_path / "d"), "--steps", "1", "--model", str(other), "--init-from", str(ckpt)])
+    cap = capsys.readouterr()
+    assert_one_line_error(rc, cap.out, cap.err, "--init-from", "ckpt-00000002.pt", "do not match")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    rc = main(TINY + ["--out", str(tmp_path / "e"), "--steps", "1", "--init-from", str(garbage)])
+    cap = capsys.readouterr()
+    assert_one_line_error(rc, cap.out, cap.err, "--init-from", "garbage.safetensors", "cannot read")

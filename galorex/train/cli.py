@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-dir", default=d.cache_dir, help="token cache folder (default: $XDG_CACHE_HOME/galorex/tokens)")
     a("--dataset", default=d.dataset, help="a Hugging Face dataset name, streamed (needs `datasets` and a network)")
     a("--dataset-max-chars", type=int, default=d.dataset_max_chars)
+    a("--init-from", default=d.init_from,
+      help="start from these weights (a .safetensors file such as an earlier run's model.safetensors, or a .pt)")
     a("--tokenizer", default=d.tokenizer, help="byte (default) or a tokenizer.json")
     a("--halo", type=int, default=d.halo, choices=(0, 1, 2), help="HALO low-precision level (not available yet)")
     a("--sample-tokens", type=int, default=d.sample_tokens, help="tokens generated at the end")
@@ -92,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
           f"peak memory {s['peak_memory_bytes'] / gib:.2f} GiB")
     if s["sample"]:
         print("sample:\n" + s["sample"].strip() + "\n")
-    outputs = ["metrics.jsonl", "summary.json"]
+    outputs = ["metrics.jsonl", "summary.json"] + (["model.safetensors"] if s.get("model_file") else [])
     if (Path(s["out"]) / "checkpoints").is_dir():
         outputs.append("checkpoints/")
-    outputs.append("loss.png" if s["loss_png"] else "(install matplotlib for loss.png)")
+    if s["loss_png"]:
+        outputs.append("loss.png")
+    elif s["steps"] > 0:
+        outputs.append("(install matplotlib for loss.png)")
     print(f"outputs in {s['out']}: {', '.join(outputs)}")
     return 0
 

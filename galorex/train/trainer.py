@@ -48,7 +48,7 @@ CHECKPOINT_FORMAT = 1
 RESUME_MAY_CHANGE = frozenset({
     "steps", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints", "out",
     "resume", "device", "threads", "progress", "sample_tokens", "cache_dir", "data", "dataset",
-    "dataset_max_chars",
+    "dataset_max_chars", "init_from",
 })
 
 
@@ -96,6 +96,7 @@ class TrainConfig:
     dataset: str | None = None
     dataset_max_chars: int = 20_000_000
     tokenizer: str | None = None
+    init_from: str | None = None
     halo: int | None = None
     sample_tokens: int = 200
     threads: int | None = None
@@ -251,6 +252,8 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return False  # nothing was trained (--steps 0): no curve to draw
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train")
@@ -264,6 +267,53 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return True
+
+
+def _load_initial_weights(model: Llama, path: str) -> None:
+    """--init-from: a safetensors file (e.g. an earlier run's OUT/model.safetensors), or a torch
+    file holding a state dict or a galorex-train checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"--init-from {path}: no such file")
+    try:
+        if p.suffix == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise TrainError("--init-from a .safetensors file needs the `safetensors` package") from None
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except TrainError:
+        raise
+    except Exception as e:  # unreadable or corrupt: say which file and why, in one line
+        raise TrainError(f"--init-from {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise TrainError(f"--init-from {path}: holds no state dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise TrainError(f"--init-from {path}: keys do not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise TrainError(f"--init-from {path}: {key} has shape {tuple(value.shape)}, "
+                             f"the model needs {tuple(own[key].shape)}")
+    model.load_state_dict(state)
+
+
+def _save_weights(model: Llama, out: Path) -> Path | None:
+    """OUT/model.safetensors (when the package is there), for --init-from and other tools."""
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        return None
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    path = out / "model.safetensors"
+    atomic_write(path, lambda f: f.write(save(tensors)))
+    return path
 
 
 # ----------------------------------------------------------------------------- the run
@@ -317,6 +367,8 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
         raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     torch.manual_seed(cfg.seed)
     model = Llama(model_cfg).to(device=device, dtype=dtype)
+    if cfg.init_from is not None and ckpt is None:
+        _load_initial_weights(model, cfg.init_from)
 
     # Optimizer and schedule.
     try:
@@ -475,6 +527,8 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "sample": sample,
     }
+    model_file = _save_weights(model, out)
+    summary["model_file"] = str(model_file) if model_file else None
     _write_json_atomic(out / "summary.json", summary)
     plotted = _plot(metrics_path, out / "loss.png")
     summary["out"] = str(out)
