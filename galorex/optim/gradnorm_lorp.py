@@ -91,6 +91,8 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         )
         store_moment(state, MAG_EXP_AVG, m, _eight_bit(group))
         store_moment(state, MAG_EXP_AVG_SQ, v, _eight_bit(group))
+        if float(group["lr"]) == 0.0:
+            return  # nothing moves; rewriting g·v̂ would only round W
         magnitudes = norms * decay - float(group["lr"]) * mag_direction
         # v ← v̂ + alpha·back(D), then renormalised: only the direction is kept.
         direction = proj.add_projected_back_(v_hat, d, bases, side, alpha=alpha)
