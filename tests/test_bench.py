@@ -10,12 +10,7 @@ import torch
 from galorex.bench.__main__ import main, synthetic_gradient
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_step_on_tiny_model(tmp_path):

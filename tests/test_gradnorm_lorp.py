@@ -239,30 +239,9 @@ def test_zero_row_stays_zero_and_tiny_rows_stay_finite(dtype, proj_type):
 
 
 # --------------------------------------------------------------------------- the regression problem
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 96)).to(dtype)
-
-
-def make_groups(model, rank=48, gap=50, **extra):
-    return [{"params": [model[0].weight, model[2].weight], "rank": rank, "update_proj_gap": gap, **extra},
-            {"params": [model[0].bias, model[2].bias]}]
-
-
-DATA = (torch.randn(256, 64, generator=torch.Generator().manual_seed(1)),
-        torch.randn(256, 96, generator=torch.Generator().manual_seed(2)))
-
-
-def train(model, opt, steps):
-    x, y = DATA
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (model(x.to(model[0].weight.dtype)).float() - y).square().mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+from problems import make_regression_model as make_model  # noqa: E402
+from problems import regression_groups as make_groups  # noqa: E402
+from problems import train_regression as train  # noqa: E402
 
 
 # --------------------------------------------------------------------------- 5. state size

@@ -353,21 +353,7 @@ TOTAL = 13  # refreshes at steps 0, 5, 10
 S = 3  # the window wraps after 3 steps
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 6, 3)  # weight 6×2×3×3 → 6×18
-        self.tall = nn.Linear(6, 20)
-        self.wide = nn.Linear(20, 4)
-
-    def forward(self, x):
-        h = torch.tanh(self.conv(x)).mean(dim=(2, 3))
-        return self.wide(torch.tanh(self.tall(h)))
-
-
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return Net().to(dtype)
+from problems import make_conv_net as make_model  # noqa: E402
 
 
 def make_opt(model, policy="keep", proj_type="std", method="svd"):

@@ -12,38 +12,12 @@ import galorex
 from galorex import GaLoreAdamW, NaturalGaLoreAdamW
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 96)).to(dtype)
-
-
-def make_groups(model, rank=48, gap=50, **extra):
-    return [{"params": [model[0].weight, model[2].weight], "rank": rank, "update_proj_gap": gap, **extra},
-            {"params": [model[0].bias, model[2].bias]}]
-
-
-DATA = (torch.randn(256, 64, generator=torch.Generator().manual_seed(1)),
-        torch.randn(256, 96, generator=torch.Generator().manual_seed(2)))
-
-
-def train(model, opt, steps):
-    x, y = DATA
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (model(x.to(model[0].weight.dtype)).float() - y).square().mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+from problems import make_regression_model as make_model  # noqa: E402
+from problems import regression_groups as make_groups  # noqa: E402
+from problems import train_regression as train  # noqa: E402
 
 
 @pytest.mark.parametrize("bad", [16, 0, "8", True, 8.0])
@@ -169,7 +143,8 @@ def test_four_bit_basis_is_stored_compactly_and_counted_exactly(proj_type, cls_n
 
 
 def test_four_bit_basis_bases_stay_nearly_orthonormal_and_training_holds():
-    """Measured (this problem, 200 steps, lr 3e-3): 32-bit basis 0.2430, 4-bit basis within 3 %."""
+    """Measured (this problem, 200 steps, lr 3e-3): 32-bit basis 0.2430, 4-bit basis 0.2443 (+0.5 %);
+    max |PᵀP − I| of the 4-bit basis 0.080. Stated tolerances: 5 % and 0.1."""
     from galorex.optim.base import load_bases
 
     m32, m4 = make_model(), make_model()

@@ -9,12 +9,7 @@ import torch
 from galorex import GaLoreAdamW, GradNormLoRPAdamW, NaturalGaLoreAdamW
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def model(seed=0):

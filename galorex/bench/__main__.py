@@ -76,6 +76,20 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- step
+def _time_interleaved(runs: dict[str, torch.optim.Optimizer], repeats: int, set_grads, device) -> dict[str, list[float]]:
+    """Seconds per ``step()`` of each optimizer, taking turns so that machine noise hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, opt in runs.items():
+            set_grads()
+            _sync(device)
+            t = time.perf_counter()
+            opt.step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     """Median optimizer.step() time with no refresh, on the GaLore paper's Llama shapes; the time of
     a step that refreshes every basis; and the amortised cost at refresh gap ``--gap``."""
@@ -110,15 +124,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(2):
             set_grads()
             opt.step()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for name, opt in runs.items():
-            set_grads()
-            _sync(device)
-            t = time.perf_counter()
-            opt.step()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
+    times = _time_interleaved(runs, args.repeats, set_grads, device)
 
     # Steps that refresh every basis (update_proj_gap = 1), for the amortised cost.
     refresh_runs: dict[str, torch.optim.Optimizer] = {}
@@ -132,15 +138,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     if args.natural_history > 0:
         refresh_runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(
             every(), lr=1e-3, natural_history=args.natural_history)
-    refresh_times: dict[str, list[float]] = {k: [] for k in refresh_runs}
-    for _ in range(args.refresh_repeats):
-        for name, opt in refresh_runs.items():
-            set_grads()
-            _sync(device)
-            t = time.perf_counter()
-            opt.step()
-            _sync(device)
-            refresh_times[name].append(time.perf_counter() - t)
+    refresh_times = _time_interleaved(refresh_runs, args.refresh_repeats, set_grads, device)
     del refresh_runs
 
     analytic_galore = estimate_optimizer_state_bytes(groups())
