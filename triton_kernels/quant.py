@@ -1,0 +1,348 @@
+"""Symmetric FP8 and INT8 quantisation (per tensor or per row), the fused Hadamard + FP8 one,
+and their torch twins.
+
+q = round(clamp(x / s)), s = amax(|x|) / q_max (s = 1 where amax = 0), so x ≈ q · s: the scaling
+that HALO (Ashkboos et al., 2025) applies after a Hadamard rotation, and that FP8 training recipes
+(Micikevicius et al., "FP8 Formats for Deep Learning", 2022) use per tensor or per row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._helpers import fwht_rows, round_half_even, round_to_fp8_grid
+from ._jit import LazyKernel, interpreting, next_power_of_2, tl, use_triton
+from .hadamard import _fwht, check_block_size
+
+GRANULARITIES = ("tensor", "row")
+# (mantissa bits, smallest normal exponent) of the two OCP FP8 formats torch carries.
+FP8_FORMATS = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
+INT8_MAX = 127
+FUSED_ROW_MAX = 16384  # a row up to this many entries is rotated and quantised in one pass
+
+
+def _check_x(x: torch.Tensor, granularity: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dtype in FP8_FORMATS:
+        raise TypeError(f"x must be a float32/float16/bfloat16/float64 tensor, got {x.dtype}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    if granularity == "row" and x.dim() == 0:
+        raise ValueError("granularity='row' needs x with at least one dimension")
+
+
+def _check_fp8_dtype(dtype: torch.dtype) -> tuple[int, int, float]:
+    if dtype not in FP8_FORMATS:
+        raise ValueError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    mant, min_exp = FP8_FORMATS[dtype]
+    return mant, min_exp, float(torch.finfo(dtype).max)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(1, 1) if x.dim() == 0 else x.reshape(-1, x.shape[-1])
+
+
+def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    # On device and without .item(): where() keeps an all-zero tensor at scale 1 instead of 0/0.
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def _amax(x2: torch.Tensor, granularity: str) -> torch.Tensor:
+    a = x2.abs()
+    return a.amax() if granularity == "tensor" else a.amax(dim=1, keepdim=True)
+
+
+def quantize_fp8_reference(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of :func:`quantize_fp8`: fp32 maths, then torch's (round-to-nearest-even) cast."""
+    _check_x(x, granularity)
+    _, _, fmax = _check_fp8_dtype(dtype)
+    x2 = _rows(x).float()
+    scale = _scale_from_amax(_amax(x2, granularity), fmax)
+    # torch's cast does not saturate: clamp first.
+    q = (x2 / scale).clamp(-fmax, fmax).to(dtype)
+    return q.reshape(x.shape), scale
+
+
+def quantize_int8_reference(x: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of :func:`quantize_int8` (torch.round is round-half-to-even)."""
+    _check_x(x, granularity)
+    x2 = _rows(x).float()
+    scale = _scale_from_amax(_amax(x2, granularity), float(INT8_MAX))
+    q = torch.round(x2 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.reshape(x.shape), scale
+
+
+def hadamard_quantize_fp8_reference(
+    x: torch.Tensor, block_size: int | None, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of :func:`hadamard_quantize_fp8`: the rotation in fp32, quantised from fp32."""
+    _check_x(x, granularity)
+    b = check_block_size(x, block_size)
+    return quantize_fp8_reference(_fwht(x.float(), b), dtype, granularity)
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+
+def _absmax_kernel(x_ptr, part_ptr, rows, cols, stride_row, stride_col, n_colblocks, BR: tl.constexpr, BC: tl.constexpr):
+    # part[row, column block] = max |x| over that tile row; the reduction over blocks is torch's.
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cb = tl.program_id(1)
+    c = cb.to(tl.int64) * BC + tl.arange(0, BC)
+    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    x = tl.load(x_ptr + r[:, None] * stride_row + c[None, :] * stride_col, mask=mask, other=0.0)
+    amax = tl.max(tl.abs(x.to(tl.float32)), axis=1)
+    tl.store(part_ptr + r * n_colblocks + cb, amax, mask=r < rows)
+
+
+def _quant_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_stride,
+    rows,
+    cols,
+    stride_row,
+    stride_col,
+    IS_FP8: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    QMAX: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)
+    mask = (r < rows)[:, None] & (c < cols)[None, :]
+    x = tl.load(x_ptr + r[:, None] * stride_row + c[None, :] * stride_col, mask=mask, other=0.0)
+    s = tl.load(scale_ptr + r * scale_stride, mask=r < rows, other=1.0)
+    y = x.to(tl.float32) / s[:, None]
+    if IS_FP8:
+        q = round_to_fp8_grid(y, MANT_BITS, MIN_EXP, QMAX)
+    else:
+        q = tl.minimum(tl.maximum(round_half_even(y), -QMAX), QMAX)
+    tl.store(q_ptr + r[:, None] * cols + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _hadamard_absmax_kernel(
+    x_ptr, part_ptr, n_blockrows, n_blocks, stride_row, stride_col, B: tl.constexpr, LOG2B: tl.constexpr, TILE: tl.constexpr
+):
+    # part[block-row] = max |H x| over one block of one row (pass 1 of 2 for per-tensor scales).
+    ROWS: tl.constexpr = (TILE + B - 1) // B
+    q = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    live = q < n_blockrows
+    col = tl.arange(0, B)
+    src = (q // n_blocks)[:, None] * stride_row + ((q % n_blocks)[:, None] * B + col[None, :]) * stride_col
+    x = tl.load(x_ptr + src, mask=live[:, None], other=0.0).to(tl.float32)
+    y = fwht_rows(x, ROWS, B, LOG2B)
+    tl.store(part_ptr + q, tl.max(tl.abs(y), axis=1), mask=live)
+
+
+def _hadamard_quant_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    scale_stride,
+    n_blockrows,
+    n_blocks,
+    stride_row,
+    stride_col,
+    inv_sqrt_b,
+    B: tl.constexpr,
+    LOG2B: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    QMAX: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    # Pass 2 of 2: rotate again (recomputing is cheaper than storing the rotation) and quantise.
+    ROWS: tl.constexpr = (TILE + B - 1) // B
+    q = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    live = q < n_blockrows
+    row = q // n_blocks
+    col = tl.arange(0, B)
+    src = row[:, None] * stride_row + ((q % n_blocks)[:, None] * B + col[None, :]) * stride_col
+    x = tl.load(x_ptr + src, mask=live[:, None], other=0.0).to(tl.float32)
+    y = fwht_rows(x, ROWS, B, LOG2B) * inv_sqrt_b
+    s = tl.load(scale_ptr + row * scale_stride, mask=live, other=1.0)
+    out = round_to_fp8_grid(y / s[:, None], MANT_BITS, MIN_EXP, QMAX)
+    tl.store(q_ptr + q[:, None] * B + col[None, :], out.to(q_ptr.dtype.element_ty), mask=live[:, None])
+
+
+def _hadamard_quant_row_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    n_blocks,
+    stride_row,
+    stride_col,
+    inv_sqrt_b,
+    B: tl.constexpr,
+    LOG2B: tl.constexpr,
+    NB_PAD: tl.constexpr,
+    MANT_BITS: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    QMAX: tl.constexpr,
+):
+    # One program per row: one read of x, the row's amax and scale in registers, one write of q.
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.arange(0, NB_PAD)
+    col = tl.arange(0, B)
+    live = blk < n_blocks
+    src = row * stride_row + (blk[:, None] * B + col[None, :]) * stride_col
+    x = tl.load(x_ptr + src, mask=live[:, None], other=0.0).to(tl.float32)
+    y = fwht_rows(x, NB_PAD, B, LOG2B) * inv_sqrt_b
+    amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+    s = tl.where(amax > 0, amax / QMAX, 1.0)
+    tl.store(scale_ptr + row, s)
+    out = round_to_fp8_grid(y / s, MANT_BITS, MIN_EXP, QMAX)
+    tl.store(q_ptr + row * (n_blocks * B) + blk[:, None] * B + col[None, :], out.to(q_ptr.dtype.element_ty), mask=live[:, None])
+
+
+_TILE_CONFIGS = [
+    {"BR": 16, "BC": 256, "num_warps": 4},
+    {"BR": 8, "BC": 1024, "num_warps": 8},
+    {"BR": 1, "BC": 4096, "num_warps": 8},
+]
+# The absmax tile is fixed by the caller (the partial maxima's layout depends on it).
+_ABSMAX = LazyKernel(_absmax_kernel, configs=[{"num_warps": 8}], key=[], interpret_config={})
+_QUANT = LazyKernel(
+    _quant_kernel,
+    configs=_TILE_CONFIGS,
+    key=["cols", "IS_FP8"],
+    interpret_config={"BR": 16, "BC": 128},
+    helpers=(round_to_fp8_grid, round_half_even),
+)
+_H_ABSMAX = LazyKernel(
+    _hadamard_absmax_kernel,
+    configs=[{"TILE": 4096, "num_warps": 8}],
+    key=[],
+    interpret_config={"TILE": 1024},
+    helpers=(fwht_rows,),
+)
+_H_QUANT = LazyKernel(
+    _hadamard_quant_kernel,
+    configs=[{"TILE": 4096, "num_warps": 8}],
+    key=[],
+    interpret_config={"TILE": 1024},
+    helpers=(fwht_rows, round_to_fp8_grid),
+)
+_H_QUANT_ROW = LazyKernel(
+    _hadamard_quant_row_kernel,
+    configs=[{"num_warps": 8}, {"num_warps": 16}],
+    key=["B", "NB_PAD"],
+    interpret_config={},
+    helpers=(fwht_rows, round_to_fp8_grid),
+)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _quantize_triton(x: torch.Tensor, qdtype: torch.dtype, granularity: str, fmt: tuple[int, int, float]):
+    x2 = _rows(x)
+    rows, cols = x2.shape
+    br, bc = (16, 128) if interpreting() else (8, 1024)
+    n_colblocks = _cdiv(cols, bc)
+    part = torch.empty((rows, n_colblocks), dtype=torch.float32, device=x.device)
+    q = torch.empty((rows, cols), dtype=qdtype, device=x.device)
+    _ABSMAX.launch(
+        lambda m: (_cdiv(rows, br), n_colblocks), x2, part, rows, cols, x2.stride(0), x2.stride(1), n_colblocks, BR=br, BC=bc
+    )
+    scale = _scale_from_amax(_amax(part, granularity), fmt[2])
+    _QUANT.launch(
+        lambda m: (_cdiv(rows, m["BR"]), _cdiv(cols, m["BC"])),
+        x2,
+        q,
+        scale,
+        0 if granularity == "tensor" else 1,
+        rows,
+        cols,
+        x2.stride(0),
+        x2.stride(1),
+        IS_FP8=qdtype != torch.int8,
+        MANT_BITS=fmt[0],
+        MIN_EXP=fmt[1],
+        QMAX=fmt[2],
+    )
+    return q.reshape(x.shape), scale
+
+
+def quantize_fp8(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with x ≈ q.float() · s, q = sat(round(x / s)) in ``dtype``, s = amax|x| / fp8_max.
+
+    ``granularity``: "tensor" gives a float32 scale of shape (); "row" a float32 scale of shape
+    (rows, 1), rows = the product of the leading dimensions. An all-zero tensor (or row) gets scale
+    1. Saturating, round-to-nearest-even, computed on the device without a host sync.
+    """
+    _check_x(x, granularity)
+    fmt = _check_fp8_dtype(dtype)
+    if x.numel() == 0 or not use_triton(x):
+        return quantize_fp8_reference(x, dtype, granularity)
+    return _quantize_triton(x, dtype, granularity, fmt)
+
+
+def quantize_int8(x: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with x ≈ q.float() · s, q = clamp(round_half_even(x / s), −127, 127) int8, s = amax|x| / 127.
+
+    Scales as in :func:`quantize_fp8`.
+    """
+    _check_x(x, granularity)
+    if x.numel() == 0 or not use_triton(x):
+        return quantize_int8_reference(x, granularity)
+    return _quantize_triton(x, torch.int8, granularity, (0, 0, float(INT8_MAX)))
+
+
+def hadamard_quantize_fp8(
+    x: torch.Tensor, block_size: int | None, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8(hadamard_transform(x, block_size)) fused: the rotation is never written out.
+
+    The rotation is quantised from fp32 (it is not rounded to x's dtype first), so for fp16/bf16
+    inputs q can differ by one fp8 step from the unfused composition where that rounding tips a
+    tie. With ``granularity="row"`` and rows of at most 16384 entries it is one pass (one read of x,
+    one write of q); per-tensor scales need the global amax first, so x is read twice.
+    """
+    _check_x(x, granularity)
+    b = check_block_size(x, block_size)
+    fmt = _check_fp8_dtype(dtype)
+    if x.numel() == 0 or not use_triton(x):
+        return hadamard_quantize_fp8_reference(x, b, dtype, granularity)
+    from .hadamard import _check_triton_input
+
+    _check_triton_input(x, b)
+    x2 = _rows(x)
+    rows, n = x2.shape
+    n_blocks = n // b
+    log2b = int(math.log2(b))
+    q = torch.empty((rows, n), dtype=dtype, device=x.device)
+    nb_pad = next_power_of_2(n_blocks)
+    if granularity == "row" and nb_pad * b <= FUSED_ROW_MAX:
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        _H_QUANT_ROW.launch(
+            lambda m: (rows,), x2, q, scale, n_blocks, x2.stride(0), x2.stride(1), b**-0.5,
+            B=b, LOG2B=log2b, NB_PAD=nb_pad, MANT_BITS=fmt[0], MIN_EXP=fmt[1], QMAX=fmt[2],
+        )
+        return q.reshape(x.shape), scale
+    n_blockrows = rows * n_blocks
+    part = torch.empty((n_blockrows,), dtype=torch.float32, device=x.device)
+    grid = lambda m: (_cdiv(n_blockrows, max(1, m["TILE"] // b)),)  # noqa: E731
+    # The absmax pass sees the unscaled rotation: scale its maxima by 1/√b exactly as pass 2 does.
+    _H_ABSMAX.launch(grid, x2, part, n_blockrows, n_blocks, x2.stride(0), x2.stride(1), B=b, LOG2B=log2b)
+    inv = torch.tensor(b**-0.5, dtype=torch.float32, device=x.device)
+    part = part.reshape(rows, n_blocks) * inv
+    scale = _scale_from_amax(_amax(part, granularity), fmt[2])
+    _H_QUANT.launch(
+        grid, x2, q, scale, 0 if granularity == "tensor" else 1, n_blockrows, n_blocks,
+        x2.stride(0), x2.stride(1), b**-0.5,
+        B=b, LOG2B=log2b, MANT_BITS=fmt[0], MIN_EXP=fmt[1], QMAX=fmt[2],
+    )
+    return q.reshape(x.shape), scale
