@@ -1,10 +1,52 @@
 """Triton kernels for galorex, each beside a torch twin that is its reference.
 
-For now this package holds the backend dispatch that every kernel will go through: galorex uses
-Triton on CUDA when it is importable (or anywhere under ``TRITON_INTERPRET=1``) and torch otherwise;
-``GALOREX_BACKEND=torch|triton`` overrides the choice.
+Every public function dispatches through :func:`select_backend`: Triton on CUDA when it is
+importable (or anywhere under ``TRITON_INTERPRET=1``), the torch twin otherwise;
+``GALOREX_BACKEND=torch|triton`` overrides the choice. Importing this package does not import
+triton: the kernel modules are loaded when one of their names is first used (they import triton
+if it is installed and work without it), and the kernels themselves are built (``triton.jit``) on
+first launch, for the interpreter mode in force then.
+
+- :mod:`.hadamard`: ``hadamard_transform`` (blockwise orthonormal Walsh–Hadamard)
+- :mod:`.quant`: ``quantize_fp8``, ``hadamard_quantize_fp8``, ``quantize_int8``
+- :mod:`.gemm`: ``fp8_gemm``, ``int8_gemm``
+- :mod:`.lowrank`: ``project``, ``fused_galore_adam_step``
+- ``python -m triton_kernels.bench``: correctness, then the GPU speed table
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .dispatch import BACKEND_ENV, select_backend, triton_available
 
-__all__ = ["BACKEND_ENV", "select_backend", "triton_available"]
+_LAZY = {
+    "hadamard": ("hadamard_transform", "hadamard_transform_reference"),
+    "quant": (
+        "quantize_fp8",
+        "quantize_fp8_reference",
+        "hadamard_quantize_fp8",
+        "hadamard_quantize_fp8_reference",
+        "quantize_int8",
+        "quantize_int8_reference",
+    ),
+    "gemm": ("fp8_gemm", "fp8_gemm_reference", "int8_gemm", "int8_gemm_reference"),
+    "lowrank": ("project", "project_reference", "fused_galore_adam_step", "fused_galore_adam_step_reference"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = ["BACKEND_ENV", "select_backend", "triton_available", *_WHERE]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'triton_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
