@@ -65,3 +65,14 @@ def fwht_rows(x, ROWS: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
         a, c = tl.split(tl.reshape(x, (ROWS, B // 2, 2)))
         x = tl.reshape(tl.permute(tl.join(a + c, a - c), (0, 2, 1)), (ROWS, B))
     return x
+
+
+def row_max(x):
+    """The maximum of each row of a 2-D tile.
+
+    Spelled as tl.reduce with triton's own max combiner rather than tl.max: tl.max is a
+    ``@triton.jit`` function that triton decorates when it is imported, so unless
+    TRITON_INTERPRET=1 was set before `import triton` the interpreter refuses to call it. The
+    interpreter recognises this combiner and reduces with numpy.
+    """
+    return tl.reduce(x, 1, tl.standard._elementwise_max)

@@ -107,8 +107,8 @@ def _scaled_gemm_kernel(
 ):
     # Grouped launch order: GROUP_M row-tiles share each column panel of B while it is in L2.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
+    num_m = (M + BM - 1) // BM
+    num_n = (N + BN - 1) // BN
     group = pid // (GROUP_M * num_n)
     first_m = group * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -126,10 +126,10 @@ def _scaled_gemm_kernel(
     # B is read as a (BK, BN) tile of the (N, K) matrix: K-major, as sm_90's FP8 wgmma wants.
     b_ptrs = b_ptr + bn[None, :] * stride_bn + rk[:, None] * stride_bk
     if IS_INT:
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        acc = tl.full((BM, BN), 0, tl.int32)
     else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BK)):
+        acc = tl.full((BM, BN), 0, tl.float32)
+    for k in range(0, (K + BK - 1) // BK):
         k_left = K - k * BK
         # Zeros past K in both operands: a garbage NaN times a zero would still poison the sum.
         if IS_INT:

@@ -80,7 +80,7 @@ def _matmul_kernel(
     rk = tl.arange(0, BK)
     am = (rm % M).to(tl.int64)
     bn = (rn % N).to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0, tl.float32)
     for k0 in range(0, K, BK):
         kk = (k0 + rk).to(tl.int64)
         a = tl.load(a_ptr + am[:, None] * stride_am + kk[None, :] * stride_ak, mask=kk[None, :] < K, other=0.0)
@@ -132,8 +132,8 @@ def _galore_apply_kernel(
     # W[tile] ← decay·W[tile] + alpha·Σ_k A[:, k]·B[k, :], with the Adam direction D computed from
     # the (already updated) moments for each k-slice it enters: left A = P, B = D; right A = D, B = Pᵀ.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
+    num_m = (M + BM - 1) // BM
+    num_n = (N + BN - 1) // BN
     group = pid // (GROUP_M * num_n)
     first_m = group * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -144,7 +144,7 @@ def _galore_apply_kernel(
     rk = tl.arange(0, BK)
     am = (rm % M).to(tl.int64)
     bn = (rn % N).to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0, tl.float32)
     for k0 in range(0, R, BK):
         kk = (k0 + rk).to(tl.int64)
         if LEFT:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._helpers import fwht_rows, round_half_even, round_to_fp8_grid
+from ._helpers import fwht_rows, round_half_even, round_to_fp8_grid, row_max
 from ._jit import LazyKernel, interpreting, next_power_of_2, tl, use_triton
 from .hadamard import _fwht, check_block_size
 
@@ -96,7 +96,7 @@ def _absmax_kernel(x_ptr, part_ptr, rows, cols, stride_row, stride_col, n_colblo
     c = cb.to(tl.int64) * BC + tl.arange(0, BC)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     x = tl.load(x_ptr + r[:, None] * stride_row + c[None, :] * stride_col, mask=mask, other=0.0)
-    amax = tl.max(tl.abs(x.to(tl.float32)), axis=1)
+    amax = row_max(tl.abs(x.to(tl.float32)))
     tl.store(part_ptr + r * n_colblocks + cb, amax, mask=r < rows)
 
 
@@ -140,7 +140,7 @@ def _hadamard_absmax_kernel(
     src = (q // n_blocks)[:, None] * stride_row + ((q % n_blocks)[:, None] * B + col[None, :]) * stride_col
     x = tl.load(x_ptr + src, mask=live[:, None], other=0.0).to(tl.float32)
     y = fwht_rows(x, ROWS, B, LOG2B)
-    tl.store(part_ptr + q, tl.max(tl.abs(y), axis=1), mask=live)
+    tl.store(part_ptr + q, row_max(tl.abs(y)), mask=live)
 
 
 def _hadamard_quant_kernel(
@@ -197,7 +197,7 @@ def _hadamard_quant_row_kernel(
     src = row * stride_row + (blk[:, None] * B + col[None, :]) * stride_col
     x = tl.load(x_ptr + src, mask=live[:, None], other=0.0).to(tl.float32)
     y = fwht_rows(x, NB_PAD, B, LOG2B) * inv_sqrt_b
-    amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+    amax = tl.reduce(row_max(tl.abs(y)), 0, tl.standard._elementwise_max)
     s = tl.where(amax > 0, amax / QMAX, 1.0)
     tl.store(scale_ptr + row, s)
     out = round_to_fp8_grid(y / s, MANT_BITS, MIN_EXP, QMAX)
@@ -210,7 +210,7 @@ _TILE_CONFIGS = [
     {"BR": 1, "BC": 4096, "num_warps": 8},
 ]
 # The absmax tile is fixed by the caller (the partial maxima's layout depends on it).
-_ABSMAX = LazyKernel(_absmax_kernel, configs=[{"num_warps": 8}], key=[], interpret_config={})
+_ABSMAX = LazyKernel(_absmax_kernel, configs=[{"num_warps": 8}], key=[], interpret_config={}, helpers=(row_max,))
 _QUANT = LazyKernel(
     _quant_kernel,
     configs=_TILE_CONFIGS,
@@ -223,7 +223,7 @@ _H_ABSMAX = LazyKernel(
     configs=[{"TILE": 4096, "num_warps": 8}],
     key=[],
     interpret_config={"TILE": 1024},
-    helpers=(fwht_rows,),
+    helpers=(fwht_rows, row_max),
 )
 _H_QUANT = LazyKernel(
     _hadamard_quant_kernel,
@@ -237,7 +237,7 @@ _H_QUANT_ROW = LazyKernel(
     configs=[{"num_warps": 8}, {"num_warps": 16}],
     key=["B", "NB_PAD"],
     interpret_config={},
-    helpers=(fwht_rows, round_to_fp8_grid),
+    helpers=(fwht_rows, round_to_fp8_grid, row_max),
 )
 
 
