@@ -8,8 +8,7 @@ import pytest
 import torch
 from triton_support import assert_interpreter_did_not_leak, needs_triton
 
-from triton_kernels import BACKEND_ENV
-from triton_kernels import bench
+from triton_kernels import BACKEND_ENV, bench
 
 
 @needs_triton

@@ -7,7 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from triton_support import assert_interpreter_did_not_leak, interpreted, needs_triton, run_kernel
+from triton_support import (
+    assert_interpreter_did_not_leak,
+    interpreted,
+    needs_triton,
+    run_kernel,
+)
 
 from triton_kernels import fp8_gemm, fp8_gemm_reference, int8_gemm, int8_gemm_reference
 

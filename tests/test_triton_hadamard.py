@@ -14,7 +14,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from triton_support import assert_interpreter_did_not_leak, interpreted, needs_triton, run_kernel
+from triton_support import (
+    assert_interpreter_did_not_leak,
+    interpreted,
+    needs_triton,
+    run_kernel,
+)
 
 import triton_kernels.hadamard as had
 from triton_kernels import BACKEND_ENV, hadamard_transform, hadamard_transform_reference

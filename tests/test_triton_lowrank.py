@@ -7,10 +7,20 @@ import math
 
 import pytest
 import torch
-from triton_support import assert_interpreter_did_not_leak, interpreted, needs_triton, run_kernel
+from triton_support import (
+    assert_interpreter_did_not_leak,
+    interpreted,
+    needs_triton,
+    run_kernel,
+)
 
 from galorex.optim.galore import adam_directions
-from triton_kernels import fused_galore_adam_step, fused_galore_adam_step_reference, project, project_reference
+from triton_kernels import (
+    fused_galore_adam_step,
+    fused_galore_adam_step_reference,
+    project,
+    project_reference,
+)
 
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, scale=0.25)
 # (side, m, n, r): odd sizes, so that every tile of the 32×32×16 interpreter config is partly masked.

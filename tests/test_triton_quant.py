@@ -7,7 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from triton_support import assert_interpreter_did_not_leak, bits, interpreted, needs_triton, run_kernel
+from triton_support import (
+    assert_interpreter_did_not_leak,
+    bits,
+    interpreted,
+    needs_triton,
+    run_kernel,
+)
 
 from triton_kernels import (
     hadamard_quantize_fp8,

@@ -21,7 +21,7 @@ import torch
 from .dispatch import BACKEND_ENV, select_backend, triton_available
 
 try:  # the kernel modules need ``tl`` in their globals; a stand-in keeps them importable without it
-    import triton  # noqa: F401  (imported only when installed, and then it is cheap to reuse)
+    import triton
     import triton.language as tl
 except Exception:  # pragma: no cover - exercised by the no-triton subprocess test
     triton = None

@@ -72,8 +72,18 @@ def _fp8_steps_apart(q: torch.Tensor, qr: torch.Tensor) -> tuple[float, int]:
 def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     from .gemm import fp8_gemm, fp8_gemm_reference, int8_gemm, int8_gemm_reference
     from .hadamard import hadamard_transform, hadamard_transform_reference
-    from .lowrank import fused_galore_adam_step, fused_galore_adam_step_reference, project, project_reference
-    from .quant import hadamard_quantize_fp8, hadamard_quantize_fp8_reference, quantize_fp8, quantize_fp8_reference
+    from .lowrank import (
+        fused_galore_adam_step,
+        fused_galore_adam_step_reference,
+        project,
+        project_reference,
+    )
+    from .quant import (
+        hadamard_quantize_fp8,
+        hadamard_quantize_fp8_reference,
+        quantize_fp8,
+        quantize_fp8_reference,
+    )
 
     g = torch.Generator(device="cpu").manual_seed(0)
     results = []

@@ -129,7 +129,7 @@ def _scaled_gemm_kernel(
         acc = tl.full((BM, BN), 0, tl.int32)
     else:
         acc = tl.full((BM, BN), 0, tl.float32)
-    for k in range(0, (K + BK - 1) // BK):
+    for k in range((K + BK - 1) // BK):
         k_left = K - k * BK
         # Zeros past K in both operands: a garbage NaN times a zero would still poison the sum.
         if IS_INT:

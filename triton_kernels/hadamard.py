@@ -13,7 +13,7 @@ import math
 import torch
 
 from ._helpers import fwht_rows, round_to_bf16
-from ._jit import LazyKernel, check_same_device, tl, use_triton
+from ._jit import LazyKernel, tl, use_triton
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_BLOCK = 16384  # one block lives in one program's registers
@@ -152,7 +152,7 @@ def _hadamard_triton(x: torch.Tensor, b: int) -> torch.Tensor:
     n_blockrows = rows * (n // b)
     if n_blockrows:
         _HADAMARD.launch(
-            lambda meta: (triton_cdiv(n_blockrows, max(1, meta["TILE"] // b)),),
+            lambda meta: (_cdiv(n_blockrows, max(1, meta["TILE"] // b)),),
             x2,
             out,
             n_blockrows,
@@ -167,5 +167,5 @@ def _hadamard_triton(x: torch.Tensor, b: int) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)

@@ -334,7 +334,7 @@ def hadamard_quantize_fp8(
         return q.reshape(x.shape), scale
     n_blockrows = rows * n_blocks
     part = torch.empty((n_blockrows,), dtype=torch.float32, device=x.device)
-    grid = lambda m: (_cdiv(n_blockrows, max(1, m["TILE"] // b)),)  # noqa: E731
+    grid = lambda m: (_cdiv(n_blockrows, max(1, m["TILE"] // b)),)
     # The absmax pass sees the unscaled rotation: scale its maxima by 1/√b exactly as pass 2 does.
     _H_ABSMAX.launch(grid, x2, part, n_blockrows, n_blocks, x2.stride(0), x2.stride(1), B=b, LOG2B=log2b)
     inv = torch.tensor(b**-0.5, dtype=torch.float32, device=x.device)
