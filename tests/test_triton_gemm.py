@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton_support import (
     assert_interpreter_did_not_leak,
+    compile_for_hopper,
     interpreted,
     needs_triton,
     run_kernel,
@@ -155,6 +156,34 @@ def test_empty_k_gives_bias_only():
     bias = torch.tensor([1.5, -2.0])
     out = run_kernel(int8_gemm, a, b, _ONE, _ONE, torch.float32, bias)
     assert torch.equal(out, bias.expand(3, 2))
+
+
+@needs_triton
+@pytest.mark.parametrize("is_int", [False, True])
+def test_kernel_compiles_to_pipelined_wgmma_on_hopper(is_int):
+    # What a launch with contiguous operands builds (unit K strides, 16-aligned pointers): B is read
+    # K-major, so the FP8/INT8 dot maps onto Hopper's wgmma, fed by multi-stage cp.async loads.
+    import triton_kernels.gemm as gemm
+
+    cfg = gemm._GEMM_CONFIGS[0]
+    operand = "*i8" if is_int else "*fp8e4nv"
+    ptx = compile_for_hopper(
+        gemm._GEMM,
+        {
+            "a_ptr": operand, "b_ptr": operand, "c_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*bf16",
+            "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "sa_stride": "i32", "sb_stride": "i32",
+        },
+        {
+            "stride_ak": 1, "stride_bk": 1, "IS_INT": is_int, "HAS_BIAS": True, "OUT_BF16": True,
+            "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        aligned=("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_am", "stride_bn"),
+    )
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async" in ptx
+    assert "st.local" not in ptx
 
 
 def test_interpreter_did_not_leak(monkeypatch):

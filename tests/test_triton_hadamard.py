@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton_support import (
     assert_interpreter_did_not_leak,
+    compile_for_hopper,
     interpreted,
     needs_triton,
     run_kernel,
@@ -165,6 +166,20 @@ def test_importing_the_package_does_not_import_triton():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@needs_triton
+@pytest.mark.parametrize("block_size", [128, 4096])
+def test_kernel_compiles_for_hopper_without_spills(block_size):
+    # The interpreter accepts code a GPU compile rejects: build the real sm_90 kernel (ptxas, no GPU).
+    ptx = compile_for_hopper(
+        had._HADAMARD,
+        {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_blockrows": "i32", "n_blocks": "i32", "stride_row": "i32", "inv_sqrt_b": "fp32"},
+        {"stride_col": 1, "B": block_size, "LOG2B": block_size.bit_length() - 1, "OUT_BF16": True, "TILE": 4096},
+        num_warps=8,
+        aligned=("x_ptr", "y_ptr", "stride_row"),
+    )
+    assert "st.local" not in ptx  # no register spills
 
 
 def test_interpreter_did_not_leak(monkeypatch):

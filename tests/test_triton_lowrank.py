@@ -9,6 +9,7 @@ import pytest
 import torch
 from triton_support import (
     assert_interpreter_did_not_leak,
+    compile_for_hopper,
     interpreted,
     needs_triton,
     run_kernel,
@@ -216,6 +217,30 @@ def _bad(**over):
 def test_bad_arguments_are_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@needs_triton
+@pytest.mark.parametrize("left", [True, False])
+def test_fused_step_compiles_to_wgmma_on_hopper(left):
+    # 3xTF32 (torch's default "highest" fp32 matmul precision) still runs on the tensor cores.
+    import triton_kernels.lowrank as lowrank
+
+    ptx = compile_for_hopper(
+        lowrank._APPLY,
+        {
+            "w_ptr": "*fp32", "p_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32",
+            "stride_wm": "i32", "stride_p0": "i32", "stride_lr0": "i32",
+            "decay": "fp32", "alpha": "fp32", "bias1": "fp32", "bias2_sqrt": "fp32", "eps": "fp32",
+        },
+        {
+            "stride_wn": 1, "stride_p1": 1, "LEFT": left, "OUT_BF16": False, "PRECISION": "tf32x3",
+            "BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8,
+        },
+        num_warps=8,
+        aligned=("w_ptr", "p_ptr", "m_ptr", "v_ptr", "stride_wm", "stride_p0", "stride_lr0"),
+    )
+    assert "wgmma.mma_async" in ptx
+    assert "st.local" not in ptx
 
 
 def test_interpreter_did_not_leak(monkeypatch):

@@ -81,3 +81,41 @@ def assert_interpreter_did_not_leak(monkeypatch: pytest.MonkeyPatch) -> None:
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of an fp8 tensor, for bit-exact comparisons (NaN != NaN otherwise)."""
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3, aligned=()):
+    """PTX of a triton_kernels LazyKernel compiled ahead of time for sm_90 (no GPU needed).
+
+    ``signature`` maps runtime arguments to Triton types ("*fp32", "i32", ...); ``aligned`` names
+    the arguments a launch would specialise as 16-divisible (pointers from torch, even sizes), and
+    a stride passed in ``constexprs`` as 1 stands for the unit stride a launch specialises too.
+    Skips where this Triton has no such API or no ptxas.
+    """
+    pytest.importorskip("triton")
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from triton_kernels._jit import _decorate
+    except ImportError as exc:  # pragma: no cover - older or newer Triton layouts
+        pytest.skip(f"no ahead-of-time compile API in this Triton: {exc}")
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        fn = _decorate(kernel.fn, False, kernel.helpers)
+        names = list(fn.arg_names)
+        full = {**signature, **{k: "constexpr" for k in constexprs}}
+        full = {k: full[k] for k in names}
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        src = ASTSource(fn, full, constexprs=dict(constexprs), attrs=attrs)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+        except Exception as exc:
+            if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
+                pytest.skip(f"no ptxas for an sm_90 compile: {exc}")
+            raise
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return compiled.asm["ptx"]
