@@ -169,7 +169,7 @@ def test_importing_the_package_does_not_import_triton():
 
 
 @needs_triton
-@pytest.mark.parametrize("block_size", [128, 4096])
+@pytest.mark.parametrize("block_size", [2, 16, 128, 4096])
 def test_kernel_compiles_for_hopper_without_spills(block_size):
     # The interpreter accepts code a GPU compile rejects: build the real sm_90 kernel (ptxas, no GPU).
     ptx = compile_for_hopper(

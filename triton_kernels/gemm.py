@@ -157,6 +157,7 @@ def _scaled_gemm_kernel(
 
 _GEMM_CONFIGS = [
     {"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     {"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
     {"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     {"BM": 64, "BN": 128, "BK": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
