@@ -46,6 +46,9 @@ BASIS_BITS = "basis_bits"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
+# ``compile=``: False (eager), True (torch.compile with fullgraph=True), or torch.compile options.
+CompileOption = bool | dict[str, Any]
+
 # State keys.
 STEP = "step"
 PROJ_STEP = "proj_step"
@@ -120,6 +123,16 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def hyperparameter(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A group hyperparameter (lr, weight_decay, betas, eps …) as the step uses it: a Python float,
+    except that a tensor stays a tensor inside a compiled step, where reading it would be a host
+    synchronisation and a graph break; the graph then takes it as an input, so a scheduler that
+    changes it in place does not cause a recompile (as ``torch.optim`` does with ``lr=tensor``)."""
+    if isinstance(value, torch.Tensor) and torch.compiler.is_compiling():
+        return value
+    return float(value)
+
+
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Projection and subspace state run in float32, or float64 for float64 parameters."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
@@ -131,8 +144,30 @@ class LowRankOptimizer(Optimizer):
     # Scalars read on the host every step: they live on the CPU so reading them never syncs a GPU.
     _cpu_state_keys: tuple[str, ...] = ("step", "proj_step")
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, compile: CompileOption = False
+    ) -> None:
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+        # The refresh schedule (step counters, SVD) stays on the host; what ``compile`` compiles is
+        # the per-group numeric update that follows it (see ``_lowrank_step``).
+        self._compile_options: dict[str, Any] | None = (
+            None if compile is False else {"fullgraph": True, **(compile if isinstance(compile, dict) else {})}
+        )
+        self._compiled_fns: dict[str, Callable[..., Any]] = {}
         super().__init__(params, defaults)
+
+    def _compiled(self, name: str) -> Callable[..., Any]:
+        """The bound method ``name``, through ``torch.compile`` when the optimizer was built with
+        ``compile`` (one compiled function per method, created on first use)."""
+        fn = getattr(self, name)
+        options = getattr(self, "_compile_options", None)  # absent after unpickling an old state
+        if options is None:
+            return fn
+        fns = self.__dict__.setdefault("_compiled_fns", {})
+        if name not in fns:
+            fns[name] = torch.compile(fn, **options)
+        return fns[name]
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -358,7 +393,12 @@ class LowRankOptimizer(Optimizer):
         store_moment(state, EXP_AVG_SQ, v, _eight_bit(group))
 
     def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int:
-        """Steps the current moments have seen (bias correction restarts on a reset refresh)."""
+        """Steps the current moments have seen (bias correction restarts on a reset refresh); a
+        tensor inside a compiled step, where reading it would break the graph."""
+        if torch.compiler.is_compiling():
+            if group[MOMENT_POLICY] == "reset":
+                return state[STEP] - state[PROJ_STEP]
+            return state[STEP]
         step = int(state[STEP].item())
         if group[MOMENT_POLICY] == "reset":
             return step - int(state[PROJ_STEP].item())
@@ -371,6 +411,14 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the updates
     def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        """The numeric update of a group's projected parameters, after any refresh: compiled when
+        the optimizer was built with ``compile``. Only the parameters and their sides cross into
+        the compiled function (not the host's step numbers), so one graph serves every step."""
+        if getattr(self, "_compile_options", None) is not None:
+            items = [{"param": it["param"], "side": it["side"]} for it in items]
+        self._compiled("_lowrank_update")(group, items)
+
+    def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
         params = [it["param"] for it in items]
         states = [self.state[p] for p in params]
         all_bases = [load_bases(s, it["side"], p, group[RANK]) for p, it, s in zip(params, items, states)]
@@ -381,11 +429,11 @@ class LowRankOptimizer(Optimizer):
             state[STEP] += 1
         directions = self._lowrank_directions(group, params, lows, states)
 
-        lr = float(group["lr"])
-        decay = 1.0 - lr * float(group["weight_decay"])
-        alpha = -lr * float(group[SCALE])
+        lr = hyperparameter(group["lr"])
+        decay = 1.0 - lr * hyperparameter(group["weight_decay"])
+        alpha = -lr * hyperparameter(group[SCALE])
         if group[EPS_MODE] == "galore_torch":
-            alpha *= decay  # galore-torch decays the already-updated weight
+            alpha = alpha * decay  # galore-torch decays the already-updated weight
         for p, state, bases, it, d in zip(params, states, all_bases, items, directions):
             self._apply_lowrank_update(group, p, state, d, bases, it["side"], decay=decay, alpha=alpha)
 
@@ -393,8 +441,20 @@ class LowRankOptimizer(Optimizer):
         """The (m×n) matrix that is projected (and whose SVD gives the basis): here the gradient."""
         return proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
 
-    def _apply_lowrank_update(self, group, p, state, d, bases, side, *, decay: float, alpha: float) -> None:
+    def _apply_lowrank_update(
+        self, group, p, state, d, bases, side, *, decay: float | torch.Tensor, alpha: float | torch.Tensor
+    ) -> None:
         """W ← decay·W + alpha·project_back(D)."""
+        if isinstance(decay, torch.Tensor) or isinstance(alpha, torch.Tensor):
+            # Tensor hyperparameters (compiled step): scale the small low-rank D instead of passing
+            # alpha to addmm (which takes numbers only), and decay in place.
+            in_place = p.dtype == d.dtype and p.is_contiguous()
+            w = proj.as_matrix(p) if in_place else proj.as_matrix(p).to(d.dtype, copy=True)
+            w.mul_(decay)
+            proj.add_projected_back_(w, d * alpha, bases, side, alpha=1.0)
+            if not in_place:
+                p.copy_(w.view_as(p))
+            return
         if p.dtype == d.dtype and p.is_contiguous():
             # One fused GEMM into the weight, no full-size temporary.
             proj.add_projected_back_(proj.as_matrix(p), d, bases, side, alpha=alpha, beta=decay)
