@@ -305,9 +305,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         scale = group[SCALE]
         for it in items:
             p, side = it["param"], it["side"]
-            state = self.state[p]
+            state = it["state"] if "state" in it else self.state[p]
             bases = load_bases(state, side, p, group[RANK])
-            g = self._gradient_matrix(group, p)
+            g = self._gradient_matrix(group, p, it.get("grad"))
             low = proj.project(g, bases, side)
             state[STEP] += 1
             # In place on the weight when it is already in the compute dtype; otherwise on a
@@ -326,20 +326,29 @@ class GaLoreAdafactor(LowRankOptimizer):
                 p.copy_(w.view_as(p))
 
     def _dense_adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Unprojected parameters: plain Adafactor (factored for ≥ 2-D, as transformers does)."""
-        self._compiled("_dense_update")(group, params)
+        """Unprojected parameters: plain Adafactor (factored for ≥ 2-D, as transformers does).
 
-    def _dense_update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        wd = group["weight_decay"]
+        The state is created here, on the host, and gradients and states are passed to the
+        (possibly compiled) update as plain inputs, so that its graph is the same at every step."""
+        states = []
         for p in params:
             state = self.state[p]
-            cdtype = compute_dtype(p.dtype)
             if not state:
                 state[STEP] = torch.zeros((), dtype=torch.float32)
-                self._init_statistics(group, state, tuple(p.shape), cdtype, p.device)
+                self._init_statistics(group, state, tuple(p.shape), compute_dtype(p.dtype), p.device)
+            states.append(state)
+        self._compiled("_dense_update")(group, params, [p.grad for p in params], states)
+
+    def _dense_update(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+    ) -> None:
+        wd = group["weight_decay"]
+        for p, grad, state in zip(params, grads, states):
+            cdtype = compute_dtype(p.dtype)
             state[STEP] += 1
             w = p if p.dtype == cdtype else p.to(cdtype)
-            update, alpha = self._direction(group, p.grad.to(cdtype), w, state)
+            update, alpha = self._direction(group, grad.to(cdtype), w, state)
             if w is p:
                 if not (isinstance(wd, (int, float)) and wd == 0):
                     p.mul_(1.0 - wd * alpha)

@@ -412,19 +412,25 @@ class LowRankOptimizer(Optimizer):
     # ------------------------------------------------------------------ the updates
     def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
         """The numeric update of a group's projected parameters, after any refresh: compiled when
-        the optimizer was built with ``compile``. Only the parameters and their sides cross into
-        the compiled function (not the host's step numbers), so one graph serves every step."""
+        the optimizer was built with ``compile``. Only the parameters, their sides, gradients and
+        states cross into the compiled function (not the host's step numbers), and the gradients
+        and states as plain inputs: reached through ``p.grad`` or ``self.state`` they would be
+        guarded by identity, and a gradient freed by ``zero_grad`` or a new state entry would force
+        a recompile every step."""
         if getattr(self, "_compile_options", None) is not None:
-            items = [{"param": it["param"], "side": it["side"]} for it in items]
+            items = [
+                {"param": it["param"], "side": it["side"], "grad": it["param"].grad, "state": self.state[it["param"]]}
+                for it in items
+            ]
         self._compiled("_lowrank_update")(group, items)
 
     def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
         params = [it["param"] for it in items]
-        states = [self.state[p] for p in params]
+        states = [it["state"] if "state" in it else self.state[p] for p, it in zip(params, items)]
         all_bases = [load_bases(s, it["side"], p, group[RANK]) for p, it, s in zip(params, items, states)]
         lows = []
         for p, state, bases, it in zip(params, states, all_bases, items):
-            g = self._gradient_matrix(group, p)
+            g = self._gradient_matrix(group, p, it.get("grad"))
             lows.append(proj.project(g, bases, it["side"]))
             state[STEP] += 1
         directions = self._lowrank_directions(group, params, lows, states)
@@ -437,9 +443,12 @@ class LowRankOptimizer(Optimizer):
         for p, state, bases, it, d in zip(params, states, all_bases, items, directions):
             self._apply_lowrank_update(group, p, state, d, bases, it["side"], decay=decay, alpha=alpha)
 
-    def _gradient_matrix(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
-        """The (m×n) matrix that is projected (and whose SVD gives the basis): here the gradient."""
-        return proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
+    def _gradient_matrix(
+        self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The (m×n) matrix that is projected (and whose SVD gives the basis): here the gradient
+        (``grad``, or ``p.grad`` when not given)."""
+        return proj.as_matrix(p.grad if grad is None else grad).to(compute_dtype(p.dtype))
 
     def _apply_lowrank_update(
         self, group, p, state, d, bases, side, *, decay: float | torch.Tensor, alpha: float | torch.Tensor
