@@ -504,11 +504,13 @@ class LowRankOptimizer(Optimizer):
             foreach=None if fused else group.get("foreach"),
             fused=fused or None,
             amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
+            # Tensor hyperparameters as numbers, except lr for the fused kernel, which takes a
+            # tensor lr as it is (older torch refuses tensor betas, and tensor lr with foreach).
+            beta1=float(beta1),
+            beta2=float(beta2),
+            lr=group["lr"] if fused else float(group["lr"]),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
             maximize=False,
         )
 
