@@ -13,12 +13,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference_galore import carry, project, project_back, side_for, svd_bases
 from torch import nn
 
 import galorex
-from galorex import GaLoreAdafactor, estimate_optimizer_state_bytes, optimizer_state_bytes
+from galorex import (
+    GaLoreAdafactor,
+    estimate_optimizer_state_bytes,
+    optimizer_state_bytes,
+)
 from galorex.optim.factory import build_optimizer
-from reference_galore import carry, project, project_back, side_for, svd_bases
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from problems import make_regression_model, regression_groups, train_regression
 
 import galorex
-from problems import make_regression_model, regression_groups, train_regression
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

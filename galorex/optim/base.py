@@ -139,7 +139,12 @@ def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 class LowRankOptimizer(Optimizer):
-    """Base class: the shared projected step loop; see the module docstring."""
+    """Base class: the shared projected step loop; see the module docstring.
+
+    ``compile`` (False, True, or a dict of ``torch.compile`` options): compile the per-group numeric
+    update (:meth:`_lowrank_update`, project → inner rule → project back) with ``fullgraph=True``.
+    What needs the host — which parameters refresh at this step, the SVD, the finite check —
+    runs eagerly before it, so the compiled graph is the same at every step."""
 
     # Scalars read on the host every step: they live on the CPU so reading them never syncs a GPU.
     _cpu_state_keys: tuple[str, ...] = ("step", "proj_step")

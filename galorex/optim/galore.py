@@ -128,6 +128,15 @@ class GaLoreAdamW(LowRankOptimizer):
       orthonormal (entries within half a code step).
 
     Weight decay is decoupled and applied to the full weight.
+
+    ``lr``, ``weight_decay``, ``betas`` and ``eps`` may be 0-dim tensors (``lr=torch.tensor(1e-3)``),
+    which ``torch.optim.lr_scheduler`` schedulers update in place; eagerly the run is the same as with
+    their values as floats. ``compile=True`` (or a dict of ``torch.compile`` options, e.g.
+    ``{"backend": "aot_eager"}``) compiles the numeric update of the projected parameters with
+    ``fullgraph=True`` — no host synchronisation inside it — while the refresh schedule and the SVD
+    stay on the host; with a tensor ``lr`` a scheduler's changes do not recompile it. Each group is
+    its own graph (dynamo's ``cache_size_limit``, 8 by default, bounds how many); unprojected
+    parameters keep torch's fused AdamW kernel.
     """
 
     def __init__(
