@@ -141,13 +141,17 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     Statistics are float32 (float64 for float64 weights) whatever the weight's dtype, as
     galore-torch keeps them, and stay so through ``load_state_dict``. ``compile=True`` compiles
-    the per-group update (see ``LowRankOptimizer``). Differences from galore-torch: none in the
-    maths for ``moment_policy="keep"``; ε₂, clip and the schedule are computed as tensors (so a
-    float32 run differs from it by rounding only), and the ``step`` and ``RMS`` it keeps as Python
-    numbers are a tensor step counter here (RMS is recomputed each step, as it also does).
-    """
+    the per-group update (see ``LowRankOptimizer``); ``lr`` and ``weight_decay`` may be 0-dim
+    tensors.
 
-    _cpu_state_keys = LowRankOptimizer._cpu_state_keys
+    Differences from galore-torch 1.0 (the maths is the same with ``moment_policy="keep"``; tested
+    to 1e-5 over 50 float32 steps with refreshes, every ``proj_type``): the schedule, RMS and
+    clipping are tensor arithmetic rather than Python floats (rounding only); the state holds a
+    tensor step counter instead of Python ``step``/``RMS`` entries and a pickled projector (so it
+    loads with ``weights_only=True``); bases of bf16/float64 weights are float32/float64 rather than
+    the weight's dtype/float32; and ``reverse_std`` projects back on the side it projected, as for
+    ``GaLoreAdamW``.
+    """
 
     def __init__(
         self,
