@@ -155,3 +155,19 @@ def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls):
         assert (a - b).abs().max().item() < 0.05 * moved  # within a few percent of the step taken
     assert backend.graphs == 1
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("name", ["galore", "galore-adafactor"])
+def test_torch_compile_of_step_runs_the_host_schedule_eagerly(name):
+    """``torch.compile(opt.step)``: the step is excluded from tracing (its refresh schedule reads
+    counters and runs an SVD on the host), so it gives the eager result rather than failing in
+    dynamo, and a ``compile=`` optimizer still compiles its update inside it."""
+    backend = CountingBackend()
+    eager_model, eager, compiled_model, compiled = _pair(name, {"backend": backend}, lambda: torch.tensor(2e-3))
+    compiled.step = torch.compile(compiled.step, backend="eager")
+    for _ in range(4):
+        train_regression(eager_model, eager, 1)
+        train_regression(compiled_model, compiled, 1)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert backend.graphs >= 1

@@ -274,6 +274,10 @@ class LowRankOptimizer(Optimizer):
         return g
 
     # ------------------------------------------------------------------ the step
+    # torch.compile(opt.step) would trace the host-side refresh schedule (step counters, SVD),
+    # which breaks the graph at every step and fails in dynamo; the step runs eagerly instead and
+    # ``compile=True`` compiles the numeric update inside it.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -397,7 +401,7 @@ class LowRankOptimizer(Optimizer):
         store_moment(state, EXP_AVG, m, _eight_bit(group))
         store_moment(state, EXP_AVG_SQ, v, _eight_bit(group))
 
-    def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int:
+    def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int | torch.Tensor:
         """Steps the current moments have seen (bias correction restarts on a reset refresh); a
         tensor inside a compiled step, where reading it would break the graph."""
         if torch.compiler.is_compiling():
