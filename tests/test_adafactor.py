@@ -38,11 +38,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ============================================================================ plain float64 reference
-ADAFACTOR_DEFAULTS: dict[str, Any] = dict(
-    lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0,
-    scale_parameter=True, relative_step=True, warmup_init=False, update_proj_gap=200, scale=1.0,
-    proj_type="std", moment_policy="keep",
-)
+ADAFACTOR_DEFAULTS: dict[str, Any] = {
+    "lr": None, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None, "weight_decay": 0.0,
+    "scale_parameter": True, "relative_step": True, "warmup_init": False, "update_proj_gap": 200, "scale": 1.0,
+    "proj_type": "std", "moment_policy": "keep",
+}
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -165,7 +165,7 @@ def _reference_params(seed: int = 0) -> list[list[torch.Tensor]]:
 def _run_against_reference(proj_type, policy, steps=26, must_move=1e-3, **kw):
     init = _reference_params()
     params = [[nn.Parameter(t.clone()) for t in grp] for grp in init]
-    opts = dict(rank=3, update_proj_gap=10, proj_type=proj_type, moment_policy=policy, scale=0.5)
+    opts = {"rank": 3, "update_proj_gap": 10, "proj_type": proj_type, "moment_policy": policy, "scale": 0.5}
     groups = [{"params": params[0], **opts}, {"params": params[1]}]
     opt = GaLoreAdafactor(groups, **kw)
     ref = ReferenceAdafactor([{"params": init[0], **opts}, {"params": init[1]}], **kw)
@@ -202,9 +202,9 @@ def test_matches_float64_reference(proj_type, policy):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(),  # relative step with parameter scale, no first moment: transformers' defaults
-    dict(warmup_init=True, clip_threshold=0.5),
-    dict(lr=3e-2, relative_step=False, scale_parameter=False, decay_rate=-0.5),
+    {},  # relative step with parameter scale, no first moment: transformers' defaults
+    {"warmup_init": True, "clip_threshold": 0.5},
+    {"lr": 3e-2, "relative_step": False, "scale_parameter": False, "decay_rate": -0.5},
 ], ids=["default", "warmup", "manual-lr"])
 def test_matches_float64_reference_schedules(kw):
     # warmup_init's steps are 1e-6·t·RMS(W): 26 of them move a weight by ~1e-6 of its size
@@ -225,8 +225,8 @@ def test_matches_float64_reference_schedules(kw):
 def test_random_configurations_match_reference(shape, rank, gap, proj_type, policy, beta1, relative, wd, seed):
     g = torch.Generator().manual_seed(seed)
     w = nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64))
-    opts = dict(rank=rank, update_proj_gap=gap, proj_type=proj_type, moment_policy=policy, scale=0.7)
-    hyper: dict[str, Any] = dict(beta1=beta1, weight_decay=wd, clip_threshold=0.3)
+    opts = {"rank": rank, "update_proj_gap": gap, "proj_type": proj_type, "moment_policy": policy, "scale": 0.7}
+    hyper: dict[str, Any] = {"beta1": beta1, "weight_decay": wd, "clip_threshold": 0.3}
     if not relative:
         hyper.update(lr=5e-2, relative_step=False)
     opt = GaLoreAdafactor([{"params": [w], **opts}], **hyper)
@@ -270,9 +270,9 @@ def _train(model, opt, steps, seed=5):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(),
-    dict(beta1=0.9, weight_decay=0.1),
-    dict(lr=1e-2, relative_step=False, scale_parameter=False),
+    {},
+    {"beta1": 0.9, "weight_decay": 0.1},
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": False},
 ], ids=["default", "beta1-wd", "manual-lr"])
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
 def test_matches_galore_torch(proj_type, kw):
@@ -285,7 +285,7 @@ def test_matches_galore_torch(proj_type, kw):
     ref_model = SmallNet()
     ours_model = copy.deepcopy(ref_model)
     init = [p.detach().clone() for p in ref_model.parameters()]
-    rank_opts = dict(rank=4, update_proj_gap=20, scale=0.25, proj_type=proj_type)
+    rank_opts = {"rank": 4, "update_proj_gap": 20, "scale": 0.25, "proj_type": proj_type}
     ref = Ref(_split_groups(ref_model, rank_opts), **kw)
     ours = GaLoreAdafactor(_split_groups(ours_model, rank_opts), **kw)
     _train(ref_model, ref, 50)
@@ -302,7 +302,7 @@ def test_reset_and_reproject_differ_from_keep():
     for policy in POLICIES:
         torch.manual_seed(0)
         model = SmallNet()
-        opt = GaLoreAdafactor(_split_groups(model, dict(rank=4, update_proj_gap=5, moment_policy=policy)),
+        opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "update_proj_gap": 5, "moment_policy": policy}),
                               beta1=0.9)
         _train(model, opt, 12)
         finals[policy] = model.a.weight.detach().clone()
@@ -316,7 +316,7 @@ def test_reset_and_reproject_differ_from_keep():
 def test_trains_and_keeps_float32_statistics_for_bf16():
     torch.manual_seed(0)
     model = SmallNet().to(torch.bfloat16)
-    opt = GaLoreAdafactor(_split_groups(model, dict(rank=4, update_proj_gap=10)), lr=3e-2,
+    opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "update_proj_gap": 10}), lr=3e-2,
                           relative_step=False, scale_parameter=False, beta1=0.9)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     y = x[:, :6] * 0.5  # a target the net can fit
@@ -339,7 +339,7 @@ def _round_trip_run(dtype, policy, split):
     def make():
         torch.manual_seed(0)
         model = SmallNet().to(dtype)
-        groups = _split_groups(model, dict(rank=4, update_proj_gap=4, moment_policy=policy))
+        groups = _split_groups(model, {"rank": 4, "update_proj_gap": 4, "moment_policy": policy})
         groups[0]["params"].append(model.c.weight)  # an unprojected matrix: factored dense state
         groups[1]["params"] = [p for p in groups[1]["params"] if p is not model.c.weight]
         return model, GaLoreAdafactor(groups, beta1=0.9, weight_decay=0.1)
@@ -387,7 +387,7 @@ def test_state_round_trip_continues_bit_for_bit(dtype, policy):
 def test_state_is_factored_for_matrices_and_full_for_vectors():
     torch.manual_seed(0)
     model = SmallNet()
-    opt = GaLoreAdafactor(_split_groups(model, dict(rank=4, proj_type="std")))
+    opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "proj_type": "std"}))
     _train(model, opt, 1)
     tall = opt.state[model.a.weight]  # 40×16, std → right: low-rank 40×4
     assert tall["exp_avg_sq_row"].shape == (40,) and tall["exp_avg_sq_col"].shape == (4,)
@@ -399,24 +399,24 @@ def test_state_is_factored_for_matrices_and_full_for_vectors():
 
 
 @pytest.mark.parametrize("bad,key", [
-    (dict(lr=1e-3), "lr"),  # manual lr with relative_step=True
-    (dict(relative_step=False), "lr"),  # relative_step=False needs an lr
-    (dict(relative_step=False, lr=-1.0), "lr"),
-    (dict(relative_step=False, lr=float("nan")), "lr"),
-    (dict(relative_step=False, lr=1e-3, warmup_init=True), "warmup_init"),
-    (dict(eps=1e-30), "eps"),
-    (dict(eps=(1e-30, -1.0)), "eps"),
-    (dict(clip_threshold=0.0), "clip_threshold"),
-    (dict(decay_rate=0.5), "decay_rate"),
-    (dict(beta1=1.0), "beta1"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(scale_parameter="yes"), "scale_parameter"),
-    (dict(rank=0), "rank"),
-    (dict(rank=2, update_proj_gap=0), "update_proj_gap"),
-    (dict(rank=2, proj_type="diagonal"), "proj_type"),
-    (dict(rank=2, moment_policy="forget"), "moment_policy"),
-    (dict(optim_bits=8), "optim_bits"),
-    (dict(betas=(0.9, 0.99)), "betas"),
+    ({"lr": 1e-3}, "lr"),  # manual lr with relative_step=True
+    ({"relative_step": False}, "lr"),  # relative_step=False needs an lr
+    ({"relative_step": False, "lr": -1.0}, "lr"),
+    ({"relative_step": False, "lr": float("nan")}, "lr"),
+    ({"relative_step": False, "lr": 1e-3, "warmup_init": True}, "warmup_init"),
+    ({"eps": 1e-30}, "eps"),
+    ({"eps": (1e-30, -1.0)}, "eps"),
+    ({"clip_threshold": 0.0}, "clip_threshold"),
+    ({"decay_rate": 0.5}, "decay_rate"),
+    ({"beta1": 1.0}, "beta1"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"scale_parameter": "yes"}, "scale_parameter"),
+    ({"rank": 0}, "rank"),
+    ({"rank": 2, "update_proj_gap": 0}, "update_proj_gap"),
+    ({"rank": 2, "proj_type": "diagonal"}, "proj_type"),
+    ({"rank": 2, "moment_policy": "forget"}, "moment_policy"),
+    ({"optim_bits": 8}, "optim_bits"),
+    ({"betas": (0.9, 0.99)}, "betas"),
 ])
 def test_bad_group_raises_value_error_naming_group_and_key(bad, key):
     w = nn.Parameter(torch.zeros(4, 4))
@@ -456,7 +456,7 @@ def test_memory_estimate_matches_measured_state(beta1, proj_type):
     model = SmallNet()
     conv = nn.Conv2d(2, 6, 3)  # a 4-D weight projected as 6×18, and a 4-D one left dense
     dense4d = nn.Conv2d(3, 5, 2)
-    groups = _split_groups(model, dict(rank=4, proj_type=proj_type))
+    groups = _split_groups(model, {"rank": 4, "proj_type": proj_type})
     groups[1]["params"].append(conv.weight)
     groups[0]["params"] += [conv.bias, dense4d.weight]
     opt = GaLoreAdafactor(groups, beta1=beta1)

@@ -109,7 +109,7 @@ def test_inductor_compiled_adafactor_matches_eager():
     torch.manual_seed(0)
     w_eager = torch.nn.Parameter(torch.randn(24, 10))
     w_compiled = torch.nn.Parameter(w_eager.detach().clone())
-    opts = dict(rank=3, update_proj_gap=2)
+    opts = {"rank": 3, "update_proj_gap": 2}
     eager = galorex.GaLoreAdafactor([{"params": [w_eager], **opts}], beta1=0.9)
     compiled = galorex.GaLoreAdafactor([{"params": [w_compiled], **opts}], beta1=0.9, compile=True)
     w0 = w_eager.detach().clone()
@@ -139,7 +139,7 @@ def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls):
     eager_model = make_regression_model()
     compiled_model = copy.deepcopy(eager_model)
     # rank 48: the 128×48 low-rank moments (6144 entries) are past the 4096 that stay float32
-    opts = dict(rank=48, gap=3, basis_bits=4)
+    opts = {"rank": 48, "gap": 3, "basis_bits": 4}
     eager = cls(regression_groups(eager_model, **opts), lr=torch.tensor(1e-3), optim_bits=8)
     compiled = cls(regression_groups(compiled_model, **opts), lr=torch.tensor(1e-3), optim_bits=8,
                    compile={"backend": backend})

@@ -31,7 +31,7 @@ ADAM_LIKE = {
 
 
 def _adam_hparams(tensor: bool) -> dict:
-    values = dict(lr=3e-3, weight_decay=0.1, eps=1e-6)
+    values = {"lr": 3e-3, "weight_decay": 0.1, "eps": 1e-6}
     if tensor:
         return {**{k: f64(v) for k, v in values.items()}, "betas": (f64(0.8), f64(0.95))}
     return {**values, "betas": (0.8, 0.95)}
@@ -117,13 +117,13 @@ def test_tensor_lr_zero_keeps_gradnorm_weights_in_a_compiled_step():
 
 
 @pytest.mark.parametrize("bad,key", [
-    (dict(lr=torch.tensor([1e-3, 1e-3])), "lr"),
-    (dict(lr=torch.tensor(-1e-3)), "lr"),
-    (dict(lr=torch.tensor(float("inf"))), "lr"),
-    (dict(lr=torch.tensor(1e-3 + 0j)), "lr"),
-    (dict(betas=(torch.tensor(0.9), torch.tensor(1.0))), "betas"),
-    (dict(weight_decay=torch.tensor(-0.1)), "weight_decay"),
-    (dict(eps=torch.tensor(-1.0)), "eps"),
+    ({"lr": torch.tensor([1e-3, 1e-3])}, "lr"),
+    ({"lr": torch.tensor(-1e-3)}, "lr"),
+    ({"lr": torch.tensor(float("inf"))}, "lr"),
+    ({"lr": torch.tensor(1e-3 + 0j)}, "lr"),
+    ({"betas": (torch.tensor(0.9), torch.tensor(1.0))}, "betas"),
+    ({"weight_decay": torch.tensor(-0.1)}, "weight_decay"),
+    ({"eps": torch.tensor(-1.0)}, "eps"),
 ])
 def test_bad_tensor_hyperparameters_raise_naming_the_key(bad, key):
     w = torch.nn.Parameter(torch.zeros(4, 4))

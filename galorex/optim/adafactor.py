@@ -177,26 +177,26 @@ class GaLoreAdafactor(LowRankOptimizer):
         basis_bits: int = 32,
         compile: CompileOption = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            eps=tuple(eps) if isinstance(eps, (list, tuple)) else eps,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta1=beta1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            refresh_method=refresh_method,
-            moment_policy=moment_policy,
-            oversample=oversample,
-            power_iters=power_iters,
-            refresh_seed=refresh_seed,
-            basis_bits=basis_bits,
-        )
+        defaults = {
+            "lr": lr,
+            "eps": tuple(eps) if isinstance(eps, (list, tuple)) else eps,
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "beta1": beta1,
+            "weight_decay": weight_decay,
+            "scale_parameter": scale_parameter,
+            "relative_step": relative_step,
+            "warmup_init": warmup_init,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "proj_type": proj_type,
+            "refresh_method": refresh_method,
+            "moment_policy": moment_policy,
+            "oversample": oversample,
+            "power_iters": power_iters,
+            "refresh_seed": refresh_seed,
+            "basis_bits": basis_bits,
+        }
         super().__init__(params, defaults, compile=compile)
 
     # ------------------------------------------------------------------ validation

@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from .. import projection as proj
-from .base import STEP, _eight_bit, compute_dtype, hyperparameter, load_moment, store_moment
+from .base import (
+    STEP,
+    _eight_bit,
+    compute_dtype,
+    hyperparameter,
+    load_moment,
+    store_moment,
+)
 from .galore import GaLoreAdamW, adam_directions
 
 MAG_EXP_AVG = "mag_exp_avg"
