@@ -9,6 +9,7 @@ own dtype and a float32 ``step``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,8 +51,10 @@ def parameter_state_bytes(
     natural_history: int = 0,
     optim_bits: int = 32,
     basis_bits: int = 32,
+    first_moment: bool = False,
 ) -> int:
-    # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw"
+    # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw",
+    # "adafactor" (GaLoreAdafactor; ``first_moment`` when its beta1 is set)
     """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
 
     ``optimizer="gradnorm_lorp"`` adds the row magnitudes' Adam moments (2·m entries).
@@ -59,6 +62,9 @@ def parameter_state_bytes(
     s×s float64 Gram matrix and two float32 counters. ``basis_bits=4`` stores bases in half a byte
     per entry plus a float32 scale per 64. ``optim_bits=8`` stores each Adam moment of
     4096 or more entries as one byte per entry plus a float32 scale per 256 (smaller ones float32).
+    ``optimizer="adafactor"`` (GaLoreAdafactor): a factored second moment — for an (a×b) update
+    a + b numbers, for ≥ 2-D shapes prod(shape[:-1]) + prod(shape[:-2])·shape[-1], for vectors one
+    per entry — in float32 (float64 for float64 weights), plus a first moment with ``first_moment``.
     """
     shape = tuple(int(s) for s in shape)
     numel = 1
@@ -69,10 +75,12 @@ def parameter_state_bytes(
             return sum(state8bit.packed_nbytes(n, kind) for kind in (state8bit.SIGNED, state8bit.UNSIGNED_SQRT))
         return 2 * n * float_bytes
 
+    if optimizer == "adafactor":
+        return _adafactor_bytes(shape, dtype, rank, proj_type, first_moment, basis_bits)
     if optimizer == "adamw" or rank is None or len(shape) < 2 or numel == 0:
         return moments(numel, _bytes_of(dtype)) + _SCALAR_BYTES
     if optimizer not in ("galore", "gradnorm_lorp"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore', 'gradnorm_lorp' or 'adamw'")
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore', 'gradnorm_lorp', 'adafactor' or 'adamw'")
     m, n = proj.matrix_shape(shape)
     side = proj.projection_side(proj_type, m, n)
     lm, ln = proj.lowrank_shape(side, m, n, rank)
@@ -90,6 +98,32 @@ def parameter_state_bytes(
     return total
 
 
+def _adafactor_bytes(
+    shape: tuple[int, ...], dtype: torch.dtype, rank: int | None, proj_type: str, first_moment: bool,
+    basis_bits: int,
+) -> int:
+    cbytes = _bytes_of(compute_dtype(dtype))
+
+    def statistics(stat_shape: tuple[int, ...]) -> int:
+        numel = math.prod(stat_shape)
+        if len(stat_shape) >= 2:
+            second = math.prod(stat_shape[:-1]) + math.prod(stat_shape[:-2]) * stat_shape[-1]
+        else:
+            second = numel
+        return (second + (numel if first_moment else 0)) * cbytes
+
+    if rank is None or len(shape) < 2 or math.prod(shape) == 0:
+        return statistics(shape) + _SCALAR_BYTES
+    m, n = proj.matrix_shape(shape)
+    side = proj.projection_side(proj_type, m, n)
+    shapes = proj.basis_shapes(side, m, n, rank)
+    if basis_bits == 4:
+        basis_bytes = sum(state8bit.int4_nbytes(a * b) for a, b in shapes)
+    else:
+        basis_bytes = sum(a * b for a, b in shapes) * cbytes
+    return statistics(proj.lowrank_shape(side, m, n, rank)) + basis_bytes + 2 * _SCALAR_BYTES
+
+
 def estimate_optimizer_state_bytes(
     model_or_groups: nn.Module | list[dict[str, Any]] | Iterable[Any],
     optimizer: str = "galore",
@@ -100,7 +134,8 @@ def estimate_optimizer_state_bytes(
     group lacks, e.g. ``proj_type``). Works on the meta device: nothing is allocated.
     With ``optimizer="adamw"`` every parameter is counted as torch.optim.AdamW holds it. For
     NaturalGaLoreAdamW pass ``natural_history=s`` (or have the key in the groups): its window of s
-    low-rank gradients per matrix is counted too.
+    low-rank gradients per matrix is counted too. For GaLoreAdafactor pass
+    ``optimizer="adafactor"`` (and ``beta1`` when it keeps a first moment).
     """
     if isinstance(model_or_groups, nn.Module):
         groups = [{"params": list(model_or_groups.parameters())}]
@@ -115,10 +150,12 @@ def estimate_optimizer_state_bytes(
         history = group.get("natural_history", group_defaults.get("natural_history", 0))
         bits = group.get("optim_bits", group_defaults.get("optim_bits", 32))
         basis_bits = group.get("basis_bits", group_defaults.get("basis_bits", 32))
+        first_moment = group.get("beta1", group_defaults.get("beta1")) is not None
         for p in group["params"]:
             if isinstance(p, tuple):
                 p = p[1]
             if not p.requires_grad:
                 continue
-            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits)
+            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits,
+                                           first_moment)
     return total

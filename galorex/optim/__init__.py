@@ -1,5 +1,6 @@
 """galorex optimizers."""
 
+from .adafactor import GaLoreAdafactor
 from .base import LowRankOptimizer
 from .galore import GaLoreAdamW, adam_directions
 from .gradnorm_lorp import GradNormLoRPAdamW, weight_norm_gradients
@@ -7,6 +8,7 @@ from .natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
 from .groups import galore_param_groups, select_galore_parameters
 
 __all__ = [
+    "GaLoreAdafactor",
     "GaLoreAdamW",
     "GradNormLoRPAdamW",
     "LowRankOptimizer",

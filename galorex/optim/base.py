@@ -46,6 +46,9 @@ BASIS_BITS = "basis_bits"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
+# ``compile=``: False (eager), True (torch.compile with fullgraph=True), or torch.compile options.
+CompileOption = bool | dict[str, Any]
+
 # State keys.
 STEP = "step"
 PROJ_STEP = "proj_step"
@@ -120,19 +123,56 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def hyperparameter(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A group hyperparameter (lr, weight_decay, betas, eps …) as the step uses it: a Python float,
+    except that a tensor stays a tensor inside a compiled step, where reading it would be a host
+    synchronisation and a graph break; the graph then takes it as an input, so a scheduler that
+    changes it in place does not cause a recompile (as ``torch.optim`` does with ``lr=tensor``)."""
+    if isinstance(value, torch.Tensor) and torch.compiler.is_compiling():
+        return value
+    return float(value)
+
+
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Projection and subspace state run in float32, or float64 for float64 parameters."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 class LowRankOptimizer(Optimizer):
-    """Base class: the shared projected step loop; see the module docstring."""
+    """Base class: the shared projected step loop; see the module docstring.
+
+    ``compile`` (False, True, or a dict of ``torch.compile`` options): compile the per-group numeric
+    update (:meth:`_lowrank_update`, project → inner rule → project back) with ``fullgraph=True``.
+    What needs the host — which parameters refresh at this step, the SVD, the finite check —
+    runs eagerly before it, so the compiled graph is the same at every step."""
 
     # Scalars read on the host every step: they live on the CPU so reading them never syncs a GPU.
     _cpu_state_keys: tuple[str, ...] = ("step", "proj_step")
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, compile: CompileOption = False
+    ) -> None:
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+        # The refresh schedule (step counters, SVD) stays on the host; what ``compile`` compiles is
+        # the per-group numeric update that follows it (see ``_lowrank_step``).
+        self._compile_options: dict[str, Any] | None = (
+            None if compile is False else {"fullgraph": True, **(compile if isinstance(compile, dict) else {})}
+        )
+        self._compiled_fns: dict[str, Callable[..., Any]] = {}
         super().__init__(params, defaults)
+
+    def _compiled(self, name: str) -> Callable[..., Any]:
+        """The bound method ``name``, through ``torch.compile`` when the optimizer was built with
+        ``compile`` (one compiled function per method, created on first use)."""
+        fn = getattr(self, name)
+        options = getattr(self, "_compile_options", None)  # absent after unpickling an old state
+        if options is None:
+            return fn
+        fns = self.__dict__.setdefault("_compiled_fns", {})
+        if name not in fns:
+            fns[name] = torch.compile(fn, **options)
+        return fns[name]
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -234,6 +274,10 @@ class LowRankOptimizer(Optimizer):
         return g
 
     # ------------------------------------------------------------------ the step
+    # torch.compile(opt.step) would trace the host-side refresh schedule (step counters, SVD),
+    # which breaks the graph at every step and fails in dynamo; the step runs eagerly instead and
+    # ``compile=True`` compiles the numeric update inside it.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
@@ -357,8 +401,13 @@ class LowRankOptimizer(Optimizer):
         store_moment(state, EXP_AVG, m, _eight_bit(group))
         store_moment(state, EXP_AVG_SQ, v, _eight_bit(group))
 
-    def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int:
-        """Steps the current moments have seen (bias correction restarts on a reset refresh)."""
+    def _bias_step(self, group: dict[str, Any], state: dict[str, Any]) -> int | torch.Tensor:
+        """Steps the current moments have seen (bias correction restarts on a reset refresh); a
+        tensor inside a compiled step, where reading it would break the graph."""
+        if torch.compiler.is_compiling():
+            if group[MOMENT_POLICY] == "reset":
+                return state[STEP] - state[PROJ_STEP]
+            return state[STEP]
         step = int(state[STEP].item())
         if group[MOMENT_POLICY] == "reset":
             return step - int(state[PROJ_STEP].item())
@@ -371,30 +420,59 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the updates
     def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        """The numeric update of a group's projected parameters, after any refresh: compiled when
+        the optimizer was built with ``compile``. Only the parameters, their sides, gradients and
+        states cross into the compiled function (not the host's step numbers), and the gradients
+        and states as plain inputs: reached through ``p.grad`` or ``self.state`` they would be
+        guarded by identity, and a gradient freed by ``zero_grad`` or a new state entry would force
+        a recompile every step."""
+        if getattr(self, "_compile_options", None) is not None:
+            items = [
+                {"param": it["param"], "side": it["side"], "grad": it["param"].grad, "state": self.state[it["param"]]}
+                for it in items
+            ]
+        self._compiled("_lowrank_update")(group, items)
+
+    def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
         params = [it["param"] for it in items]
-        states = [self.state[p] for p in params]
+        states = [it["state"] if "state" in it else self.state[p] for p, it in zip(params, items)]
         all_bases = [load_bases(s, it["side"], p, group[RANK]) for p, it, s in zip(params, items, states)]
         lows = []
         for p, state, bases, it in zip(params, states, all_bases, items):
-            g = self._gradient_matrix(group, p)
+            g = self._gradient_matrix(group, p, it.get("grad"))
             lows.append(proj.project(g, bases, it["side"]))
             state[STEP] += 1
         directions = self._lowrank_directions(group, params, lows, states)
 
-        lr = float(group["lr"])
-        decay = 1.0 - lr * float(group["weight_decay"])
-        alpha = -lr * float(group[SCALE])
+        lr = hyperparameter(group["lr"])
+        decay = 1.0 - lr * hyperparameter(group["weight_decay"])
+        alpha = -lr * hyperparameter(group[SCALE])
         if group[EPS_MODE] == "galore_torch":
-            alpha *= decay  # galore-torch decays the already-updated weight
+            alpha = alpha * decay  # galore-torch decays the already-updated weight
         for p, state, bases, it, d in zip(params, states, all_bases, items, directions):
             self._apply_lowrank_update(group, p, state, d, bases, it["side"], decay=decay, alpha=alpha)
 
-    def _gradient_matrix(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
-        """The (m×n) matrix that is projected (and whose SVD gives the basis): here the gradient."""
-        return proj.as_matrix(p.grad).to(compute_dtype(p.dtype))
+    def _gradient_matrix(
+        self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The (m×n) matrix that is projected (and whose SVD gives the basis): here the gradient
+        (``grad``, or ``p.grad`` when not given)."""
+        return proj.as_matrix(p.grad if grad is None else grad).to(compute_dtype(p.dtype))
 
-    def _apply_lowrank_update(self, group, p, state, d, bases, side, *, decay: float, alpha: float) -> None:
+    def _apply_lowrank_update(
+        self, group, p, state, d, bases, side, *, decay: float | torch.Tensor, alpha: float | torch.Tensor
+    ) -> None:
         """W ← decay·W + alpha·project_back(D)."""
+        if isinstance(decay, torch.Tensor) or isinstance(alpha, torch.Tensor):
+            # Tensor hyperparameters (compiled step): scale the small low-rank D instead of passing
+            # alpha to addmm (which takes numbers only), and decay in place.
+            in_place = p.dtype == d.dtype and p.is_contiguous()
+            w = proj.as_matrix(p) if in_place else proj.as_matrix(p).to(d.dtype, copy=True)
+            w.mul_(decay)
+            proj.add_projected_back_(w, d * alpha, bases, side, alpha=1.0)
+            if not in_place:
+                p.copy_(w.view_as(p))
+            return
         if p.dtype == d.dtype and p.is_contiguous():
             # One fused GEMM into the weight, no full-size temporary.
             proj.add_projected_back_(proj.as_matrix(p), d, bases, side, alpha=alpha, beta=decay)
@@ -435,11 +513,13 @@ class LowRankOptimizer(Optimizer):
             foreach=None if fused else group.get("foreach"),
             fused=fused or None,
             amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
+            # Tensor hyperparameters as numbers, except lr for the fused kernel, which takes a
+            # tensor lr as it is (older torch refuses tensor betas, and tensor lr with foreach).
+            beta1=float(beta1),
+            beta2=float(beta2),
+            lr=group["lr"] if fused else float(group["lr"]),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
             maximize=False,
         )
 

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adafactor import GaLoreAdafactor
 from .galore import GaLoreAdamW
 from .gradnorm_lorp import GradNormLoRPAdamW
 from .groups import galore_param_groups
 from .natural_galore import NaturalGaLoreAdamW
 
-AVAILABLE = ("adamw", "galore", "natural-galore", "gradnorm-lorp")
+AVAILABLE = ("adamw", "galore", "natural-galore", "gradnorm-lorp", "galore-adafactor")
 # Names of optimizers still to come, so that asking for one gives a clear answer.
 PLANNED: tuple[str, ...] = ()
 
@@ -42,7 +43,14 @@ def build_optimizer(
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
     and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
     the same groups on NaturalGaLoreAdamW; ``gradnorm-lorp`` on GradNormLoRPAdamW. ``optim_bits=8`` keeps Adam's moments in 8 bits (for
-    ``adamw`` too, through a galorex optimizer with no rank group)."""
+    ``adamw`` too, through a galorex optimizer with no rank group). ``galore-adafactor``: the same
+    groups on GaLoreAdafactor with the external ``lr`` (``relative_step=False``,
+    ``scale_parameter=False``, as the GaLore paper's scripts run it), ``beta1`` = betas[0] (0 means
+    no first moment) and ``weight_decay``; β₂ and ``eps`` are Adam's and do not apply (Adafactor's
+    second moment follows its own 1 − t^−0.8 schedule)."""
+    if name == "galore-adafactor" and optim_bits != 32:
+        raise ValueError("optim_bits=8 is not available for galore-adafactor (its factored second "
+                         "moment is already a + b numbers per matrix); use optim_bits=32")
     if name == "adamw" and optim_bits == 8:
         # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments.
         return GaLoreAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -51,7 +59,7 @@ def build_optimizer(
         return torch.optim.AdamW(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
         )
-    if name in ("galore", "natural-galore", "gradnorm-lorp"):
+    if name in ("galore", "natural-galore", "gradnorm-lorp", "galore-adafactor"):
         groups = galore_param_groups(
             model,
             rank=rank,
@@ -64,6 +72,9 @@ def build_optimizer(
             basis_bits=basis_bits,
             **extra,
         )
+        if name == "galore-adafactor":
+            return GaLoreAdafactor(groups, lr=lr, beta1=betas[0] if betas[0] > 0 else None,
+                                   weight_decay=weight_decay, relative_step=False, scale_parameter=False)
         if name == "natural-galore":
             return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       natural_history=natural_history, natural_damping=natural_damping,

@@ -13,17 +13,28 @@ from typing import Any
 
 import torch
 
-from .base import EXP_AVG, EXP_AVG_SQ, LowRankOptimizer, _eight_bit, load_moment, store_moment
+from .base import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    CompileOption,
+    LowRankOptimizer,
+    _eight_bit,
+    hyperparameter,
+    load_moment,
+    store_moment,
+)
+
+Scalar = float | torch.Tensor
 
 
 def adam_directions(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
-    bias_steps: list[int],
-    beta1: float,
-    beta2: float,
-    eps: float,
+    bias_steps: list[int] | list[torch.Tensor],
+    beta1: Scalar,
+    beta2: Scalar,
+    eps: Scalar,
     eps_mode: str = "torch",
 ) -> list[torch.Tensor]:
     """Update the moments in place and return Adam's directions for a list of tensors at once.
@@ -31,7 +42,12 @@ def adam_directions(
     ``eps_mode="torch"``: m̂ / (√v̂ + ε), ε after the bias correction of √v, as in the GaLore
     paper's Algorithm 1 and torch.optim.AdamW. ``eps_mode="galore_torch"``:
     (√(1−β₂ᵗ)/(1−β₁ᵗ))·m / (√v + ε), as galore-torch (and transformers' AdamW) compute it.
+
+    Steps and hyperparameters may be 0-dim tensors (a compiled step): the same maths then runs as
+    tensor arithmetic, with the bias corrections in float64, and never reads a value on the host.
     """
+    if any(isinstance(x, torch.Tensor) for x in (beta1, beta2, eps, *bias_steps)):
+        return _adam_directions_tensor(grads, exp_avgs, exp_avg_sqs, bias_steps, beta1, beta2, eps, eps_mode)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
@@ -47,6 +63,32 @@ def adam_directions(
         torch._foreach_add_(denom, eps)
         directions = torch._foreach_div(exp_avgs, denom)
         torch._foreach_mul_(directions, [b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)])
+    return directions
+
+
+def _adam_directions_tensor(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    bias_steps: list[int] | list[torch.Tensor],
+    beta1: Scalar,
+    beta2: Scalar,
+    eps: Scalar,
+    eps_mode: str,
+) -> list[torch.Tensor]:
+    directions = []
+    for g, m, v, step in zip(grads, exp_avgs, exp_avg_sqs, bias_steps):
+        t = torch.as_tensor(step, dtype=torch.float64)
+        m.add_((g - m) * (1.0 - beta1))  # m ← lerp(m, g, 1 − β₁)
+        v.mul_(beta2).add_(g * g * (1.0 - beta2))
+        b1 = torch.as_tensor(beta1, dtype=torch.float64)
+        b2 = torch.as_tensor(beta2, dtype=torch.float64)
+        bias1 = 1.0 - b1**t
+        bias2_sqrt = (1.0 - b2**t).sqrt()
+        if eps_mode == "torch":
+            directions.append(m / ((v.sqrt() / bias2_sqrt.to(v.dtype)) + eps) / bias1.to(m.dtype))
+        else:
+            directions.append(m / (v.sqrt() + eps) * (bias2_sqrt / bias1).to(m.dtype))
     return directions
 
 
@@ -86,6 +128,15 @@ class GaLoreAdamW(LowRankOptimizer):
       orthonormal (entries within half a code step).
 
     Weight decay is decoupled and applied to the full weight.
+
+    ``lr``, ``weight_decay``, ``betas`` and ``eps`` may be 0-dim tensors (``lr=torch.tensor(1e-3)``),
+    which ``torch.optim.lr_scheduler`` schedulers update in place; eagerly the run is the same as with
+    their values as floats. ``compile=True`` (or a dict of ``torch.compile`` options, e.g.
+    ``{"backend": "aot_eager"}``) compiles the numeric update of the projected parameters with
+    ``fullgraph=True`` — no host synchronisation inside it — while the refresh schedule and the SVD
+    stay on the host; with a tensor ``lr`` a scheduler's changes do not recompile it. Each group is
+    its own graph (dynamo's ``cache_size_limit``, 8 by default, bounds how many); unprojected
+    parameters keep torch's fused AdamW kernel.
     """
 
     def __init__(
@@ -109,6 +160,7 @@ class GaLoreAdamW(LowRankOptimizer):
         basis_bits: int = 32,
         foreach: bool | None = None,
         fused: bool | None = None,
+        compile: CompileOption = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -131,7 +183,7 @@ class GaLoreAdamW(LowRankOptimizer):
         )
         # Subclasses add their own group keys (set before calling this constructor).
         defaults.update(getattr(self, "_extra_defaults", {}))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, compile=compile)
 
     def _lowrank_directions(self, group, params, lows, states):
         beta1, beta2 = group["betas"]
@@ -142,9 +194,9 @@ class GaLoreAdamW(LowRankOptimizer):
             exp_avgs,
             exp_avg_sqs,
             [self._bias_step(group, s) for s in states],
-            float(beta1),
-            float(beta2),
-            float(group["eps"]),
+            hyperparameter(beta1),
+            hyperparameter(beta2),
+            hyperparameter(group["eps"]),
             group["eps_mode"],
         )
         if _eight_bit(group):

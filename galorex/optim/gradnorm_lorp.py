@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from .. import projection as proj
-from .base import STEP, _eight_bit, compute_dtype, load_moment, store_moment
+from .base import (
+    STEP,
+    _eight_bit,
+    compute_dtype,
+    hyperparameter,
+    load_moment,
+    store_moment,
+)
 from .galore import GaLoreAdamW, adam_directions
 
 MAG_EXP_AVG = "mag_exp_avg"
@@ -64,13 +71,24 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         self._radial: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(*args, **kwargs)
 
-    def _gradient_matrix(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+    def _gradient_matrix(
+        self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cdtype = compute_dtype(p.dtype)
         w = proj.as_matrix(p).to(cdtype)
         norms, v_hat = _unit_rows(w)
-        radial, grad_v = weight_norm_gradients(norms, v_hat, proj.as_matrix(p.grad).to(cdtype))
+        grad = p.grad if grad is None else grad
+        radial, grad_v = weight_norm_gradients(norms, v_hat, proj.as_matrix(grad).to(cdtype))
         self._radial[p] = radial  # the magnitude gradient, used by this step's update
         return grad_v
+
+    def _lowrank_step(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        # A refresh computed the magnitude gradients already; the update computes them again from
+        # the same gradient, so drop those first: the (compiled) update then always starts from
+        # an empty dict, and one graph serves refresh and ordinary steps alike.
+        for it in items:
+            self._radial.pop(it["param"], None)
+        super()._lowrank_step(group, items)
 
     def _init_lowrank_state(self, group, p, state, shape, dtype) -> None:
         super()._init_lowrank_state(group, p, state, shape, dtype)
@@ -85,16 +103,26 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         radial = self._radial.pop(p)
         beta1, beta2 = group["betas"]
         m, v = load_moment(state, MAG_EXP_AVG), load_moment(state, MAG_EXP_AVG_SQ)
+        # Inside a compiled step the counter stays a tensor (reading it would break the graph).
+        step = state[STEP] if torch.compiler.is_compiling() else int(state[STEP].item())
         (mag_direction,) = adam_directions(
-            [radial], [m], [v], [int(state[STEP].item())], float(beta1), float(beta2),
-            float(group["eps"]), group["eps_mode"],
+            [radial], [m], [v], [step], hyperparameter(beta1), hyperparameter(beta2),
+            hyperparameter(group["eps"]), group["eps_mode"],
         )
         store_moment(state, MAG_EXP_AVG, m, _eight_bit(group))
         store_moment(state, MAG_EXP_AVG_SQ, v, _eight_bit(group))
-        if float(group["lr"]) == 0.0:
+        lr = hyperparameter(group["lr"])
+        if not isinstance(lr, torch.Tensor) and lr == 0.0:
             return  # nothing moves; rewriting g·v̂ would only round W
-        magnitudes = norms * decay - float(group["lr"]) * mag_direction
+        magnitudes = norms * decay - lr * mag_direction
         # v ← v̂ + alpha·back(D), then renormalised: only the direction is kept.
-        direction = proj.add_projected_back_(v_hat, d, bases, side, alpha=alpha)
+        if isinstance(alpha, torch.Tensor):
+            direction = proj.add_projected_back_(v_hat, d * alpha, bases, side, alpha=1.0)
+        else:
+            direction = proj.add_projected_back_(v_hat, d, bases, side, alpha=alpha)
         _, direction = _unit_rows(direction)
-        p.copy_((magnitudes[:, None] * direction).view_as(p))
+        new = (magnitudes[:, None] * direction).view_as(p)
+        if isinstance(lr, torch.Tensor):
+            # A tensor lr of 0 must leave W untouched too, decided without reading it on the host.
+            new = torch.where(lr == 0, p, new.to(p.dtype))
+        p.copy_(new)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import projection as proj
-from .base import MOMENT_POLICY, _is_int, _is_real
+from .base import MOMENT_POLICY, _is_int, _is_real, hyperparameter
 from .galore import GaLoreAdamW
 
 NATURAL_HISTORY = "natural_history"
@@ -47,16 +47,20 @@ def woodbury_inverse_fisher(
     *,
     gram: torch.Tensor | None = None,
     dots: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(λI + H Hᵀ)⁻¹ g with H = rowsᵀ, through the k×k system (λI + HᵀH) of the Woodbury identity.
 
     ``g`` is (d,), ``rows`` (k, d). ``gram`` = rows·rowsᵀ and ``dots`` = rows·g may be passed when
     already known. The k×k solve runs in float64 by Cholesky and never synchronises with the host.
+    ``count`` (a 0-dim tensor) says how many of the rows are gradients when the others are zero
+    rows (the compiled step passes the whole window): the result is then the same as for the
+    non-zero rows alone, the zero ones adding a decoupled λ block.
     The damping used is λ + δ with δ = 10·ε·(trace(HᵀH) + kλ), ε of ``rows``' dtype: the rounding of
     the stored dot products, which would otherwise make the system indefinite when λ is below what
     they resolve. In float64 δ is negligible; with float32 gradients of norm ~1 it is ~1e-6·k.
     """
-    k = rows.shape[0]
+    k = rows.shape[0] if count is None else count.to(device=rows.device, dtype=torch.float64)
     if dots is None:
         dots = rows @ g
     dots = dots.to(torch.float64)
@@ -67,7 +71,7 @@ def woodbury_inverse_fisher(
     # The jitter joins the damping (on both sides of the identity), so the result is exactly
     # ((λ+δ)I + H Hᵀ)⁻¹ g: a slightly larger damping, never a rescaled answer.
     damping = damping + 10 * torch.finfo(rows.dtype).eps * (gram.diagonal().sum() + k * damping)
-    eye = torch.eye(k, dtype=torch.float64, device=rows.device)
+    eye = torch.eye(rows.shape[0], dtype=torch.float64, device=rows.device)
     chol, _ = torch.linalg.cholesky_ex(gram + damping * eye)
     coeffs = torch.cholesky_solve(dots.unsqueeze(-1), chol).squeeze(-1)
     return (g - coeffs.to(g.dtype) @ rows) / damping.to(g.dtype)
@@ -161,9 +165,31 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         out = woodbury_inverse_fisher(g, valid, lam, gram=gram[:filled, :filled], dots=dots)
         return out.view_as(low)
 
+    def _precondition_compiled(self, group: dict[str, Any], low: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """:meth:`_precondition` without host reads, for a compiled step: the ring position and
+        fill count stay tensors, and the whole window enters the solve (rows not yet written are
+        zero, so they add nothing; ``count`` keeps the jitter as for the filled rows alone)."""
+        history = state[HISTORY]
+        s = history.shape[0]
+        rows = history.view(s, -1)
+        g = low.reshape(-1)
+        row = state[NEXT_ROW].to(torch.long)
+        index = row.reshape(1).to(rows.device)
+        rows.index_copy_(0, index, g.unsqueeze(0))
+        state[NEXT_ROW].copy_((row + 1) % s)
+        state[FILLED].copy_((state[FILLED] + 1).clamp(max=s))
+        dots = (rows @ g).to(torch.float64)
+        gram = state[GRAM]
+        gram.index_copy_(0, index, dots.unsqueeze(0))
+        gram.index_copy_(1, index, dots.unsqueeze(1))
+        lam = hyperparameter(group[NATURAL_DAMPING])
+        out = woodbury_inverse_fisher(g, rows, lam, gram=gram, dots=dots, count=state[FILLED])
+        return out.view_as(low)
+
     def _lowrank_directions(self, group, params, lows, states):
         if group[NATURAL_HISTORY] > 0:
-            lows = [self._precondition(group, low, s) if HISTORY in s else low for low, s in zip(lows, states)]
+            precondition = self._precondition_compiled if torch.compiler.is_compiling() else self._precondition
+            lows = [precondition(group, low, s) if HISTORY in s else low for low, s in zip(lows, states)]
         return super()._lowrank_directions(group, params, lows, states)
 
 

@@ -173,6 +173,9 @@ def unsigned_code(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def _boundaries_for(code: torch.Tensor, keep_positive: bool) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # id() of a traced tensor means nothing; 255 midpoints are cheap to recompute in a graph.
+        return code_boundaries(code, keep_positive)
     entry = _BOUNDARIES.get((id(code), keep_positive))
     if entry is not None and entry[0] is code:
         return entry[1]

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default=d.model,
       help="llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, or a JSON config file")
     a("--optimizer", default=d.optimizer,
-      help="adamw | galore | natural-galore | gradnorm-lorp")
+      help="adamw | galore | natural-galore | gradnorm-lorp | galore-adafactor")
     a("--rank", type=int, default=d.rank, help="GaLore rank")
     a("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between basis refreshes")
     a("--scale", type=float, default=d.scale, help="GaLore scale of the projected-back update")

@@ -119,7 +119,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` loaded through the ``tokenizers`` package."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: tokenizer file not found")
@@ -393,7 +393,7 @@ class TokenBatcher:
     position)``, which is exactly what :meth:`state_dict` stores.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0) -> None:
         if int(batch_size) < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if int(seed) < 0:

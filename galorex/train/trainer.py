@@ -11,10 +11,12 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..memory import optimizer_state_bytes
@@ -168,7 +170,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: Llama, tokens, cfg: TrainConfig, device: torch.device) -> float:
+def evaluate(model: Llama, tokens: np.ndarray, cfg: TrainConfig, device: torch.device) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
@@ -317,7 +319,11 @@ def _save_weights(model: Llama, out: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    log: Callable[[str], Any] = print,
+    make_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+) -> dict[str, Any]:
     """Run the training described by ``cfg``; returns the summary (also written to OUT/summary.json).
 
     ``make_optimizer(model, **options)`` replaces :func:`galorex.optim.factory.build_optimizer`

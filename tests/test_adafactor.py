@@ -1,0 +1,470 @@
+"""GaLoreAdafactor: equivalence with galore-torch's GaLoreAdafactor, exactness against a plain
+float64 reference written from the formulas, checkpoints, bad input and memory accounting."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference_galore import carry, project, project_back, side_for, svd_bases
+from torch import nn
+
+import galorex
+from galorex import (
+    GaLoreAdafactor,
+    estimate_optimizer_state_bytes,
+    optimizer_state_bytes,
+)
+from galorex.optim.factory import build_optimizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+POLICIES = ("keep", "reset", "reproject")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (b the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# ============================================================================ plain float64 reference
+ADAFACTOR_DEFAULTS: dict[str, Any] = {
+    "lr": None, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None, "weight_decay": 0.0,
+    "scale_parameter": True, "relative_step": True, "warmup_init": False, "update_proj_gap": 200, "scale": 1.0,
+    "proj_type": "std", "moment_policy": "keep",
+}
+
+
+def _rms(t: torch.Tensor) -> float:
+    return math.sqrt(float((t * t).sum()) / t.numel()) if t.numel() else 0.0
+
+
+class ReferenceAdafactor:
+    """One parameter at a time, every formula written out (Shazeer & Stern 2018, Algorithm 4 with
+    transformers' schedule; GaLore's projection with the exact SVD):
+
+    ρ = min(1e-2 or 1e-6·t, 1/√t) or lr; α = max(ε₂, RMS(W))·ρ or ρ; β̂ = 1 − t^c;
+    r = β̂r + (1−β̂)·rowmean(R²+ε₁), c = β̂c + (1−β̂)·colmean(R²+ε₁); V̂ = r cᵀ/mean(r) (vectors:
+    v = β̂v + (1−β̂)(R²+ε₁)); U = R/√V̂; U = α·U/max(1, RMS(U)/d); m = β₁m + (1−β₁)U, U = m;
+    W = (1 − wd·α)W − scale·back(U). Refresh at the parameter's own steps 0, T, 2T…; reset zeroes
+    r, c, m and counts t of β̂ from the refresh; reproject: m ← carry(m, R), V̂ ← carry(V̂, R∘R),
+    r, c = its row and column means."""
+
+    def __init__(self, groups: list[dict[str, Any]], **defaults: Any) -> None:
+        self.groups = []
+        for g in groups:
+            full = {**ADAFACTOR_DEFAULTS, **defaults, **{k: v for k, v in g.items() if k != "params"}}
+            full["params"] = [p.detach().double().clone() for p in g["params"]]
+            self.groups.append(full)
+        self.state: list[list[dict[str, Any]]] = [[{} for _ in g["params"]] for g in self.groups]
+
+    def step(self, grads: list[list[torch.Tensor | None]]) -> None:
+        for gi, group in enumerate(self.groups):
+            for pi, p in enumerate(group["params"]):
+                if grads[gi][pi] is not None:
+                    group["params"][pi] = self._param_step(group, p, grads[gi][pi].double(), self.state[gi][pi])
+
+    @staticmethod
+    def _new_stats(shape: torch.Size, beta1: float | None) -> dict[str, torch.Tensor]:
+        stats = {}
+        if len(shape) >= 2:
+            stats["r"] = torch.zeros(shape[:-1], dtype=torch.float64)
+            stats["c"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float64)
+        else:
+            stats["v"] = torch.zeros(shape, dtype=torch.float64)
+        if beta1 is not None:
+            stats["m"] = torch.zeros(shape, dtype=torch.float64)
+        return stats
+
+    def _param_step(self, group, p, grad, state):
+        projected = group.get("rank") is not None and p.dim() >= 2 and p.numel() > 0
+        if projected:
+            g = grad.reshape(p.shape[0], -1)
+            side = side_for(group["proj_type"], *g.shape)
+            if not state:
+                state.update(step=0, proj_step=0, bases=svd_bases(g, group["rank"], side))
+                state.update(self._new_stats(project(g, state["bases"], side).shape, group["beta1"]))
+            elif state["step"] % group["update_proj_gap"] == 0:
+                new = svd_bases(g, group["rank"], side)
+                if group["moment_policy"] == "reset":
+                    for k in ("r", "c", "m"):
+                        if k in state:
+                            state[k] = torch.zeros_like(state[k])
+                elif group["moment_policy"] == "reproject":
+                    trans = [pn.T @ po for po, pn in zip(state["bases"], new)]
+                    if "m" in state:
+                        state["m"] = carry(state["m"], trans, side)
+                    mean_r = float(state["r"].mean())
+                    v_hat = torch.outer(state["r"], state["c"]) / mean_r if mean_r > 0 else torch.zeros(
+                        len(state["r"]), len(state["c"]), dtype=torch.float64)
+                    v_hat = carry(v_hat, [t * t for t in trans], side)
+                    state["r"], state["c"] = v_hat.mean(dim=1), v_hat.mean(dim=0)
+                state["bases"], state["proj_step"] = new, state["step"]
+            low = project(g, state["bases"], side)
+        else:
+            if not state:
+                state.update(step=0, **self._new_stats(p.shape, group["beta1"]))
+            low = grad
+        state["step"] += 1
+        t = state["step"]
+        t_moments = t - state["proj_step"] if projected and group["moment_policy"] == "reset" else t
+        u, alpha = self._adafactor(group, low, state, t, t_moments, p)
+        wd = group["weight_decay"]
+        if projected:
+            back = project_back(u, state["bases"], side).reshape(p.shape)
+            return (1 - wd * alpha) * p - group["scale"] * back
+        return (1 - wd * alpha) * p - u
+
+    @staticmethod
+    def _adafactor(group, low, state, t, t_moments, w):
+        eps1, eps2 = group["eps"]
+        if group["relative_step"]:
+            rho = min(1e-6 * t if group["warmup_init"] else 1e-2, 1 / math.sqrt(t))
+        else:
+            rho = group["lr"]
+        alpha = max(eps2, _rms(w)) * rho if group["scale_parameter"] else rho
+        b = 1 - t_moments ** group["decay_rate"]
+        sq = low * low + eps1
+        if low.dim() >= 2:
+            state["r"] = b * state["r"] + (1 - b) * sq.mean(dim=-1)
+            state["c"] = b * state["c"] + (1 - b) * sq.mean(dim=-2)
+            r_normalised = state["r"] / state["r"].mean(dim=-1, keepdim=True)
+            v_hat = r_normalised.unsqueeze(-1) * state["c"].unsqueeze(-2)
+        else:
+            state["v"] = b * state["v"] + (1 - b) * sq
+            v_hat = state["v"]
+        u = low / torch.sqrt(v_hat)
+        u = u / max(1.0, _rms(u) / group["clip_threshold"])
+        u = alpha * u
+        if group["beta1"] is not None:
+            state["m"] = group["beta1"] * state["m"] + (1 - group["beta1"]) * u
+            u = state["m"]
+        return u, alpha
+
+
+def _reference_params(seed: int = 0) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    tall = torch.randn(14, 6, generator=g, dtype=torch.float64)
+    wide = torch.randn(5, 11, generator=g, dtype=torch.float64)
+    conv = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)  # projected as 4×18
+    dense = torch.randn(7, 5, generator=g, dtype=torch.float64)  # factored, unprojected
+    bias = torch.randn(9, generator=g, dtype=torch.float64)
+    return [[tall, wide, conv], [dense, bias]]
+
+
+def _run_against_reference(proj_type, policy, steps=26, must_move=1e-3, **kw):
+    init = _reference_params()
+    params = [[nn.Parameter(t.clone()) for t in grp] for grp in init]
+    opts = {"rank": 3, "update_proj_gap": 10, "proj_type": proj_type, "moment_policy": policy, "scale": 0.5}
+    groups = [{"params": params[0], **opts}, {"params": params[1]}]
+    opt = GaLoreAdafactor(groups, **kw)
+    ref = ReferenceAdafactor([{"params": init[0], **opts}, {"params": init[1]}], **kw)
+    g = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        grads = []
+        for gi, grp in enumerate(params):
+            row = []
+            for pi, p in enumerate(grp):
+                # the tall weight skips 4 steps: its refreshes follow its own step count
+                grad = None if (gi, pi) == (0, 0) and step in (3, 4, 11, 12) else torch.randn(
+                    p.shape, generator=g, dtype=torch.float64)
+                p.grad = None if grad is None else grad.clone()
+                row.append(grad)
+            grads.append(row)
+        opt.step()
+        ref.step(grads)
+        for gi, grp in enumerate(params):
+            for pi, p in enumerate(grp):
+                err = rel_err(p, ref.groups[gi]["params"][pi])
+                assert err < 1e-10, f"step {step} group {gi} param {pi}: {err:.3g}"
+    for gi, grp in enumerate(params):
+        for pi, p in enumerate(grp):
+            assert rel_err(p, init[gi][pi]) > must_move  # it moved: the comparison is not vacuous
+    return opt, params
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_matches_float64_reference(proj_type, policy):
+    opt, params = _run_against_reference(proj_type, policy, beta1=0.8, weight_decay=0.3)
+    state = opt.state[params[0][0]]
+    assert int(state["step"].item()) == 22 and int(state["proj_step"].item()) == 20
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # relative step with parameter scale, no first moment: transformers' defaults
+    {"warmup_init": True, "clip_threshold": 0.5},
+    {"lr": 3e-2, "relative_step": False, "scale_parameter": False, "decay_rate": -0.5},
+], ids=["default", "warmup", "manual-lr"])
+def test_matches_float64_reference_schedules(kw):
+    # warmup_init's steps are 1e-6·t·RMS(W): 26 of them move a weight by ~1e-6 of its size
+    _run_against_reference("std", "reproject", must_move=1e-7 if kw.get("warmup_init") else 1e-3, **kw)
+
+
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    rank=st.integers(1, 10),
+    gap=st.integers(1, 4),
+    proj_type=st.sampled_from(PROJ_TYPES),
+    policy=st.sampled_from(POLICIES),
+    beta1=st.sampled_from([None, 0.5]),
+    relative=st.booleans(),
+    wd=st.sampled_from([0.0, 0.2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_configurations_match_reference(shape, rank, gap, proj_type, policy, beta1, relative, wd, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64))
+    opts = {"rank": rank, "update_proj_gap": gap, "proj_type": proj_type, "moment_policy": policy, "scale": 0.7}
+    hyper: dict[str, Any] = {"beta1": beta1, "weight_decay": wd, "clip_threshold": 0.3}
+    if not relative:
+        hyper.update(lr=5e-2, relative_step=False)
+    opt = GaLoreAdafactor([{"params": [w], **opts}], **hyper)
+    ref = ReferenceAdafactor([{"params": [w.detach()], **opts}], **hyper)
+    for step in range(7):
+        grad = torch.randn(shape, generator=g, dtype=torch.float64)
+        w.grad = grad.clone()
+        opt.step()
+        ref.step([[grad]])
+        assert rel_err(w, ref.groups[0]["params"][0]) < 1e-10, f"step {step}"
+
+
+# ============================================================================ galore-torch
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 40)  # tall 40×16
+        self.b = nn.Linear(40, 12)  # wide 12×40
+        self.c = nn.Linear(12, 12)
+        self.d = nn.Linear(12, 6)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def _split_groups(model, rank_opts):
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if n.endswith("bias")]},
+            {"params": [p for n, p in named if n.endswith("weight")], **rank_opts}]
+
+
+def _train(model, opt, steps, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(24, 16, generator=g), torch.randn(24, 6, generator=g)
+        opt.zero_grad(set_to_none=True)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"beta1": 0.9, "weight_decay": 0.1},
+    {"lr": 1e-2, "relative_step": False, "scale_parameter": False},
+], ids=["default", "beta1-wd", "manual-lr"])
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_matches_galore_torch(proj_type, kw):
+    """50 float32 steps, refreshes at 0, 20 and 40: the same maths as galore-torch 1.0's
+    GaLoreAdafactor (moment_policy="keep"), to float32 rounding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from galore_torch import GaLoreAdafactor as Ref
+    torch.manual_seed(0)
+    ref_model = SmallNet()
+    ours_model = copy.deepcopy(ref_model)
+    init = [p.detach().clone() for p in ref_model.parameters()]
+    rank_opts = {"rank": 4, "update_proj_gap": 20, "scale": 0.25, "proj_type": proj_type}
+    ref = Ref(_split_groups(ref_model, rank_opts), **kw)
+    ours = GaLoreAdafactor(_split_groups(ours_model, rank_opts), **kw)
+    _train(ref_model, ref, 50)
+    _train(ours_model, ours, 50)
+    for (name, a), b, p0 in zip(ours_model.named_parameters(), ref_model.parameters(), init):
+        assert rel_err(b, p0) > 1e-3, name
+        assert rel_err(a, b) < 1e-5, name
+    assert int(ours.state[ours_model.a.weight]["proj_step"].item()) == 40
+
+
+def test_reset_and_reproject_differ_from_keep():
+    """The policies galore-torch lacks actually change the run (the reference checks their maths)."""
+    finals = {}
+    for policy in POLICIES:
+        torch.manual_seed(0)
+        model = SmallNet()
+        opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "update_proj_gap": 5, "moment_policy": policy}),
+                              beta1=0.9)
+        _train(model, opt, 12)
+        finals[policy] = model.a.weight.detach().clone()
+    assert rel_err(finals["reset"], finals["keep"]) > 1e-4
+    assert rel_err(finals["reproject"], finals["keep"]) > 1e-4
+
+
+# ============================================================================ training, dtypes, checkpoints
+
+
+def test_trains_and_keeps_float32_statistics_for_bf16():
+    torch.manual_seed(0)
+    model = SmallNet().to(torch.bfloat16)
+    opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "update_proj_gap": 10}), lr=3e-2,
+                          relative_step=False, scale_parameter=False, beta1=0.9)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    y = x[:, :6] * 0.5  # a target the net can fit
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ((model(x.bfloat16()).float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16
+        for key, value in opt.state[p].items():
+            assert value.dtype == torch.float32, key
+
+
+def _round_trip_run(dtype, policy, split):
+    """Train 12 steps straight, or 6 + save (torch.save / weights_only load) + fresh objects + 6."""
+    def make():
+        torch.manual_seed(0)
+        model = SmallNet().to(dtype)
+        groups = _split_groups(model, {"rank": 4, "update_proj_gap": 4, "moment_policy": policy})
+        groups[0]["params"].append(model.c.weight)  # an unprojected matrix: factored dense state
+        groups[1]["params"] = [p for p in groups[1]["params"] if p is not model.c.weight]
+        return model, GaLoreAdafactor(groups, beta1=0.9, weight_decay=0.1)
+
+    def run(model, opt, steps, start):
+        for i in range(start, start + steps):
+            g = torch.Generator().manual_seed(100 + i)
+            x, y = torch.randn(8, 16, generator=g).to(dtype), torch.randn(8, 6, generator=g).to(dtype)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).float().mean().backward()
+            opt.step()
+
+    model, opt = make()
+    if not split:
+        run(model, opt, 12, 0)
+        return model, opt
+    run(model, opt, 6, 0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model, opt = make()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    run(model, opt, 6, 6)
+    return model, opt
+
+
+@pytest.mark.parametrize("dtype,policy", [(torch.float32, "keep"), (torch.bfloat16, "reproject"),
+                                          (torch.float32, "reset")])
+def test_state_round_trip_continues_bit_for_bit(dtype, policy):
+    straight, straight_opt = _round_trip_run(dtype, policy, split=False)
+    resumed, resumed_opt = _round_trip_run(dtype, policy, split=True)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        s, r = straight_opt.state[p], resumed_opt.state[q]
+        assert s.keys() == r.keys()
+        for key in s:
+            assert torch.equal(s[key], r[key]) and s[key].dtype == r[key].dtype, key
+            assert r[key].dtype == torch.float32  # bf16 weights keep float32 statistics after load
+        assert r["step"].device.type == "cpu"
+
+
+def test_state_is_factored_for_matrices_and_full_for_vectors():
+    torch.manual_seed(0)
+    model = SmallNet()
+    opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "proj_type": "std"}))
+    _train(model, opt, 1)
+    tall = opt.state[model.a.weight]  # 40×16, std → right: low-rank 40×4
+    assert tall["exp_avg_sq_row"].shape == (40,) and tall["exp_avg_sq_col"].shape == (4,)
+    assert "exp_avg" not in tall and "exp_avg_sq" not in tall
+    assert opt.state[model.a.bias]["exp_avg_sq"].shape == (40,)
+
+
+# ============================================================================ bad input
+
+
+@pytest.mark.parametrize("bad,key", [
+    ({"lr": 1e-3}, "lr"),  # manual lr with relative_step=True
+    ({"relative_step": False}, "lr"),  # relative_step=False needs an lr
+    ({"relative_step": False, "lr": -1.0}, "lr"),
+    ({"relative_step": False, "lr": float("nan")}, "lr"),
+    ({"relative_step": False, "lr": 1e-3, "warmup_init": True}, "warmup_init"),
+    ({"eps": 1e-30}, "eps"),
+    ({"eps": (1e-30, -1.0)}, "eps"),
+    ({"clip_threshold": 0.0}, "clip_threshold"),
+    ({"decay_rate": 0.5}, "decay_rate"),
+    ({"beta1": 1.0}, "beta1"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"scale_parameter": "yes"}, "scale_parameter"),
+    ({"rank": 0}, "rank"),
+    ({"rank": 2, "update_proj_gap": 0}, "update_proj_gap"),
+    ({"rank": 2, "proj_type": "diagonal"}, "proj_type"),
+    ({"rank": 2, "moment_policy": "forget"}, "moment_policy"),
+    ({"optim_bits": 8}, "optim_bits"),
+    ({"betas": (0.9, 0.99)}, "betas"),
+])
+def test_bad_group_raises_value_error_naming_group_and_key(bad, key):
+    w = nn.Parameter(torch.zeros(4, 4))
+    opt = GaLoreAdafactor([w])
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]: '{key}'"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], **bad})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: '{key}'"):
+        GaLoreAdafactor([{"params": [w], **bad}])
+
+
+def test_bad_compile_option_raises_type_error():
+    with pytest.raises(TypeError, match="compile"):
+        GaLoreAdafactor([nn.Parameter(torch.zeros(2, 2))], compile="yes")
+
+
+# ============================================================================ factory and memory
+
+
+def test_factory_builds_galore_adafactor_like_the_paper_scripts():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.Linear(8, 8), "mlp": nn.Linear(8, 16), "head": nn.Linear(16, 4)})
+    opt = build_optimizer("galore-adafactor", model, lr=1e-2, rank=4, betas=(0.0, 0.999), weight_decay=0.1)
+    assert isinstance(opt, galorex.GaLoreAdafactor)
+    projected = [g for g in opt.param_groups if g.get("rank")]
+    assert projected and all(g["relative_step"] is False and g["scale_parameter"] is False for g in opt.param_groups)
+    assert all(g["lr"] == 1e-2 and g["beta1"] is None and g["weight_decay"] == 0.1 for g in opt.param_groups)
+    assert build_optimizer("galore-adafactor", model, lr=1e-2, betas=(0.9, 0.999)).defaults["beta1"] == 0.9
+    with pytest.raises(ValueError, match="optim_bits"):
+        build_optimizer("galore-adafactor", model, lr=1e-2, optim_bits=8)
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_memory_estimate_matches_measured_state(beta1, proj_type):
+    torch.manual_seed(0)
+    model = SmallNet()
+    conv = nn.Conv2d(2, 6, 3)  # a 4-D weight projected as 6×18, and a 4-D one left dense
+    dense4d = nn.Conv2d(3, 5, 2)
+    groups = _split_groups(model, {"rank": 4, "proj_type": proj_type})
+    groups[1]["params"].append(conv.weight)
+    groups[0]["params"] += [conv.bias, dense4d.weight]
+    opt = GaLoreAdafactor(groups, beta1=beta1)
+    predicted = estimate_optimizer_state_bytes(groups, optimizer="adafactor")
+    for p in [p for g in groups for p in g["params"]]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert optimizer_state_bytes(opt) == predicted
+    # the factored second moment is what saves memory: a + b per matrix instead of a·b
+    adam_like = estimate_optimizer_state_bytes(groups, optimizer="galore")
+    assert predicted < adam_like

@@ -1,0 +1,173 @@
+"""``compile=`` on every galorex optimizer: the numeric update after the (host-side) refresh
+schedule is compiled as one graph — ``fullgraph=True``, so a graph break (a host synchronisation
+such as ``.item()``) is an error — that is reused across refresh and ordinary steps and across
+learning-rate changes of a tensor ``lr``, and gives eager's result to float32 rounding.
+
+Compile time on a 2-core CPU is the cost here: the equivalence runs use the ``aot_eager`` backend
+(dynamo and AOT autograd, no code generation) and one small test runs inductor itself.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from problems import make_regression_model, regression_groups, train_regression
+
+import galorex
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+OPTIMIZERS = {
+    # betas and eps as tensors too: inside the graph they stay tensors (no host read)
+    "galore": (galorex.GaLoreAdamW, {"betas": (torch.tensor(0.9), torch.tensor(0.999)), "eps": torch.tensor(1e-8)}),
+    "natural-galore": (galorex.NaturalGaLoreAdamW, {"natural_history": 3}),
+    "gradnorm-lorp": (galorex.GradNormLoRPAdamW, {}),
+    "galore-adafactor": (galorex.GaLoreAdafactor, {"relative_step": False, "beta1": 0.9}),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Compiled code is cached per function; each test starts from none so counts are its own.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class CountingBackend:
+    """aot_eager, counting the graphs it is given (one per compilation)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def _pair(name, compile, lr, **extra):
+    cls, kw = OPTIMIZERS[name]
+    kw = {**kw, **extra, "weight_decay": 0.1}
+    eager_model = make_regression_model()
+    compiled_model = copy.deepcopy(eager_model)
+    # rank 8 of the 128×64 and 96×128 weights, refreshed every 3 steps; biases in a dense group
+    eager = cls(regression_groups(eager_model, rank=8, gap=3), lr=lr() if callable(lr) else lr, **kw)
+    compiled = cls(regression_groups(compiled_model, rank=8, gap=3), lr=lr() if callable(lr) else lr,
+                   compile=compile, **kw)
+    return eager_model, eager, compiled_model, compiled
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_compiled_update_matches_eager_in_one_graph(name):
+    """7 steps (refreshes at 0, 3, 6) with a StepLR halving a tensor lr: the same weights and state
+    as eager to float32 rounding, one graph per compiled method and no graph break."""
+    backend = CountingBackend()
+    eager_model, eager, compiled_model, compiled = _pair(
+        name, {"backend": backend}, lambda: torch.tensor(2e-3))
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (eager, compiled)]
+    for _ in range(7):
+        eager_losses = train_regression(eager_model, eager, 1)
+        compiled_losses = train_regression(compiled_model, compiled, 1)
+        for s in scheds:
+            s.step()
+        assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (pname, a), b in zip(compiled_model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=pname)
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        for key, value in compiled.state[p].items():
+            # relative to the largest entry: an SVD basis amplifies float32 rounding of G a little
+            ref = eager.state[q][key].double()
+            err = (value.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+            assert err < 1e-4, (key, err)
+    assert compiled.param_groups[0]["lr"].item() == pytest.approx(2e-3 / 8)
+    # the projected update, plus Adafactor's own dense update (AdamW's dense step is torch's
+    # fused kernel, left as it is): compiled once each, despite refreshes and lr changes
+    assert backend.graphs == (2 if name == "galore-adafactor" else 1)
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_float_lr_changes_are_seen_by_the_compiled_update():
+    """A Python-float lr is read as a constant or a symbolic input; either way a scheduler's new
+    value must reach the compiled update (the result follows eager's)."""
+    eager_model, eager, compiled_model, compiled = _pair("galore", {"backend": "aot_eager"}, 4e-3)
+    for o in (eager, compiled):
+        o.param_groups[0]["lr"] = 4e-3
+    for step in range(4):
+        for o in (eager, compiled):
+            o.param_groups[0]["lr"] = 4e-3 / (step + 1)
+        train_regression(eager_model, eager, 1)
+        train_regression(compiled_model, compiled, 1)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_compiled_adafactor_matches_eager():
+    """The default backend (inductor, generating C++ on the CPU), on one projected weight."""
+    torch.manual_seed(0)
+    w_eager = torch.nn.Parameter(torch.randn(24, 10))
+    w_compiled = torch.nn.Parameter(w_eager.detach().clone())
+    opts = {"rank": 3, "update_proj_gap": 2}
+    eager = galorex.GaLoreAdafactor([{"params": [w_eager], **opts}], beta1=0.9)
+    compiled = galorex.GaLoreAdafactor([{"params": [w_compiled], **opts}], beta1=0.9, compile=True)
+    w0 = w_eager.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        grad = torch.randn(24, 10, generator=g)
+        w_eager.grad, w_compiled.grad = grad.clone(), grad.clone()
+        eager.step()
+        compiled.step()
+    torch.testing.assert_close(w_compiled, w_eager, rtol=1e-5, atol=1e-6)
+    assert (w_eager - w0).abs().max() > 1e-3  # it moved: the comparison is not vacuous
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_compile_option_is_validated():
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(TypeError, match="compile"):
+        galorex.GaLoreAdamW([w], compile="inductor")
+
+
+@pytest.mark.parametrize("cls", [galorex.GaLoreAdamW, galorex.GradNormLoRPAdamW])
+def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls):
+    """optim_bits=8 and basis_bits=4 trace into the same single graph. Against eager the match is
+    to the quantisation step, not to float32 rounding: a rounding difference can move a value to
+    the next 8-bit code (1/256 of its block's range), as a 1e-7 perturbation does in eager too."""
+    backend = CountingBackend()
+    eager_model = make_regression_model()
+    compiled_model = copy.deepcopy(eager_model)
+    # rank 48: the 128×48 low-rank moments (6144 entries) are past the 4096 that stay float32
+    opts = {"rank": 48, "gap": 3, "basis_bits": 4}
+    eager = cls(regression_groups(eager_model, **opts), lr=torch.tensor(1e-3), optim_bits=8)
+    compiled = cls(regression_groups(compiled_model, **opts), lr=torch.tensor(1e-3), optim_bits=8,
+                   compile={"backend": backend})
+    before = [p.detach().clone() for p in eager_model.parameters()]
+    for _ in range(5):
+        train_regression(eager_model, eager, 1)
+        train_regression(compiled_model, compiled, 1)
+    assert "exp_avg_q" in compiled.state[compiled_model[0].weight]
+    assert "basis_q4" in compiled.state[compiled_model[0].weight]
+    for a, b, b0 in zip(compiled_model.parameters(), eager_model.parameters(), before):
+        moved = (b - b0).abs().max().item()
+        assert moved > 1e-4
+        assert (a - b).abs().max().item() < 0.05 * moved  # within a few percent of the step taken
+    assert backend.graphs == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("name", ["galore", "galore-adafactor"])
+def test_torch_compile_of_step_runs_the_host_schedule_eagerly(name):
+    """``torch.compile(opt.step)``: the step is excluded from tracing (its refresh schedule reads
+    counters and runs an SVD on the host), so it gives the eager result rather than failing in
+    dynamo, and a ``compile=`` optimizer still compiles its update inside it."""
+    backend = CountingBackend()
+    eager_model, eager, compiled_model, compiled = _pair(name, {"backend": backend}, lambda: torch.tensor(2e-3))
+    compiled.step = torch.compile(compiled.step, backend="eager")
+    for _ in range(4):
+        train_regression(eager_model, eager, 1)
+        train_regression(compiled_model, compiled, 1)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert backend.graphs >= 1
