@@ -42,9 +42,9 @@ def batch(step, dtype=torch.float32):
 
 
 def train(model, opt, start, stop):
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
     for step in range(start, stop):
-        x, y = batch(step, dtype)
+        x, y = (t.to(first.device) for t in batch(step, first.dtype))
         opt.zero_grad(set_to_none=True)
         ((model(x) - y) ** 2).mean().backward()
         opt.step()

@@ -62,12 +62,18 @@ def _decorate(fn: Callable, interpret: bool, helpers: tuple[Callable, ...]) -> A
         raise RuntimeError("TRITON_INTERPRET changed while a kernel was being built")
     if helpers:
         # A copy of the function whose globals name the helpers' builds for this same mode.
+        original = fn
         scope = dict(fn.__globals__)
         for helper in helpers:
             scope[helper.__name__] = _decorate(helper, interpret, ())
         fn = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         fn.__module__ = scope.get("__name__", fn.__module__)
         fn.__qualname__ = fn.__name__
+        # FunctionType does not carry annotations over, and Triton reads `tl.constexpr` parameters
+        # from them (3.6 does; 3.9 tolerated their absence on this path, which hid the bug).
+        fn.__annotations__ = dict(original.__annotations__)
+        fn.__kwdefaults__ = original.__kwdefaults__
+        fn.__doc__ = original.__doc__
     return trt.jit(fn)
 
 
