@@ -13,13 +13,16 @@ from typing import Any
 
 import torch
 
+from .. import projection as proj
 from .base import (
     EXP_AVG,
     EXP_AVG_SQ,
+    STEP,
     CompileOption,
     LowRankOptimizer,
     _eight_bit,
     hyperparameter,
+    load_bases,
     load_moment,
     store_moment,
 )
@@ -204,3 +207,61 @@ class GaLoreAdamW(LowRankOptimizer):
                 store_moment(s, EXP_AVG, m, True)
                 store_moment(s, EXP_AVG_SQ, v, True)
         return directions
+
+    # ------------------------------------------------------- the fused Triton path
+    def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        """On CUDA with Triton (``triton_kernels.dispatch.select_backend``), plain 32-bit GaLore
+        groups take ``triton_kernels.fused_galore_adam_step``: the moments are updated in place and
+        D = M̂/(√V̂+ε) is formed tile by tile inside the GEMM that writes W, so the normalised update
+        never exists in full. Everything else (8-bit state, 4-bit bases, ``proj_precision``,
+        galore-torch's ε placement, tensor hyperparameters, a compiled step, ``full`` projection,
+        subclasses with another inner rule) takes the shared path, which the fused one equals to
+        fp32 rounding (tests/test_galore_fused.py)."""
+        if not self._fused_path_applies(group, items):
+            return super()._lowrank_update(group, items)
+        from triton_kernels import fused_galore_adam_step
+
+        beta1, beta2 = group["betas"]
+        for it in items:
+            p = it["param"]
+            state = it["state"] if "state" in it else self.state[p]
+            (basis,) = load_bases(state, it["side"], p, group["rank"])
+            low = proj.project(self._gradient_matrix(group, p, it.get("grad")), [basis], it["side"])
+            state[STEP] += 1
+            fused_galore_adam_step(
+                proj.as_matrix(p), low, state[EXP_AVG], state[EXP_AVG_SQ], basis, it["side"],
+                step=self._bias_step(group, state), lr=float(group["lr"]), beta1=float(beta1),
+                beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                scale=float(group["scale"]),
+            )
+
+    def _fused_path_applies(self, group: dict[str, Any], items: list[dict[str, Any]]) -> bool:
+        cls = type(self)
+        if (
+            cls._lowrank_directions is not GaLoreAdamW._lowrank_directions
+            or cls._gradient_matrix is not LowRankOptimizer._gradient_matrix
+            or cls._apply_lowrank_update is not LowRankOptimizer._apply_lowrank_update
+            or getattr(self, "_compile_options", None) is not None
+            or group["eps_mode"] != "torch"
+            or _eight_bit(group)
+            or group.get("basis_bits", 32) != 32
+            or group.get("proj_precision") is not None
+        ):
+            return False
+        hyper = (group["lr"], group["weight_decay"], group["eps"], group["scale"], *group["betas"])
+        if any(isinstance(h, torch.Tensor) for h in hyper):
+            return False
+        from triton_kernels.dispatch import select_backend
+
+        for it in items:
+            p = it["param"]
+            state = it["state"] if "state" in it else self.state[p]
+            if (
+                it["side"] not in ("left", "right")
+                or not p.is_contiguous()
+                or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                or state[EXP_AVG].dtype != torch.float32
+                or select_backend(p.device) != "triton"
+            ):
+                return False
+        return True
