@@ -80,3 +80,29 @@ def test_groups_the_fused_step_cannot_serve_take_the_shared_path(monkeypatch):
         item = {"param": model[0].weight, "side": "left"}
         assert not opt._fused_path_applies(opt.param_groups[0], [item])
     assert_interpreter_did_not_leak(monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused kernel compiled for the GPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_on_cuda_follows_the_torch_path(dtype, monkeypatch):
+    def run(backend: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("GALOREX_BACKEND", backend)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Tanh(), torch.nn.Linear(256, 512))
+        model = model.to(device="cuda", dtype=dtype)
+        weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
+        biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
+        opt = GaLoreAdamW([{"params": biases}, {"params": weights, "rank": 64, "update_proj_gap": 4, "scale": 0.25}],
+                          lr=1e-2, weight_decay=0.1)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(9):
+            x = torch.randn(64, 512, generator=g, device="cuda", dtype=dtype)
+            opt.zero_grad(set_to_none=True)
+            ((model(x).float() - x.flip(1).float()) ** 2).mean().backward()
+            opt.step()
+        return [p.detach().float().cpu() for p in model.parameters()]
+
+    fused, plain = run("triton"), run("torch")
+    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-3)}[dtype]
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1])
