@@ -37,16 +37,23 @@ def build_optimizer(
     natural_damping: float = 1e-3,
     optim_bits: int = 32,
     basis_bits: int = 32,
+    layerwise: bool = False,
+    accumulation_steps: int = 1,
+    per_param_grad_clip: float | None = None,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
     and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
     the same groups on NaturalGaLoreAdamW; ``gradnorm-lorp`` on GradNormLoRPAdamW. ``optim_bits=8`` keeps Adam's moments in 8 bits (for
-    ``adamw`` too, through a galorex optimizer with no rank group)."""
-    if name == "adamw" and optim_bits == 8:
-        # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments.
+    ``adamw`` too, through a galorex optimizer with no rank group). ``layerwise``,
+    ``accumulation_steps`` and ``per_param_grad_clip`` are GaLoreAdamW's layer-wise options (for
+    ``adamw`` too, the same way)."""
+    lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
+    if name == "adamw" and (optim_bits == 8 or layerwise):
+        # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
+        # and with layer-wise updates.
         return GaLoreAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           optim_bits=8)
+                           optim_bits=optim_bits, **lw)
     if name == "adamw":
         return torch.optim.AdamW(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
@@ -67,9 +74,9 @@ def build_optimizer(
         if name == "natural-galore":
             return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       natural_history=natural_history, natural_damping=natural_damping,
-                                      optim_bits=optim_bits)
+                                      optim_bits=optim_bits, **lw)
         cls = GradNormLoRPAdamW if name == "gradnorm-lorp" else GaLoreAdamW
-        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits)
+        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
     if name in PLANNED:
         raise ValueError(
             f"optimizer {name!r} is not available in this version of galorex yet; "

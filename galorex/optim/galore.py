@@ -86,6 +86,27 @@ class GaLoreAdamW(LowRankOptimizer):
       orthonormal (entries within half a code step).
 
     Weight decay is decoupled and applied to the full weight.
+
+    Layer-wise updates (the GaLore paper's per-layer weight update, §4.2), constructor arguments
+    shared by every galorex optimizer:
+
+    - ``layerwise`` (False): step each parameter from a ``register_post_accumulate_grad_hook`` as
+      soon as backward() has accumulated its gradient, then free that gradient, so the gradients
+      of the whole model never exist at once. ``step()`` is then a no-op kept for LR schedulers
+      and training loops (``step(closure)`` raises); schedulers work as usual, since each hook
+      reads its group's current ``lr``.
+    - ``accumulation_steps`` (1, layer-wise only): step on every k-th backward of a parameter;
+      gradients accumulate in ``.grad`` in between, as in the normal mode with ``step()`` every k
+      backward passes (scale the loss by 1/k yourself, as usual).
+    - ``per_param_grad_clip`` (None, layer-wise only): clip each parameter's gradient to this
+      norm before its step. Global-norm clipping (``clip_grad_norm_`` over the model) is
+      impossible in this mode: the first parameters are stepped before the last gradients exist.
+
+    Not supported with ``layerwise=True`` (each raises a clear error): ``step(closure)``,
+    gradients set by hand instead of by backward(), sparse or complex gradients (as in the normal
+    mode), FSDP2 (DTensor) parameters, ``state_dict()`` in the middle of an accumulation.
+    Under DDP the hooks would fire before the gradient all-reduce: ``galorex-train`` refuses
+    ``--layerwise`` with ``--distributed``.
     """
 
     def __init__(
@@ -109,6 +130,9 @@ class GaLoreAdamW(LowRankOptimizer):
         basis_bits: int = 32,
         foreach: bool | None = None,
         fused: bool | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        per_param_grad_clip: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -131,7 +155,8 @@ class GaLoreAdamW(LowRankOptimizer):
         )
         # Subclasses add their own group keys (set before calling this constructor).
         defaults.update(getattr(self, "_extra_defaults", {}))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps,
+                         per_param_grad_clip=per_param_grad_clip)
 
     def _lowrank_directions(self, group, params, lows, states):
         beta1, beta2 = group["betas"]
