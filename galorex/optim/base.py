@@ -148,13 +148,20 @@ class LowRankOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        sharded_params = any(_is_dtensor(p) for p in group["params"])
         try:
-            self._validate_group(self.param_groups[index], index)
+            self._validate_group(group, index)
+            if sharded_params:
+                from . import sharded  # FSDP2 parameters: see sharded.py
+
+                sharded.check_group(self, group, index)
+            if self._layerwise:
+                self._register_layerwise_hooks(index)
         except ValueError:
             self.param_groups.pop()
             raise
-        if self._layerwise:
-            self._register_layerwise_hooks(index)
+        self._sharded = getattr(self, "_sharded", False) or sharded_params
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         def bad(key: str, what: str) -> ValueError:
@@ -250,6 +257,10 @@ class LowRankOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if self._layerwise:
             return self._layerwise_step_call(closure)
+        if getattr(self, "_sharded", False):
+            from .sharded import sharded_step
+
+            return sharded_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
