@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import (
+    REGRESSION_DATA,
+    make_conv_net,
+    make_regression_model,
+    regression_groups,
+)
 
 from galorex.optim import GaLoreAdamW, GradNormLoRPAdamW, NaturalGaLoreAdamW
-from problems import REGRESSION_DATA, make_conv_net, make_regression_model, regression_groups
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch

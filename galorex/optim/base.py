@@ -603,7 +603,6 @@ class LowRankOptimizer(Optimizer):
                         "backward() delivered to its hook (set by hand, or zero_grad() was not "
                         "called before?); in layer-wise mode only backward() steps parameters"
                     )
-        return None
 
     def remove_layerwise_hooks(self) -> None:
         """Detach the layer-wise hooks from the parameters (e.g. before handing them to another optimizer)."""

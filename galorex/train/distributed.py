@@ -85,7 +85,7 @@ def setup(mode: str, device_name: str, batch_size: int) -> tuple[Context, str]:
             f"--distributed {mode}: start it with torchrun, e.g. "
             f"`torchrun --nproc_per_node 2 -m galorex.train --distributed {mode} ...`"
         )
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if device_name.startswith("cuda:"):
         raise DistributedError("--device cuda:N with --distributed: each rank uses cuda:LOCAL_RANK; pass --device cuda")
@@ -156,7 +156,10 @@ def load_extra(ctx: Context, path: Path) -> dict[str, Any]:
 
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
@@ -164,7 +167,10 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
     """Load a DCP checkpoint into the sharded model and optimizer, every rank its own shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = _dcp_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
@@ -211,6 +217,9 @@ def full_state_dict(ctx: Context, model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU (gathered under FSDP2; every rank must call it)."""
     if ctx.mode != "fsdp2":
         return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

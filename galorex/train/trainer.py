@@ -19,15 +19,13 @@ from typing import Any
 import torch
 
 from ..memory import optimizer_state_bytes
-from ..optim.sharded import local_state_bytes
 from ..models.llama import Llama, LlamaConfig, get_config
 from ..optim.factory import AVAILABLE, PLANNED, build_optimizer
+from ..optim.sharded import local_state_bytes
 from . import distributed
 from .atomic import atomic_write
 from .checkpoint import (
     CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -353,7 +351,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not ctx.is_main:
-        log = lambda *args, **kwargs: None  # noqa: E731 - one rank speaks
+        log = lambda *args, **kwargs: None
     # Nothing is written into --out until every input has been checked, so a failed start leaves
     # the folder as it was (and reusable).
     out = _prepare_out_dir(cfg)
