@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from galorex.optim.factory import build_optimizer
 from galorex.optim.sharded import local_state_bytes
@@ -156,7 +157,7 @@ def test_fsdp2_checkpoint_survives_a_dead_rank_and_resumes_bit_for_bit(single):
     if not (Path(full.out) / "model.safetensors").exists():  # run alone: make the reference run
         _spawn(full, tmp / "fsdp2-result")
     crashed = _config(tmp, "fsdp2-crash", distributed="fsdp2", save_every=2)
-    with pytest.raises(mp.ProcessException):  # the dead rank, or rank 0 aborted by gloo
+    with pytest.raises(ProcessException):  # the dead rank, or rank 0 aborted by gloo
         _spawn(crashed, tmp / "crash-result", die_at=4)
     folder = Path(crashed.out) / "checkpoints"
     # Step 4's folder never became a checkpoint; step 2's is complete and loads.
