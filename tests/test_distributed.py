@@ -89,8 +89,9 @@ def _worker(rank: int, port: int, cfg: dict, result: str, die_at: int | None) ->
     gathered = [torch.empty_like(flat) for _ in range(WORLD)]
     dist.all_gather(gathered, flat)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
+    uneven = _uneven_check(rank) if cfg["distributed"] == "fsdp2" and die_at is None else None
     Path(result, f"rank{rank}.json").write_text(json.dumps(
-        {"state_bytes": local_state_bytes(opt), "same_bases": same, "bases": len(bases)}))
+        {"state_bytes": local_state_bytes(opt), "same_bases": same, "bases": len(bases), "uneven": uneven}))
     dist.destroy_process_group()
 
 
@@ -146,6 +147,8 @@ def test_matches_single_process_on_the_same_global_batch(single, mode):
         print(f"FSDP2 per-rank optimizer state / single process: {ratios} (single {single_bytes} B)")
         assert all(0.45 < x < 0.55 for x in ratios), ratios
         assert [s for s, _ in list_sharded_checkpoints(folder)] == [2, 4, 6]
+        # Odd sizes too (see _uneven_check): unequal shards on both sides match one process.
+        assert all(v < 1e-12 for v in ranks[0]["uneven"].values()), ranks[0]["uneven"]
     else:
         assert all(r["state_bytes"] == single_bytes for r in ranks)
         assert [s for s, _ in list_checkpoints(folder)] == [2, 4, 6]  # one file, from rank 0
@@ -179,3 +182,45 @@ def test_refusals(tmp_path):
             train(_config(tmp_path, "y", distributed="fsdp2"))
     with pytest.raises(TrainError, match="--distributed"):
         train(_config(tmp_path, "z", distributed="horovod"))
+
+
+def _uneven_check(rank: int) -> dict[str, float]:
+    """Odd sizes (5, 9, 3 rows; 7, 5, 9 columns) over 2 ranks: unequal shards of W, of the moments
+    and of the bases, on the left and the right side, against the same steps in one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    from galorex.optim import GaLoreAdamW
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 9), torch.nn.Tanh(),
+                                   torch.nn.Linear(9, 3)).double()
+
+    def groups(m, proj_type):
+        return [{"params": [m[0].weight, m[2].weight, m[4].weight], "rank": 2, "update_proj_gap": 2,
+                 "moment_policy": "reproject", "proj_type": proj_type},
+                {"params": [m[0].bias, m[2].bias, m[4].bias]}]
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 7, generator=gen, dtype=torch.float64)
+    y = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+
+    def run(m, opt, rows):
+        for _ in range(5):
+            (m(x[rows]) - y[rows]).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    worst = {}
+    for proj_type in ("left", "right", "std"):
+        ref = make()
+        run(ref, GaLoreAdamW(groups(ref, proj_type), lr=1e-2), slice(0, 8))
+        m = make()
+        for layer in (m[0], m[2], m[4]):
+            fully_shard(layer)
+        fully_shard(m)
+        run(m, GaLoreAdamW(groups(m, proj_type), lr=1e-2), slice(4 * rank, 4 * rank + 4))
+        with torch.no_grad():
+            worst[proj_type] = max(float((a.full_tensor() - b).norm() / b.norm())
+                                   for a, b in zip(m.parameters(), ref.parameters()))
+    return worst
