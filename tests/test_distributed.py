@@ -154,6 +154,26 @@ def test_matches_single_process_on_the_same_global_batch(single, mode):
         assert [s for s, _ in list_checkpoints(folder)] == [2, 4, 6]  # one file, from rank 0
 
 
+def test_ddp_layerwise_matches_single_process(single):
+    """--distributed ddp --layerwise: each gradient averaged over the ranks in its hook, then
+    stepped and freed; with --grad-accum 2 (global batch 2 per backward, 4 per step)."""
+    tmp, _, _ = single
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        ref = _config(tmp, "single-noclip", grad_clip=0.0, save_every=0)
+        train(ref, log=lambda *a, **k: None)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    run = _config(tmp, "ddp-layerwise", distributed="ddp", layerwise=True, grad_clip=0.0, batch_size=2,
+                  grad_accum=2, save_every=3)
+    ranks = _spawn(run, tmp / "ddp-layerwise-result")
+    worst = _worst_relative(_weights(ref.out), _weights(run.out))
+    assert worst < 1e-5, worst
+    assert all(r["same_bases"] and r["bases"] == 28 for r in ranks)
+    assert [s for s, _ in list_checkpoints(Path(run.out) / "checkpoints")] == [3, 6]
+
+
 def test_fsdp2_checkpoint_survives_a_dead_rank_and_resumes_bit_for_bit(single):
     tmp, _, _ = single
     full = _config(tmp, "fsdp2", distributed="fsdp2", save_every=2)
@@ -175,8 +195,8 @@ def test_fsdp2_checkpoint_survives_a_dead_rank_and_resumes_bit_for_bit(single):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(TrainError, match="--layerwise with --distributed ddp"):
-        train(_config(tmp_path, "x", distributed="ddp", layerwise=True))
+    with pytest.raises(TrainError, match="--layerwise with --distributed fsdp2"):
+        train(_config(tmp_path, "x", distributed="fsdp2", layerwise=True))
     if not dist.is_initialized() and "RANK" not in os.environ:
         with pytest.raises(TrainError, match="torchrun"):
             train(_config(tmp_path, "y", distributed="fsdp2"))

@@ -537,6 +537,7 @@ class LowRankOptimizer(Optimizer):
         self._per_param_grad_clip = None if clip is None else float(clip)
         self._backward_counts: dict[torch.Tensor, int] = {}
         self._layerwise_handles: list[Any] = []
+        self._grad_reducer: Callable[[torch.Tensor], None] | None = None
 
     def _register_layerwise_hooks(self, group_index: int) -> None:
         for pi, p in enumerate(self.param_groups[group_index]["params"]):
@@ -567,6 +568,8 @@ class LowRankOptimizer(Optimizer):
             return
         self._backward_counts[p] = 0
         with torch.no_grad():
+            if self._grad_reducer is not None and p.grad is not None:
+                self._grad_reducer(p.grad)
             self._step_one(*self._locate(p))
         p.grad = None  # the point of the mode: this gradient is never held next to the others
 
@@ -603,6 +606,18 @@ class LowRankOptimizer(Optimizer):
                         "backward() delivered to its hook (set by hand, or zero_grad() was not "
                         "called before?); in layer-wise mode only backward() steps parameters"
                     )
+
+    def set_layerwise_grad_reducer(self, reducer: Callable[[torch.Tensor], None] | None) -> None:
+        """Have each complete gradient passed to ``reducer`` (in place) just before its layer-wise
+        step: e.g. averaged over data-parallel ranks, which is how ``galorex-train --distributed ddp
+        --layerwise`` runs without DDP's buckets. Every rank's hooks fire in the same order (the
+        same graph), so collectives issued here pair up; every parameter must get a gradient on
+        every rank, as under DDP without ``find_unused_parameters``."""
+        if not self._layerwise:
+            raise ValueError("set_layerwise_grad_reducer needs an optimizer built with layerwise=True")
+        if reducer is not None and not callable(reducer):
+            raise TypeError(f"reducer must be callable or None, got {reducer!r}")
+        self._grad_reducer = reducer
 
     def remove_layerwise_hooks(self) -> None:
         """Detach the layer-wise hooks from the parameters (e.g. before handing them to another optimizer)."""

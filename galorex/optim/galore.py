@@ -105,8 +105,9 @@ class GaLoreAdamW(LowRankOptimizer):
     Not supported with ``layerwise=True`` (each raises a clear error): ``step(closure)``,
     gradients set by hand instead of by backward(), sparse or complex gradients (as in the normal
     mode), FSDP2 (DTensor) parameters, ``state_dict()`` in the middle of an accumulation.
-    Under DDP the hooks would fire before the gradient all-reduce: ``galorex-train`` refuses
-    ``--layerwise`` with ``--distributed``.
+    Do not wrap the model in DDP (its hooks would fire before DDP's all-reduce, and DDP's buckets
+    hold every gradient anyway); average gradients across ranks with
+    :meth:`set_layerwise_grad_reducer` instead, as ``galorex-train --distributed ddp --layerwise`` does.
     """
 
     def __init__(

@@ -67,6 +67,11 @@ class Context:
         dist.all_reduce(value)
         return value / self.world_size
 
+    def average_gradient(self, grad: torch.Tensor) -> None:
+        """In place: the mean of this gradient over the ranks (DDP's all-reduce, for one tensor)."""
+        dist.all_reduce(grad)
+        grad.div_(self.world_size)
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -104,9 +109,19 @@ def setup(mode: str, device_name: str, batch_size: int) -> tuple[Context, str]:
     return ctx, (f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def wrap_model(ctx: Context, model: nn.Module) -> nn.Module:
+def wrap_model(ctx: Context, model: nn.Module, layerwise: bool = False) -> nn.Module:
     """The module to run forward/backward through: DDP around the model, or the model itself
-    sharded in place by FSDP2 (each transformer block, then the root)."""
+    sharded in place by FSDP2 (each transformer block, then the root).
+
+    DDP with layer-wise updates: no DDP wrapper (its all-reduce would come after the hooks that
+    step each parameter, and its buckets would hold every gradient at once); rank 0's weights are
+    broadcast as DDP would, and the optimizer averages each gradient over the ranks in its hook
+    (``set_layerwise_grad_reducer``), one tensor at a time."""
+    if ctx.mode == "ddp" and layerwise:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        return model
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

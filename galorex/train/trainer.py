@@ -145,11 +145,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError("--halo is not available in this version of galorex yet")
     if cfg.data is not None and cfg.dataset is not None:
         raise TrainError("give either --data or --dataset, not both")
-    if cfg.layerwise and cfg.distributed != "none":
+    if cfg.layerwise and cfg.distributed == "fsdp2":
         raise TrainError(
-            f"--layerwise with --distributed {cfg.distributed} is not supported: its hooks fire when a "
-            "gradient is accumulated, before DDP's all-reduce or FSDP2's reduce-scatter, and DDP's "
-            "buckets hold every gradient anyway (nothing to save)"
+            "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "
+            "after the hooks that would step it have fired (use --distributed ddp --layerwise)"
         )
 
 
@@ -401,13 +400,11 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"--resume: {ckpt['path']} does not fit this model ({str(e).splitlines()[0]})") from None
     # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
-    runner = distributed.wrap_model(ctx, model)
+    runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
 
     # Optimizer and schedule.
     layerwise = {}
     if cfg.layerwise:
-        if make_optimizer is not None:
-            raise TrainError("--layerwise needs a galorex optimizer (not a custom make_optimizer)")
         # Global-norm clipping is impossible when each parameter steps as soon as its gradient is
         # ready: --grad-clip then clips each parameter's gradient on its own.
         layerwise = dict(layerwise=True, accumulation_steps=cfg.grad_accum,
@@ -420,8 +417,12 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             moment_policy=cfg.moment_policy, natural_history=cfg.natural_history,
             natural_damping=cfg.natural_damping, optim_bits=cfg.optim_bits, basis_bits=cfg.basis_bits, **layerwise,
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise TrainError(f"--optimizer {cfg.optimizer}: {e}") from None
+    if cfg.layerwise and not getattr(optimizer, "_layerwise", False):
+        raise TrainError("--layerwise needs a galorex optimizer built with layerwise=True")
+    if cfg.layerwise and ctx.mode == "ddp":
+        optimizer.set_layerwise_grad_reducer(ctx.average_gradient)  # DDP's all-reduce, one gradient at a time
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
