@@ -540,13 +540,15 @@ class LowRankOptimizer(Optimizer):
         self._grad_reducer: Callable[[torch.Tensor], None] | None = None
 
     def _register_layerwise_hooks(self, group_index: int) -> None:
-        for pi, p in enumerate(self.param_groups[group_index]["params"]):
+        params = self.param_groups[group_index]["params"]
+        for pi, p in enumerate(params):  # check them all before hooking any
             if _is_dtensor(p):
                 raise ValueError(
                     f"layerwise=True: {self._param_label(group_index, pi)} is a DTensor (FSDP2); "
                     "FSDP2 writes the reduce-scattered gradient after the hooks would fire, so "
                     "layer-wise updates are not supported there; use layerwise=False"
                 )
+        for p in params:
             if p.requires_grad:
                 self._layerwise_handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
