@@ -92,6 +92,7 @@ def _worker(rank: int, port: int, cfg: dict, result: str, die_at: int | None) ->
     uneven = _uneven_check(rank) if cfg["distributed"] == "fsdp2" and die_at is None else None
     Path(result, f"rank{rank}.json").write_text(json.dumps(
         {"state_bytes": local_state_bytes(opt), "same_bases": same, "bases": len(bases), "uneven": uneven}))
+    dist.barrier()  # rank 0 hosts the store: nobody leaves while another still needs it
     dist.destroy_process_group()
 
 

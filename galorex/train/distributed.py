@@ -72,8 +72,13 @@ class Context:
         dist.all_reduce(grad)
         grad.div_(self.world_size)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group we joined. ``wait``: first let every rank finish (rank 0 hosts
+        torchrun's store; without it a rank leaving early intermittently aborted another's exit
+        in tests). Not after an error: the other ranks may never reach the barrier."""
         if self.owns_group and dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -339,9 +339,12 @@ def train(cfg: TrainConfig, log=print, make_optimizer=None) -> dict[str, Any]:
     except distributed.DistributedError as e:
         raise TrainError(str(e)) from None
     try:
-        return _train(cfg, ctx, device_name, log, make_optimizer)
-    finally:
-        ctx.close()
+        summary = _train(cfg, ctx, device_name, log, make_optimizer)
+    except BaseException:
+        ctx.close(wait=False)
+        raise
+    ctx.close()
+    return summary
 
 
 def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, make_optimizer) -> dict[str, Any]:
