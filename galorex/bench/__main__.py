@@ -5,6 +5,7 @@
     python -m galorex.bench memory    [--rank 128 ...]
     python -m galorex.bench train-reference [--steps 1000]
     python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2]
+    python -m galorex.bench layerwise-memory [--model llama-60m --batch-size 4 --seq-len 256]
     python -m galorex.bench all [--quick]
 
 Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
@@ -27,6 +28,8 @@ from .. import projection as proj
 from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from ..models.llama import MODEL_CONFIGS, Llama, get_config
 from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
+from .layerwise import add_arguments as add_layerwise_arguments
+from .layerwise import bench_layerwise_memory
 
 
 def _write(out: Path, name: str, table: str, data: Any) -> None:
@@ -447,9 +450,11 @@ QUICK = {
     "memory": {"models": ["llama-tiny", "llama-60m"], "measure_up_to": 1_000_000},
     "convergence": {"steps": 10, "lrs": [3e-3], "seeds": [0, 1]},
     "train-reference": {"steps": 10},
+    "layerwise-memory": {"model": "llama-tiny", "rank": 16, "batch_size": 2, "seq_len": 32, "steps": 1},
 }
 COMMANDS = {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
-            "convergence": bench_convergence, "train-reference": bench_train_reference}
+            "convergence": bench_convergence, "train-reference": bench_train_reference,
+            "layerwise-memory": bench_layerwise_memory}
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -496,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
     c.add_argument("--basis-bits", type=int, default=32, choices=(4, 32))
+    add_layerwise_arguments(sub.add_parser(
+        "layerwise-memory", help="peak memory of training steps with and without layer-wise updates"))
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:

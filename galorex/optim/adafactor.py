@@ -176,6 +176,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         refresh_seed: int = 0,
         basis_bits: int = 32,
         compile: CompileOption = False,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        per_param_grad_clip: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -197,7 +200,8 @@ class GaLoreAdafactor(LowRankOptimizer):
             "refresh_seed": refresh_seed,
             "basis_bits": basis_bits,
         }
-        super().__init__(params, defaults, compile=compile)
+        super().__init__(params, defaults, compile=compile, layerwise=layerwise,
+                         accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any], index: int) -> None:

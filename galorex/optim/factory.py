@@ -38,6 +38,9 @@ def build_optimizer(
     natural_damping: float = 1e-3,
     optim_bits: int = 32,
     basis_bits: int = 32,
+    layerwise: bool = False,
+    accumulation_steps: int = 1,
+    per_param_grad_clip: float | None = None,
     **extra: Any,
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
@@ -47,14 +50,18 @@ def build_optimizer(
     groups on GaLoreAdafactor with the external ``lr`` (``relative_step=False``,
     ``scale_parameter=False``, as the GaLore paper's scripts run it), ``beta1`` = betas[0] (0 means
     no first moment) and ``weight_decay``; β₂ and ``eps`` are Adam's and do not apply (Adafactor's
-    second moment follows its own 1 − t^−0.8 schedule)."""
+    second moment follows its own 1 − t^−0.8 schedule). ``layerwise``, ``accumulation_steps`` and
+    ``per_param_grad_clip`` are the layer-wise options every galorex optimizer takes (for ``adamw``
+    too, the same way)."""
     if name == "galore-adafactor" and optim_bits != 32:
         raise ValueError("optim_bits=8 is not available for galore-adafactor (its factored second "
                          "moment is already a + b numbers per matrix); use optim_bits=32")
-    if name == "adamw" and optim_bits == 8:
-        # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments.
+    lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
+    if name == "adamw" and (optim_bits == 8 or layerwise):
+        # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
+        # and with layer-wise updates.
         return GaLoreAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           optim_bits=8)
+                           optim_bits=optim_bits, **lw)
     if name == "adamw":
         return torch.optim.AdamW(
             model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
@@ -74,13 +81,13 @@ def build_optimizer(
         )
         if name == "galore-adafactor":
             return GaLoreAdafactor(groups, lr=lr, beta1=betas[0] if betas[0] > 0 else None,
-                                   weight_decay=weight_decay, relative_step=False, scale_parameter=False)
+                                   weight_decay=weight_decay, relative_step=False, scale_parameter=False, **lw)
         if name == "natural-galore":
             return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       natural_history=natural_history, natural_damping=natural_damping,
-                                      optim_bits=optim_bits)
+                                      optim_bits=optim_bits, **lw)
         cls = GradNormLoRPAdamW if name == "gradnorm-lorp" else GaLoreAdamW
-        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits)
+        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
     if name in PLANNED:
         raise ValueError(
             f"optimizer {name!r} is not available in this version of galorex yet; "

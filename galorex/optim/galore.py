@@ -140,6 +140,28 @@ class GaLoreAdamW(LowRankOptimizer):
     stay on the host; with a tensor ``lr`` a scheduler's changes do not recompile it. Each group is
     its own graph (dynamo's ``cache_size_limit``, 8 by default, bounds how many); unprojected
     parameters keep torch's fused AdamW kernel.
+
+    Layer-wise updates (the GaLore paper's per-layer weight update, §4.2), constructor arguments
+    shared by every galorex optimizer:
+
+    - ``layerwise`` (False): step each parameter from a ``register_post_accumulate_grad_hook`` as
+      soon as backward() has accumulated its gradient, then free that gradient, so the gradients
+      of the whole model never exist at once. ``step()`` is then a no-op kept for LR schedulers
+      and training loops (``step(closure)`` raises); schedulers work as usual, since each hook
+      reads its group's current ``lr``.
+    - ``accumulation_steps`` (1, layer-wise only): step on every k-th backward of a parameter;
+      gradients accumulate in ``.grad`` in between, as in the normal mode with ``step()`` every k
+      backward passes (scale the loss by 1/k yourself, as usual).
+    - ``per_param_grad_clip`` (None, layer-wise only): clip each parameter's gradient to this
+      norm before its step. Global-norm clipping (``clip_grad_norm_`` over the model) is
+      impossible in this mode: the first parameters are stepped before the last gradients exist.
+
+    Not supported with ``layerwise=True`` (each raises a clear error): ``step(closure)``,
+    gradients set by hand instead of by backward(), sparse or complex gradients (as in the normal
+    mode), FSDP2 (DTensor) parameters, ``state_dict()`` in the middle of an accumulation.
+    Do not wrap the model in DDP (its hooks would fire before DDP's all-reduce, and DDP's buckets
+    hold every gradient anyway); average gradients across ranks with
+    :meth:`set_layerwise_grad_reducer` instead, as ``galorex-train --distributed ddp --layerwise`` does.
     """
 
     def __init__(
@@ -164,6 +186,9 @@ class GaLoreAdamW(LowRankOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         compile: CompileOption = False,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        per_param_grad_clip: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -186,7 +211,8 @@ class GaLoreAdamW(LowRankOptimizer):
         )
         # Subclasses add their own group keys (set before calling this constructor).
         defaults.update(getattr(self, "_extra_defaults", {}))
-        super().__init__(params, defaults, compile=compile)
+        super().__init__(params, defaults, compile=compile, layerwise=layerwise,
+                         accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
 
     def _lowrank_directions(self, group, params, lows, states):
         beta1, beta2 = group["betas"]

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=d.batch_size)
     a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     a("--seq-len", type=int, default=d.seq_len)
-    a("--dtype", default=d.dtype, choices=("fp32", "bf16"), help="parameter dtype")
+    a("--dtype", default=d.dtype, choices=("fp32", "bf16", "fp64"), help="parameter dtype")
     a("--steps", type=int, default=d.steps, help="optimizer steps")
     a("--eval-every", type=int, default=d.eval_every, help="steps between validations (0: only at the end)")
     a("--eval-batches", type=int, default=d.eval_batches, help="validation batches per evaluation")
@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample-tokens", type=int, default=d.sample_tokens, help="tokens generated at the end")
     a("--threads", type=int, default=d.threads, help="torch CPU threads")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--layerwise", action="store_true",
+      help="step each parameter as soon as its gradient is ready and free it (saves the gradients' memory); "
+           "--grad-clip then clips each parameter's gradient on its own")
+    a("--distributed", default=d.distributed, choices=("none", "ddp", "fsdp2"),
+      help="data parallel under torchrun: ddp (replicated) or fsdp2 (sharded weights and optimizer state); "
+           "--batch-size is the global batch")
     return p
 
 
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print("galorex-train: interrupted; every checkpoint written so far is complete "
               "(continue with --resume)", file=sys.stderr)
         return 130
+    if s.get("rank", 0) != 0:
+        return 0  # under torchrun, rank 0 reports
     gib = 1024**3
     print(f"validation loss {s['final_val_loss']:.4f} nats/token, perplexity {s['val_perplexity']:.2f} "
           f"(unigram entropy of the corpus: {s['unigram_entropy']:.3f})")

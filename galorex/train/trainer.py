@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,11 +23,11 @@ import torch
 from ..memory import optimizer_state_bytes
 from ..models.llama import Llama, LlamaConfig, get_config
 from ..optim.factory import AVAILABLE, PLANNED, build_optimizer
+from ..optim.sharded import local_state_bytes
+from . import distributed
 from .atomic import atomic_write
 from .checkpoint import (
     CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -103,6 +104,8 @@ class TrainConfig:
     sample_tokens: int = 200
     threads: int | None = None
     progress: bool = True
+    layerwise: bool = False
+    distributed: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,7 +125,8 @@ def _device(name: str) -> torch.device:
 
 
 def _dtype(name: str) -> torch.dtype:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # fp64 is for checking that two ways of computing a run agree beyond float32's rounding.
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
     if name not in dtypes:
         raise TrainError(f"--dtype {name!r}: expected one of {', '.join(dtypes)}")
     return dtypes[name]
@@ -143,6 +147,11 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError("--halo is not available in this version of galorex yet")
     if cfg.data is not None and cfg.dataset is not None:
         raise TrainError("give either --data or --dataset, not both")
+    if cfg.layerwise and cfg.distributed == "fsdp2":
+        raise TrainError(
+            "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "
+            "after the hooks that would step it have fired (use --distributed ddp --layerwise)"
+        )
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -201,12 +210,13 @@ def _prepare_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def _load_resume(cfg: TrainConfig, out: Path) -> dict[str, Any]:
-    path = latest_checkpoint(out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
+def _load_resume(cfg: TrainConfig, out: Path, ctx: distributed.Context | None = None) -> dict[str, Any]:
+    ctx = ctx or distributed.Context()
+    path = distributed.latest_checkpoint(ctx, out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = distributed.load_extra(ctx, path)
     except CheckpointError as e:
         raise TrainError(f"--resume: {e}") from None
     needed = ("config", "model_config", "model", "optimizer", "scheduler", "data", "rng", "step",
@@ -306,13 +316,13 @@ def _load_initial_weights(model: Llama, path: str) -> None:
     model.load_state_dict(state)
 
 
-def _save_weights(model: Llama, out: Path) -> Path | None:
+def _save_weights(state: dict[str, torch.Tensor], out: Path) -> Path | None:
     """OUT/model.safetensors (when the package is there), for --init-from and other tools."""
     try:
         from safetensors.torch import save
     except ImportError:
         return None
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     path = out / "model.safetensors"
     atomic_write(path, lambda f: f.write(save(tensors)))
     return path
@@ -330,14 +340,31 @@ def train(
     (same options), e.g. to run another library's optimizer through the same loop.
     """
     _check_config(cfg)
-    device = _device(cfg.device)
+    try:
+        ctx, device_name = distributed.setup(cfg.distributed, cfg.device, cfg.batch_size)
+    except distributed.DistributedError as e:
+        raise TrainError(str(e)) from None
+    try:
+        summary = _train(cfg, ctx, device_name, log, make_optimizer)
+    except BaseException:
+        ctx.close(wait=False)
+        raise
+    ctx.close()
+    return summary
+
+
+def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, make_optimizer) -> dict[str, Any]:
+    device = _device(device_name)
     dtype = _dtype(cfg.dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if not ctx.is_main:
+        log = lambda *args, **kwargs: None
     # Nothing is written into --out until every input has been checked, so a failed start leaves
     # the folder as it was (and reusable).
     out = _prepare_out_dir(cfg)
-    ckpt = _load_resume(cfg, out) if cfg.resume is not None else None
+    ckpt = _load_resume(cfg, out, ctx) if cfg.resume is not None else None
+    ctx.barrier()  # every rank has looked at --out before rank 0 writes into it
     if cfg.optimizer not in AVAILABLE:
         known = "not available in this version of galorex yet" if cfg.optimizer in PLANNED else "unknown optimizer"
         raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(AVAILABLE)}")
@@ -375,18 +402,36 @@ def train(
     model = Llama(model_cfg).to(device=device, dtype=dtype)
     if cfg.init_from is not None and ckpt is None:
         _load_initial_weights(model, cfg.init_from)
+    if ckpt is not None and cfg.distributed != "fsdp2" and ckpt["model_config"] == model_cfg.to_dict():
+        # Before DDP sees the weights (a checkpoint of another shape is reported further down).
+        try:
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"--resume: {ckpt['path']} does not fit this model ({str(e).splitlines()[0]})") from None
+    # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
+    runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
 
     # Optimizer and schedule.
+    layerwise = {}
+    if cfg.layerwise:
+        # Global-norm clipping is impossible when each parameter steps as soon as its gradient is
+        # ready: --grad-clip then clips each parameter's gradient on its own.
+        layerwise = dict(layerwise=True, accumulation_steps=cfg.grad_accum,
+                         per_param_grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None)
     try:
         optimizer = (make_optimizer or build_optimizer)(
             cfg.optimizer, model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
             scale=cfg.scale, proj_type=cfg.proj_type, refresh_method=cfg.refresh_method,
             moment_policy=cfg.moment_policy, natural_history=cfg.natural_history,
-            natural_damping=cfg.natural_damping, optim_bits=cfg.optim_bits, basis_bits=cfg.basis_bits,
+            natural_damping=cfg.natural_damping, optim_bits=cfg.optim_bits, basis_bits=cfg.basis_bits, **layerwise,
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise TrainError(f"--optimizer {cfg.optimizer}: {e}") from None
+    if cfg.layerwise and not getattr(optimizer, "_layerwise", False):
+        raise TrainError("--layerwise needs a galorex optimizer built with layerwise=True")
+    if cfg.layerwise and ctx.mode == "ddp":
+        optimizer.set_layerwise_grad_reducer(ctx.average_gradient)  # DDP's all-reduce, one gradient at a time
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
@@ -402,8 +447,10 @@ def train(
         if ckpt["data_fingerprint"] != fingerprint:
             raise TrainError(f"{where} was trained on other data (or another tokenizer) than {source}")
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            if cfg.distributed == "fsdp2":
+                distributed.load_sharded(model, optimizer, ckpt["model"])
+            else:
+                optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             batcher.load_state_dict(ckpt["data"])
             set_rng_state(ckpt["rng"])
@@ -411,38 +458,41 @@ def train(
             raise TrainError(f"{where} does not fit this model/optimizer/data ({str(e).splitlines()[0]})") from None
         out.mkdir(parents=True, exist_ok=True)
         step, tokens_seen, wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
-        _truncate_metrics(metrics_path, step)
+        if ctx.is_main:
+            _truncate_metrics(metrics_path, step)
         log(f"resumed from {ckpt['path']} at step {step}")
-    else:
+    elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
 
-    def checkpoint() -> Path:
-        return save_checkpoint(
-            {
+    def checkpoint() -> Path | None:
+        extra = {
                 "format": CHECKPOINT_FORMAT,
                 "step": step,
                 "tokens_seen": tokens_seen,
                 "wall_s": wall_before + (time.perf_counter() - t_start),
                 "config": cfg.to_dict(),
                 "model_config": model_cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "data": batcher.state_dict(),
                 "rng": rng_state(),
                 "data_fingerprint": fingerprint,
                 "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
-            },
-            out / "checkpoints",
-            step,
-            keep_last=cfg.keep_checkpoints,
-        )
+        }
+        if cfg.distributed == "fsdp2":
+            return distributed.save_sharded(ctx, model, optimizer, extra, out / "checkpoints", step,
+                                            cfg.keep_checkpoints)
+        path = None
+        if ctx.is_main:  # DDP: every rank holds the same model and optimizer state
+            extra.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+            path = save_checkpoint(extra, out / "checkpoints", step, keep_last=cfg.keep_checkpoints)
+        ctx.barrier()
+        return path
 
     # The loop.
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     progress = None
-    if cfg.progress:
+    if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.optimizer} {cfg.model}",
@@ -456,14 +506,17 @@ def train(
         loss_sum.copy_(ckpt["log_window"]["loss_sum"])
         window_steps = ckpt["log_window"]["steps"]
     model.train()
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path if ctx.is_main else os.devnull, "a") as metrics:
         while step < cfg.steps:
             for _ in range(cfg.grad_accum):
-                x, y = batcher.next_batch()
-                _, loss = model(x.to(device), y.to(device))
-                (loss / cfg.grad_accum).backward()
+                x, y = (ctx.local_rows(t) for t in batcher.next_batch())
+                _, loss = runner(x.to(device), y.to(device))
+                try:
+                    (loss / cfg.grad_accum).backward()  # with --layerwise, this steps the optimizer
+                except FloatingPointError as e:
+                    raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
                 loss_sum += loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and not cfg.layerwise:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
             try:
@@ -480,7 +533,8 @@ def train(
             record = None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                record = {"step": step, "train_loss": float(loss_sum) / window_steps, "lr": lr,
+                mean_loss = ctx.mean_over_ranks(loss_sum)
+                record = {"step": step, "train_loss": float(mean_loss) / window_steps, "lr": lr,
                           "tokens_per_s": tokens_window / max(elapsed, 1e-9)}
                 loss_sum.zero_()
                 window_steps = 0
@@ -510,7 +564,7 @@ def train(
     if val_loss is None:
         val_loss = evaluate(model, val_tokens, cfg, device)
     sample = ""
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and (ctx.is_main or cfg.distributed == "fsdp2"):  # FSDP2: every rank runs the forward
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt = torch.as_tensor(val_tokens[: min(16, cfg.seq_len)].astype("int64"), device=device)[None]
         ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, generator=g)
@@ -524,7 +578,8 @@ def train(
         "wall_s": wall_s,
         "tokens_per_s": tokens_seen / max(wall_s, 1e-9),
         "optimizer": cfg.optimizer,
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": (local_state_bytes(optimizer) if cfg.distributed == "fsdp2"
+                                  else optimizer_state_bytes(optimizer)),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         "parameters": model.num_parameters(),
@@ -532,8 +587,14 @@ def train(
         "device": str(device),
         "dtype": cfg.dtype,
         "sample": sample,
+        "distributed": cfg.distributed,
+        "world_size": ctx.world_size,
     }
-    model_file = _save_weights(model, out)
+    weights = distributed.full_state_dict(ctx, model)  # a collective under FSDP2
+    if not ctx.is_main:
+        summary.update(out=str(out), rank=ctx.rank)  # rank 0 writes the outputs and reports
+        return summary
+    model_file = _save_weights(weights, out)
     summary["model_file"] = str(model_file) if model_file else None
     _write_json_atomic(out / "summary.json", summary)
     plotted = _plot(metrics_path, out / "loss.png")

@@ -1,0 +1,263 @@
+"""The GaLore step on FSDP2 parameters (DTensors sharded row-wise on a 1-D device mesh).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) leaves each rank the rows W_i of every weight and
+the matching rows G_i of its reduce-scattered gradient. GaLore's maths is unchanged; only placement
+differs (Zhao et al., 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
+
+    refresh (every update_proj_gap steps):  G = all_gather(G_i);  P ← the same SVD / range finder as
+                                            one process would run, on every rank (identical input,
+                                            identical bases: no broadcast needed)
+    right side (m ≥ n, R = G Q):   R_i = G_i Q,            W_i ← decay·W_i + alpha·D_i Qᵀ
+    left side  (m < n, R = Pᵀ G):  R = Σ_i P_iᵀ G_i (all-reduce), each rank keeps the columns of R
+                                   it owns;  W_i ← decay·W_i + alpha·P_i D (D all-gathered)
+
+Why gather the whole gradient at a refresh rather than a shard-wise randomized range finder: the
+refresh then is *the same* computation as in a single process (an exact SVD included, so
+``refresh_method`` keeps its meaning and a sharded run matches a single-process one to rounding),
+and its cost — one all-gather of G every ``update_proj_gap`` steps (200 in the paper) — is
+amortised to less than one reduce-scatter per step, which FSDP2 already pays every step. A
+range finder would need 2·(power_iters+1) collectives per refresh and still could not give the SVD.
+
+Optimizer state is a DTensor on the parameter's mesh, so ``torch.distributed.checkpoint`` saves
+and loads it: the basis is sharded on its rows (Q: n×r, P: m×r — P's rows are W's rows), the
+moments on the rows (right, m×r, placed exactly like W's rows) or on the columns (left, r×n, so
+that a reprojection at a refresh, T·M, stays local). Every rank then holds about 1/N of the state;
+the price is one all-gather of Q (n×r) per step on the right side, one all-reduce of R and one
+all-gather of D (r×n each) on the left, all small next to FSDP2's own traffic on G (m×n).
+
+Supported: GaLoreAdamW (and NaturalGaLoreAdamW with ``natural_history=0``), 32-bit state, sides
+``left``/``right`` (any ``proj_type`` except ``full``), parameters sharded ``Shard(0)`` on a 1-D
+mesh; unprojected parameters go through torch's AdamW, which handles DTensors itself. Anything else
+is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from .. import projection as proj
+from .base import (
+    BASIS_BITS,
+    OPTIM_BITS,
+    PROJ_STEP,
+    PROJ_TYPE,
+    RANK,
+    REFRESH_METHOD,
+    REFRESH_SEED,
+    SCALE,
+    STEP,
+    UPDATE_PROJ_GAP,
+    LowRankOptimizer,
+    compute_dtype,
+)
+
+
+def check_group(opt: LowRankOptimizer, group: dict[str, Any], index: int) -> None:
+    """Refuse, at construction, what the sharded step cannot do."""
+    from .gradnorm_lorp import GradNormLoRPAdamW
+
+    where = f"param_groups[{index}]"
+    if isinstance(opt, GradNormLoRPAdamW) and group.get(RANK) is not None:
+        raise ValueError(f"{where}: GradNormLoRPAdamW does not support FSDP2 (DTensor) parameters yet")
+    if group.get("natural_history", 0):
+        raise ValueError(f"{where}: NaturalGaLoreAdamW with FSDP2 (DTensor) parameters needs "
+                         "natural_history=0 (the sharded Fisher window is not implemented)")
+    if group.get(OPTIM_BITS, 32) != 32 or group.get(BASIS_BITS, 32) != 32:
+        raise ValueError(f"{where}: optim_bits=8 / basis_bits=4 are not supported with FSDP2 (DTensor) parameters")
+    if group.get(RANK) is not None and group[PROJ_TYPE] == "full":
+        raise ValueError(f"{where}: proj_type='full' is not supported with FSDP2 (DTensor) parameters")
+
+
+def _check_placement(opt: LowRankOptimizer, p: DTensor, gi: int, pi: int) -> None:
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            f"{opt._param_label(gi, pi)}: the sharded GaLore step needs a parameter sharded on its "
+            f"rows over a 1-D mesh (FSDP2's default), got placements {tuple(p.placements)} on a "
+            f"{p.device_mesh.ndim}-D mesh"
+        )
+
+
+def _local_view(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with every DTensor replaced by its local shard (same storage: in-place updates
+    land in the DTensor)."""
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def _write_back(state: dict[str, Any], view: dict[str, Any]) -> None:
+    """Copy into the DTensors what the inner rule replaced (rather than updated in place)."""
+    for key, value in view.items():
+        held = state.get(key)
+        if isinstance(held, DTensor):
+            local = held.to_local()
+            if value is not local:
+                local.copy_(value)
+        else:
+            state[key] = value
+
+
+def _moment_placement(side: str) -> Shard:
+    return Shard(0) if side == "right" else Shard(1)
+
+
+def _shard(full: torch.Tensor, mesh, placement: Shard) -> DTensor:
+    # Every rank holds the same full tensor: each keeps its own chunk, no communication.
+    local = full.chunk(mesh.size(), dim=placement.dim)
+    rank = mesh.get_local_rank()
+    if rank < len(local):
+        mine = local[rank]
+    else:  # torch.chunk gives fewer chunks than ranks for a short dimension
+        shape = list(full.shape)
+        shape[placement.dim] = 0
+        mine = full.new_empty(shape)
+    return DTensor.from_local(mine.contiguous().clone(), mesh, [placement], run_check=False,
+                              shape=full.shape, stride=full.contiguous().stride())
+
+
+@torch.no_grad()
+def sharded_step(opt: LowRankOptimizer, closure: Callable[[], Any] | None = None) -> Any:
+    """``opt.step()`` for an optimizer holding DTensor parameters; see the module docstring."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    plans = []
+    global_index = 0
+    for gi, group in enumerate(opt.param_groups):
+        dense, projected = [], []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            opt._check_grad(p, gi, pi)
+            if opt.is_projected(group, p):
+                if not isinstance(p, DTensor):
+                    raise ValueError(f"{opt._param_label(gi, pi)}: mixing DTensor and plain projected "
+                                     "parameters in one optimizer is not supported")
+                _check_placement(opt, p, gi, pi)
+                projected.append({"param": p, "group_index": gi, "param_index": pi,
+                                  "index": global_index + pi})
+            else:
+                dense.append(p)
+        global_index += len(group["params"])
+        plans.append((group, dense, projected))
+
+    # As in the single-process step: every new basis before any parameter changes.
+    for group, _, projected in plans:
+        for item in projected:
+            _prepare(opt, group, item)
+    for group, dense, projected in plans:
+        for item in projected:
+            _commit(opt, group, item)
+        if dense:
+            opt._dense_adamw(group, dense)
+        if projected:
+            _lowrank_step(opt, group, projected)
+    return loss
+
+
+def _prepare(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) -> None:
+    p = item["param"]
+    state = opt.state[p]
+    m, n = proj.matrix_shape(p.shape)
+    item["side"] = side = proj.projection_side(group[PROJ_TYPE], m, n)
+    step = int(state[STEP].item()) if STEP in state else 0
+    item["step"] = step
+    item["new_bases"] = None
+    if state and step % group[UPDATE_PROJ_GAP] != 0:
+        return
+    # Every rank reaches this point at the same steps for the same parameters, in the same order,
+    # so the all-gathers pair up.
+    g = proj.as_matrix(p.grad.full_tensor()).to(compute_dtype(p.dtype))
+    if not bool(torch.isfinite(g).all()):
+        raise FloatingPointError(
+            f"{opt._param_label(item['group_index'], item['param_index'])} has a non-finite gradient "
+            f"at step {step}, where its projection basis is refreshed; the previous basis and the "
+            "optimizer state are kept unchanged"
+        )
+    generator = None
+    if group[REFRESH_METHOD] == "randomized":
+        generator = opt._refresh_generator(g.device, group[REFRESH_SEED], item["index"], step)
+    item["new_bases"] = proj.compute_bases(
+        g, group[RANK], side, group[REFRESH_METHOD],
+        oversample=group["oversample"], power_iters=group["power_iters"], generator=generator,
+    )
+
+
+def _commit(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) -> None:
+    new = item["new_bases"]
+    if new is None:
+        return
+    p, side = item["param"], item["side"]
+    mesh = p.device_mesh
+    state = opt.state[p]
+    if not state:
+        state[STEP] = torch.zeros((), dtype=torch.float32)
+        state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
+        m, n = proj.matrix_shape(p.shape)
+        fresh: dict[str, Any] = {}
+        opt._init_lowrank_state(group, p.to_local(), fresh, proj.lowrank_shape(side, m, n, group[RANK]),
+                                compute_dtype(p.dtype))
+        for key, value in fresh.items():
+            state[key] = _shard(value, mesh, _moment_placement(side))
+    else:
+        old = [state["basis"].full_tensor()]
+        view = _local_view(state)
+        # The moment policies act on whole rows (right side) or whole columns (left side) of the
+        # moments with an r×r transition, so each rank applies them to its own shard.
+        opt._on_refresh(group, p, view, old, new, side)
+        _write_back(state, view)
+        state[PROJ_STEP].fill_(item["step"])
+    state["basis"] = _shard(new[0], mesh, Shard(0))
+    item["new_bases"] = None
+
+
+def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    params = [it["param"] for it in items]
+    states = [opt.state[p] for p in params]
+    views = [_local_view(s) for s in states]
+    lows, bases = [], []
+    for p, state, it in zip(params, states, items):
+        g = proj.as_matrix(p.grad.to_local()).to(compute_dtype(p.dtype))
+        if it["side"] == "right":
+            q = state["basis"].full_tensor()  # n×r: every rank needs all of it
+            lows.append(g @ q)
+            bases.append([q])
+        else:
+            local_p = state["basis"].to_local()  # the rows of P matching this rank's rows of G
+            r, n = state["basis"].shape[1], g.shape[1]
+            partial = DTensor.from_local(local_p.mT @ g, p.device_mesh, [Partial()], run_check=False,
+                                         shape=(r, n), stride=(n, 1))
+            low = partial.redistribute(p.device_mesh, [Replicate()]).redistribute(p.device_mesh, [Shard(1)])
+            lows.append(low.to_local())
+            bases.append([local_p])
+        state[STEP] += 1
+    directions = opt._lowrank_directions(group, [p.to_local() for p in params], lows, views)
+    for state, view in zip(states, views):
+        _write_back(state, view)
+
+    lr = float(group["lr"])
+    decay = 1.0 - lr * float(group["weight_decay"])
+    alpha = -lr * float(group[SCALE])
+    if group["eps_mode"] == "galore_torch":
+        alpha *= decay
+    for p, state, view, it, d, b in zip(params, states, views, items, directions, bases):
+        if it["side"] == "left":
+            r, n = state["basis"].shape[1], proj.matrix_shape(p.shape)[1]
+            d = DTensor.from_local(d.contiguous(), p.device_mesh, [Shard(1)], run_check=False,
+                                   shape=(r, n), stride=(n, 1)).full_tensor()
+        opt._apply_lowrank_update(group, p.to_local(), view, d, b, it["side"], decay=decay, alpha=alpha)
+
+
+def local_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state held by this rank (a DTensor counts its local shard only)."""
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, DTensor):
+                value = value.to_local()
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
