@@ -38,9 +38,12 @@ def format_max(fmt: str) -> float:
     return 127.0 if fmt == "int8" else float(torch.finfo(FP8[fmt]).max)
 
 
-def quantize(x: torch.Tensor, fmt: str, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s) with x ≈ q·s; s is float32 of shape () per tensor, (rows, 1) per row (rows = the
-    product of the leading dimensions). Triton's kernel on CUDA when the backend says so."""
+    product of the leading dimensions). A given ``scale`` (of that shape) is used instead of
+    amax/q_max, and values beyond q_max·s saturate. Triton's kernel on CUDA when the backend says so."""
     _check_format(fmt)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -51,7 +54,7 @@ def quantize(x: torch.Tensor, fmt: str, granularity: str = "tensor") -> tuple[to
     from .hadamard import _triton_op
 
     name = "quantize_int8" if fmt == "int8" else "quantize_fp8"
-    kernel = _triton_op(name, x.device)
+    kernel = _triton_op(name, x.device) if scale is None else None
     if kernel is not None:
         try:
             x2 = x.reshape(-1, x.shape[-1])
@@ -62,18 +65,27 @@ def quantize(x: torch.Tensor, fmt: str, granularity: str = "tensor") -> tuple[to
             return q.view(x.shape), s
         except TypeError:
             pass  # an older or different signature: the torch path below is the reference anyway
-    return quantize_reference(x, fmt, granularity)
+    return quantize_reference(x, fmt, granularity, scale)
 
 
-def quantize_reference(x: torch.Tensor, fmt: str, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_reference(
+    x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch implementation of :func:`quantize` (also its fallback everywhere)."""
     qmax = format_max(fmt)
     x32 = x.float()
-    if granularity == "tensor":
-        amax = x32.abs().amax()
+    rows = x32.reshape(-1, x.shape[-1]).shape[0]
+    if scale is not None:
+        want = () if granularity == "tensor" else (rows, 1)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"scale must have shape {want} for granularity={granularity!r}, got {tuple(scale.shape)}")
+        scale = scale.to(device=x.device, dtype=torch.float32)
     else:
-        amax = x32.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        if granularity == "tensor":
+            amax = x32.abs().amax()
+        else:
+            amax = x32.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if granularity == "tensor":
         y = x32 / scale
     else:
