@@ -5,6 +5,7 @@
     python -m galorex.bench memory    [--rank 128 ...]
     python -m galorex.bench train-reference [--steps 1000]
     python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2]
+    python -m galorex.bench halo [--tokens 2048 --in-features 512 --out-features 512]
     python -m galorex.bench all [--quick]
 
 Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
@@ -27,6 +28,7 @@ from .. import projection as proj
 from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from ..models.llama import MODEL_CONFIGS, Llama, get_config
 from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
+from . import halo as halo_bench
 
 
 def _write(out: Path, name: str, table: str, data: Any) -> None:
@@ -450,6 +452,7 @@ QUICK = {
 }
 COMMANDS = {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
             "convergence": bench_convergence, "train-reference": bench_train_reference}
+QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -496,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
     c.add_argument("--basis-bits", type=int, default=32, choices=(4, 32))
+    halo_bench.add_parser(sub)
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:

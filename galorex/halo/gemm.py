@@ -21,10 +21,12 @@ _FAILED: set[tuple] = set()
 
 
 def scaled_gemm_reference(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
-    """(a·s_a)(b·s_b)ᵀ in float32: a (M,K), b (N,K), s_a () or (M,1), s_b () or (N,1)."""
-    a = qa.to(torch.float32) * sa
-    b = qb.to(torch.float32) * sb
-    return a @ b.t()
+    """(a·s_a)(b·s_b)ᵀ in float32: a (M,K), b (N,K), s_a () or (M,1), s_b () or (N,1).
+
+    Computed as (a bᵀ)·s_a·s_bᵀ: the scales are constant along K, so they go on the (M,N) output,
+    and the quantised values themselves are exact in float32."""
+    out = qa.to(torch.float32) @ qb.to(torch.float32).t()
+    return out.mul_(sa).mul_(sb.reshape(1, -1) if sb.dim() else sb)
 
 
 def _torch_scaled(qa, sa, qb, sb) -> torch.Tensor | None:
@@ -42,8 +44,17 @@ def _torch_scaled(qa, sa, qb, sb) -> torch.Tensor | None:
     else:  # row-wise: (M,1) and (1,N)
         sa_ = sa.reshape(-1, 1).expand(m, 1).contiguous()
         sb_ = sb.reshape(1, -1).expand(1, n).contiguous()
-    out = torch._scaled_mm(qa.contiguous(), qb.contiguous().t(), scale_a=sa_, scale_b=sb_, out_dtype=torch.float32)
-    return out[0] if isinstance(out, tuple) else out  # torch < 2.5 returned (out, amax)
+    a, bt = qa.contiguous(), qb.contiguous().t()
+    try:
+        out = torch._scaled_mm(a, bt, scale_a=sa_, scale_b=sb_, out_dtype=torch.float32)
+    except RuntimeError:
+        if qa.device.type != "cuda":
+            raise
+        # Some CUDA builds take row-wise scales only with a bf16 output: 8 bits of mantissa, still
+        # far finer than the operands' 3 (e4m3).
+        out = torch._scaled_mm(a, bt, scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16)
+    out = out[0] if isinstance(out, tuple) else out  # torch < 2.5 returned (out, amax)
+    return out.to(torch.float32)
 
 
 def scaled_gemm(
