@@ -36,9 +36,10 @@ def add_parser(sub) -> None:
     h.add_argument("--outliers", type=int, default=8, help="outlier channels in X and in E_Y")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--llama-batch", type=int, default=16, help="batch of the captured llama-tiny step (x 128 tokens)")
+    h.add_argument("--llama-steps", type=int, default=30, help="AdamW steps on llama-tiny before the capture")
 
 
-QUICK = {"tokens": 128, "in_features": 64, "out_features": 32, "outliers": 2, "llama_batch": 2}
+QUICK = {"tokens": 128, "in_features": 64, "out_features": 32, "outliers": 2, "llama_batch": 2, "llama_steps": 2}
 
 
 def _synthetic(tokens: int, k: int, n: int, outliers: int, seed: int, with_outliers: bool) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def _outlier_channels(t: torch.Tensor, ratio: float = 6.0) -> torch.Tensor:
     return torch.nonzero(rms > ratio * rms.median().clamp_min(1e-30)).flatten()
 
 
-def capture_llama(batch: int, seed: int) -> list[dict[str, Any]]:
+def capture_llama(batch: int, seed: int, steps: int = 30) -> list[dict[str, Any]]:
     """X, W and E_Y of a few linear layers of llama-tiny at its first training step (real text)."""
     from ..models.llama import Llama, get_config
     from ..train.data import default_corpus_path, load_tokenizer, prepare_tokens
@@ -75,7 +76,7 @@ def capture_llama(batch: int, seed: int) -> list[dict[str, Any]]:
     seq = torch.stack([torch.as_tensor(tokens[s:s + 129].astype("int64")) for s in starts])
     # Train a few steps first: at initialisation the activations have no structure at all.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(30):
+    for _ in range(steps):
         _, loss = model(seq[:, :-1], seq[:, 1:])
         opt.zero_grad()
         loss.backward()
@@ -169,7 +170,7 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
         "gaussian": [_synthetic(args.tokens, args.in_features, args.out_features, args.outliers, args.seed, False)],
         "outlier channels": [_synthetic(args.tokens, args.in_features, args.out_features, args.outliers,
                                         args.seed, True)],
-        "llama-tiny step": capture_llama(args.llama_batch, args.seed),
+        "llama-tiny step": capture_llama(args.llama_batch, args.seed, args.llama_steps),
     }
     cols = ("Y", "E_X", "G", "Y normal", "E_X normal", "G normal")
     results: list[dict[str, Any]] = []
@@ -200,7 +201,7 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
         f"Relative error ‖·−exact‖/‖exact‖ against float64 (mean over layers for llama-tiny); "
         f"synthetic: {args.tokens} tokens × {args.in_features} → {args.out_features}, {args.outliers} outlier "
         f"channels in X and E_Y (×{', ×'.join(f'{s:g}' for s in OUTLIER_SCALES)}); llama-tiny: {llama_names} "
-        f"after 30 AdamW steps, batch {args.llama_batch} × 128; FP8 = e4m3 everywhere; 'normal' leaves the "
+        f"after {args.llama_steps} AdamW steps, batch {args.llama_batch} × 128; FP8 = e4m3 everywhere; 'normal' leaves the "
         "outlier channels out (llama: channels whose RMS > 6× the median).",
         "",
         "| data | format | scale | level | Y | E_X | G | Y normal | E_X normal | G normal |",
