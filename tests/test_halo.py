@@ -370,6 +370,10 @@ def test_convert_to_halo_swaps_in_place_and_keeps_parameters():
     assert _rel(y.detach(), before.detach()) < 0.05
     assert convert_to_halo(model) == 0  # nothing left to swap
     assert convert_to_halo(_Block(), skip=("lm_head", "mlp")) == 1
+    signed = _Block()
+    convert_to_halo(signed, level=1, random_signs=True, seed=3)
+    assert signed.attn.signs_in is not None and signed.attn.signs_in.device == signed.attn.weight.device
+    assert not torch.equal(signed.attn.signs_in, torch.ones(64))
 
 
 def test_convert_to_halo_bad_input():

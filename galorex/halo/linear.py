@@ -246,11 +246,8 @@ def convert_to_halo(
             raise ValueError(f"convert_to_halo: module {name!r}: {e}") from None
         new.weight = module.weight
         new.bias = module.bias
-        for key in ("signs_in", "signs_out"):
+        for key in ("signs_in", "signs_out"):  # built on the CPU (meta was asked for the weights)
             buf = getattr(new, key)
-            if buf is None and new.random_signs:
-                dim = module.in_features if key == "signs_in" else module.out_features
-                buf = random_signs(dim, new.seed + (key == "signs_out"))
             if buf is not None:
                 setattr(new, key, buf.to(module.weight.device))
         new.train(module.training)

@@ -90,9 +90,9 @@ def quantize_reference(
         y = x32 / scale
     else:
         y = (x32.reshape(-1, x.shape[-1]) / scale).view(x.shape)
-    y = y.clamp_(-qmax, qmax) if y is not x else y.clamp(-qmax, qmax)
+    y = y.clamp_(-qmax, qmax)  # y is a fresh tensor (the quotient): in place is safe
     if fmt == "int8":
-        q = torch.round_(y).to(torch.int8) if y is not x else torch.round(y).to(torch.int8)  # half to even
+        q = y.round_().to(torch.int8)  # round half to even
     else:
         q = y.to(FP8[fmt])
     return q, scale
