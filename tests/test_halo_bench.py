@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from galorex.bench.__main__ import main
 
@@ -31,3 +32,16 @@ def test_halo_bench_quick(tmp_path):
     assert g["Y"] == g["Y normal"]
     assert len(data["grad_format"]) == 3 * 2 * 2 and len(data["projection"]) == 3
     assert (tmp_path / "halo.md").read_text().startswith("Relative error")
+
+
+def test_halo_gpu_benchmark_smoke_and_no_cuda(tmp_path, capsys):
+    from galorex.bench import halo_gpu
+
+    if not torch.cuda.is_available():
+        assert halo_gpu.main(["--out", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert halo_gpu.main(["--device", "cpu", "--tokens", "64", "--in-features", "32", "--out-features", "32",
+                          "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "halo_gpu.json").read_text())["rows"]
+    halo = [r for r in rows if r["what"].startswith("HaloLinear")]
+    assert len(halo) == 12 and all(r["rel_err_Y"] < 0.06 for r in halo)

@@ -27,6 +27,13 @@ import torch
 def _time(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():  # the --device cpu smoke run
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -48,15 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run at small sizes")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("halo_gpu: no CUDA device here; this benchmark needs a GPU (nothing was measured)", file=sys.stderr)
         return 2
 
     from ..halo import HaloLinear, fwht, quantize
     from ..halo import gemm as halo_gemm
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     t, k, n = args.tokens, args.in_features, args.out_features
     torch.manual_seed(0)
     x = torch.randn(t, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"what": f"quantize e4m3 row {t}x{k}", "s": s, "GB/s": a32.numel() * 5 / s / 1e9})
 
     failed = sorted(str(key) for key in halo_gemm._FAILED)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "gpu": torch.cuda.get_device_name(),
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke run)"
+    env = {"torch": torch.__version__, "python": platform.python_version(), "gpu": gpu,
            "date": time.strftime("%Y-%m-%d"), "shape": [t, k, n], "gemm_backends_that_failed": failed}
     try:
         import triton
