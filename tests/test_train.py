@@ -409,7 +409,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "corpus-shorter-than-a-sequence": (["--data", str(short)], ["seq_len"]),
         "unknown-model": (["--model", "llama-nope"], ["llama-nope"]),
         "invalid-model-json": (["--model", str(bad_json)], [str(bad_json)]),
-        "halo": (["--halo", "1"], ["--halo", "not available"]),
+        "halo": (["--halo-format", "int8"], ["--halo-format", "needs --halo"]),
         "dataset-without-datasets": (["--dataset", "c4"], ["datasets"]),
     }
 

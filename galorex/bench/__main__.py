@@ -6,6 +6,7 @@
     python -m galorex.bench train-reference [--steps 1000]
     python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2]
     python -m galorex.bench layerwise-memory [--model llama-60m --batch-size 4 --seq-len 256]
+    python -m galorex.bench halo [--tokens 2048 --in-features 512 --out-features 512]
     python -m galorex.bench all [--quick]
 
 Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
@@ -30,6 +31,7 @@ from ..models.llama import MODEL_CONFIGS, Llama, get_config
 from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
 from .layerwise import add_arguments as add_layerwise_arguments
 from .layerwise import bench_layerwise_memory
+from . import halo as halo_bench
 
 
 def _write(out: Path, name: str, table: str, data: Any) -> None:
@@ -455,6 +457,7 @@ QUICK = {
 COMMANDS = {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
             "convergence": bench_convergence, "train-reference": bench_train_reference,
             "layerwise-memory": bench_layerwise_memory}
+QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -503,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--basis-bits", type=int, default=32, choices=(4, 32))
     add_layerwise_arguments(sub.add_parser(
         "layerwise-memory", help="peak memory of training steps with and without layer-wise updates"))
+    halo_bench.add_parser(sub)
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from .. import projection as proj
+from ..halo.projection import PROJ_PRECISION, PROJ_PRECISIONS, project_lowprec
 from . import state8bit
 
 # Group keys, as galore-torch names them, plus galorex's own.
@@ -250,6 +251,8 @@ class LowRankOptimizer(Optimizer):
         bits = group.get(BASIS_BITS, 32)
         if not _is_int(bits) or bits not in (4, 32):
             raise bad(BASIS_BITS, "must be 4 or 32")
+        if group.get(PROJ_PRECISION) not in (None,) + PROJ_PRECISIONS:
+            raise bad(PROJ_PRECISION, f"must be None or one of {PROJ_PRECISIONS}")
 
     # ------------------------------------------------------------------ helpers
     def _param_label(self, group_index: int, param_index: int) -> str:
@@ -464,7 +467,7 @@ class LowRankOptimizer(Optimizer):
         lows = []
         for p, state, bases, it in zip(params, states, all_bases, items):
             g = self._gradient_matrix(group, p, it.get("grad"))
-            lows.append(proj.project(g, bases, it["side"]))
+            lows.append(self._project_gradient(group, g, bases, it["side"]))
             state[STEP] += 1
         directions = self._lowrank_directions(group, params, lows, states)
 
@@ -475,6 +478,12 @@ class LowRankOptimizer(Optimizer):
             alpha = alpha * decay  # galore-torch decays the already-updated weight
         for p, state, bases, it, d in zip(params, states, all_bases, items, directions):
             self._apply_lowrank_update(group, p, state, d, bases, it["side"], decay=decay, alpha=alpha)
+
+    def _project_gradient(self, group: dict[str, Any], g: torch.Tensor, bases, side: str) -> torch.Tensor:
+        """R = project(G): in the compute dtype, or quantised when the group sets ``proj_precision``."""
+        if group.get(PROJ_PRECISION) is None:
+            return proj.project(g, bases, side)
+        return project_lowprec(g, bases, side, group[PROJ_PRECISION])
 
     def _gradient_matrix(
         self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor | None = None

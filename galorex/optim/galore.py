@@ -130,6 +130,10 @@ class GaLoreAdamW(LowRankOptimizer):
       entries, as Q-GaLore does) and dequantises it on use; the basis is then only approximately
       orthonormal (entries within half a code step).
 
+    - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
+      ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
+      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.halo.projection``).
+
     Weight decay is decoupled and applied to the full weight.
 
     ``lr``, ``weight_decay``, ``betas`` and ``eps`` may be 0-dim tensors (``lr=torch.tensor(1e-3)``),

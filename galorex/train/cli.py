@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--init-from", default=d.init_from,
       help="start from these weights (a .safetensors file such as an earlier run's model.safetensors, or a .pt)")
     a("--tokenizer", default=d.tokenizer, help="byte (default) or a tokenizer.json")
-    a("--halo", type=int, default=d.halo, choices=(0, 1, 2), help="HALO low-precision level (not available yet)")
+    a("--halo", type=int, default=d.halo, choices=(0, 1, 2),
+      help="HALO: linear layers (not the head) with FP8/INT8 GEMMs; Hadamard rotations at level 1 (forward) and 2 (+ input gradient)")
+    a("--halo-format", default=d.halo_format, choices=("fp8", "int8"), help="--halo's format (default fp8)")
     a("--sample-tokens", type=int, default=d.sample_tokens, help="tokens generated at the end")
     a("--threads", type=int, default=d.threads, help="torch CPU threads")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")

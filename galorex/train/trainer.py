@@ -101,6 +101,7 @@ class TrainConfig:
     tokenizer: str | None = None
     init_from: str | None = None
     halo: int | None = None
+    halo_format: str | None = None  # fp8 (the default with --halo) or int8
     sample_tokens: int = 200
     threads: int | None = None
     progress: bool = True
@@ -143,8 +144,12 @@ def _check_config(cfg: TrainConfig) -> None:
             raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.halo is not None:
-        raise TrainError("--halo is not available in this version of galorex yet")
+    if cfg.halo is not None and cfg.halo not in (0, 1, 2):
+        raise TrainError(f"--halo must be 0, 1 or 2, got {cfg.halo}")
+    if cfg.halo_format is not None and cfg.halo_format not in ("fp8", "int8"):
+        raise TrainError(f"--halo-format must be fp8 or int8, got {cfg.halo_format!r}")
+    if cfg.halo_format is not None and cfg.halo is None:
+        raise TrainError("--halo-format needs --halo 0|1|2")
     if cfg.data is not None and cfg.dataset is not None:
         raise TrainError("give either --data or --dataset, not both")
     if cfg.layerwise and cfg.distributed == "fsdp2":
@@ -402,6 +407,11 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     model = Llama(model_cfg).to(device=device, dtype=dtype)
     if cfg.init_from is not None and ckpt is None:
         _load_initial_weights(model, cfg.init_from)
+    if cfg.halo is not None:
+        # HALO: every linear layer but the head runs its GEMMs in FP8/INT8; weights stay as they are.
+        from ..halo import convert_to_halo
+
+        convert_to_halo(model, level=cfg.halo, fmt=cfg.halo_format or "fp8")
     if ckpt is not None and cfg.distributed != "fsdp2" and ckpt["model_config"] == model_cfg.to_dict():
         # Before DDP sees the weights (a checkpoint of another shape is reported further down).
         try:

@@ -1,0 +1,144 @@
+"""Orthonormal Walsh–Hadamard rotations: Sylvester matrices, block-diagonal rotations, a torch FWHT.
+
+H₁ = [1],  H₂ₙ = [[Hₙ, Hₙ], [Hₙ, −Hₙ]] / √2   (Sylvester order, orthonormal: H Hᵀ = I, H = Hᵀ)
+
+A block rotation of a dimension d divisible by a power-of-two block b is R = D · diag(H_b, …, H_b),
+with D an optional diagonal of random ±1 signs; x ↦ x R rotates the last dimension and x ↦ x Rᵀ
+undoes it. HALO (Ashkboos et al., 2025, "HALO: Hadamard-Assisted Lower-Precision Optimization for
+LLMs") puts such rotations on both operands of a GEMM's inner dimension: (X R)(W R)ᵀ = X Wᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "block_hadamard_matrix",
+    "default_block_size",
+    "fwht",
+    "hadamard_transform",
+    "is_power_of_two",
+    "random_signs",
+    "rotate",
+    "sylvester",
+    "unrotate",
+]
+
+MAX_DEFAULT_BLOCK = 256
+
+
+def is_power_of_two(n: int) -> bool:
+    return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
+
+
+def _check_block(dim: int, block_size: int, what: str = "the last dimension") -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or not is_power_of_two(block_size):
+        raise ValueError(f"block_size must be a power of two, got {block_size!r}")
+    if dim % block_size != 0:
+        raise ValueError(f"block_size={block_size} does not divide {what} ({dim})")
+
+
+def default_block_size(dim: int, cap: int | None = MAX_DEFAULT_BLOCK) -> int:
+    """The whole dimension when it is a power of two (HALO's choice), else the largest power of
+    two ≤ ``cap`` that divides it (1 for an odd dimension: no rotation)."""
+    if not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if is_power_of_two(dim):
+        return dim
+    block = dim & -dim  # the largest power of two dividing dim
+    if cap is not None:
+        block = min(block, cap)
+    return block
+
+
+def sylvester(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthonormal (n×n) Sylvester–Hadamard matrix, H Hᵀ = I, for n a power of two."""
+    if not is_power_of_two(n):
+        raise ValueError(f"n must be a power of two, got {n!r}")
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(dtype)
+
+
+def block_hadamard_matrix(
+    dim: int,
+    block_size: int,
+    signs: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Dense R = D · diag(H_b, …, H_b) (d×d): the plain reference of :func:`rotate`."""
+    _check_block(dim, block_size, "dim")
+    r = torch.block_diag(*([sylvester(block_size, torch.float64, device)] * (dim // block_size)))
+    if signs is not None:
+        r = signs.to(torch.float64).reshape(-1, 1) * r
+    return r.to(dtype)
+
+
+def random_signs(dim: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A reproducible vector of ±1 (float32) from ``seed``."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    s = torch.randint(0, 2, (dim,), generator=g).float().mul_(2).sub_(1)
+    return s.to(device) if device is not None else s
+
+
+def fwht(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Orthonormal fast Walsh–Hadamard transform of each block of the last dimension, x ↦ x·H_b:
+    log₂(b) butterfly stages (a, b) ↦ (a + b, a − b), O(d log b), then one scale by 1/√b."""
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    dim = x.shape[-1]
+    b = dim if block_size is None else block_size
+    if block_size is None and not is_power_of_two(dim):
+        raise ValueError(f"the last dimension ({dim}) is not a power of two: give a block_size that divides it")
+    _check_block(dim, b)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, dim // b, b)
+    h = 1
+    while h < b:
+        # Pair element i with element i + h inside every group of 2h.
+        y = y.reshape(y.shape[0], dim // b, b // (2 * h), 2, h)
+        lo, hi = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((lo + hi, lo - hi), dim=-2)
+        h *= 2
+    return (y.reshape(*lead, dim) * (1.0 / math.sqrt(b))).to(x.dtype)
+
+
+def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """x·H_b block-wise: Triton's kernel on CUDA when the backend says so, else :func:`fwht`."""
+    kernel = _triton_op("hadamard_transform", x.device)
+    if kernel is not None:
+        return kernel(x, block_size)
+    return fwht(x, block_size)
+
+
+def rotate(x: torch.Tensor, block_size: int, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """x ↦ x R with R = D·diag(H_b, …) along the last dimension (D = diag(signs) if given)."""
+    if signs is not None:
+        x = x * signs.to(x.dtype)
+    return hadamard_transform(x, block_size)
+
+
+def unrotate(x: torch.Tensor, block_size: int, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """x ↦ x Rᵀ, the inverse of :func:`rotate` (H_b is symmetric)."""
+    y = hadamard_transform(x, block_size)
+    return y * signs.to(y.dtype) if signs is not None else y
+
+
+def _triton_op(name: str, device: torch.device):
+    """The ``triton_kernels`` function ``name`` when Triton is the backend for a CUDA ``device``;
+    None otherwise, or when that package or function is missing (the torch path then runs)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import triton_kernels
+        from triton_kernels.dispatch import select_backend
+
+        if select_backend(device) != "triton":
+            return None
+        return getattr(triton_kernels, name, None)
+    except Exception:
+        return None

@@ -1,0 +1,255 @@
+"""``HaloLinear``: an ``nn.Linear`` whose three GEMMs run on quantised operands (FP8 or INT8).
+
+For X (T×K tokens × in_features), W (N×K), E_Y = ∂L/∂Y (T×N), Q(·) the scaled quantiser of
+:mod:`galorex.halo.quant`, R_K / R_N block Hadamard rotations of the K / N dimension:
+
+    level 0   Y = Q(X) Q(W)ᵀ             E_X = Q(E_Y) Q(Wᵀ)ᵀ               G = Q(E_Yᵀ) Q(Xᵀ)ᵀ
+    level 1   Y = Q(X R_K) Q(W R_K)ᵀ     E_X as level 0                   G as level 0
+    level 2   Y as level 1               E_X = Q(E_Y R_N) Q(Wᵀ R_N)ᵀ      G as level 0
+
+(every rotation is on the GEMM's inner dimension, so (A R)(B R)ᵀ = A Bᵀ and nothing needs undoing).
+The bias and its gradient stay in high precision; the weight is a high-precision master copy, so
+every galorex optimizer trains it unchanged.
+
+Placement against HALO (Ashkboos et al., 2025; code IST-DASLab/HALO, ``qllmt/nn``): level 1 is
+the same — its ``HaloFnLevel1`` rotates X and W along in_features for the forward GEMM and runs
+both backward GEMMs unrotated. Level 2 differs in one place: ``HaloFnLevel2`` rotates E_Y along its
+*token* dimension (an outer dimension of E_X = E_Y W, so it multiplies by Hᵀ again after the GEMM and
+quantises W unrotated); galorex rotates E_Y and Wᵀ along out_features, the inner dimension, as the
+forward does, which needs no token count divisible by a block and no inverse rotation. Neither
+rotates the weight-gradient GEMM (its inner dimension is the tokens). HALO's per-tensor scales are
+reduced on the host with ``.item()``; here they stay on the device.
+
+Which level pays depends on the format (``python -m galorex.bench halo``, docs/benchmarks.md,
+2048 tokens × 512 → 512, eight outlier channels ×20…×200 in X and E_Y): with INT8's uniform grid,
+level 1 cuts the error of Y 4.7× (0.070 → 0.015, per-tensor) and level 2 that of E_X 4.8×
+(0.071 → 0.015); FP8 spends its bits on the exponent, so every level gives ≈ 0.037 on Gaussian and
+outlier data alike, and on activations captured from llama-tiny rotation made Y slightly worse
+(0.0114 → 0.0121). Per-row scales were never worse than per-tensor and rescue the weight gradient
+of the normal channels under INT8 (1.00 → 0.012: a per-tensor scale set by the outliers rounds
+them all to zero), hence ``granularity="row"`` by default; e4m3 beat e5m2 for E_Y everywhere
+(scaled, the range of e5m2 is not needed: 0.037 vs 0.059 on E_X), hence ``grad_fp8="e4m3"``.
+Recommended: ``level=2, fmt="int8"``, or ``level=0, fmt="fp8"`` (rotation buys FP8 nothing here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .gemm import BACKENDS, scaled_gemm
+from .hadamard import _check_block, default_block_size, random_signs, rotate
+from .quant import GRANULARITIES, quantize
+
+__all__ = ["HALO_FORMATS", "HALO_LEVELS", "HaloConfig", "HaloLinear", "convert_to_halo", "halo_linear"]
+
+HALO_LEVELS = (0, 1, 2)
+HALO_FORMATS = ("fp8", "int8")
+GRAD_FP8_FORMATS = ("e4m3", "e5m2")
+# Defaults from the measurements in the module docstring (docs/benchmarks.md, "HALO").
+DEFAULT_GRAD_FP8 = "e4m3"
+DEFAULT_GRANULARITY = "row"
+
+
+@dataclass(frozen=True)
+class HaloConfig:
+    """Settings of one HALO linear layer (immutable; passed through autograd as a constant)."""
+
+    level: int = 1
+    fmt: str = "fp8"
+    granularity: str = DEFAULT_GRANULARITY
+    grad_fp8: str = DEFAULT_GRAD_FP8
+    block_in: int = 1
+    block_out: int = 1
+    backend: str = "auto"
+
+    @property
+    def fwd_format(self) -> str:
+        return "int8" if self.fmt == "int8" else "e4m3"
+
+    @property
+    def grad_format(self) -> str:
+        return "int8" if self.fmt == "int8" else self.grad_fp8
+
+
+def _check_settings(level: Any, fmt: Any, granularity: Any, grad_fp8: Any, backend: Any) -> None:
+    if isinstance(level, bool) or level not in HALO_LEVELS:
+        raise ValueError(f"level must be one of {HALO_LEVELS}, got {level!r}")
+    if fmt not in HALO_FORMATS:
+        raise ValueError(f"fmt must be one of {HALO_FORMATS}, got {fmt!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if grad_fp8 not in GRAD_FP8_FORMATS:
+        raise ValueError(f"grad_fp8 must be one of {GRAD_FP8_FORMATS}, got {grad_fp8!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class _HaloFunction(torch.autograd.Function):
+    """Forward and backward of :class:`HaloLinear` on 2-D inputs (the module flattens the rest)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: HaloConfig, signs_in, signs_out):  # type: ignore[override]
+        a = x.to(torch.float32)
+        w = weight.to(torch.float32)
+        if cfg.level >= 1:
+            a = rotate(a, cfg.block_in, signs_in)
+            w = rotate(w, cfg.block_in, signs_in)
+        qa, sa = quantize(a, cfg.fwd_format, cfg.granularity)
+        qw, sw = quantize(w, cfg.fwd_format, cfg.granularity)
+        y = scaled_gemm(qa, sa, qw, sw, cfg.backend)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        # The master tensors, not their quantised copies: the backward GEMMs quantise other axes.
+        ctx.save_for_backward(x, weight, signs_out)
+        ctx.cfg = cfg
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, signs_out = ctx.saved_tensors
+        cfg: HaloConfig = ctx.cfg
+        e = grad_out.to(torch.float32)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            wt = weight.to(torch.float32).t()
+            ey = e
+            if cfg.level >= 2:
+                ey = rotate(ey, cfg.block_out, signs_out)
+                wt = rotate(wt, cfg.block_out, signs_out)
+            qe, se = quantize(ey.contiguous(), cfg.grad_format, cfg.granularity)
+            qwt, swt = quantize(wt.contiguous(), cfg.fwd_format, cfg.granularity)
+            grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            qet, set_ = quantize(e.t().contiguous(), cfg.grad_format, cfg.granularity)
+            qxt, sxt = quantize(x.to(torch.float32).t().contiguous(), cfg.fwd_format, cfg.granularity)
+            grad_w = scaled_gemm(qet, set_, qxt, sxt, cfg.backend).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = e.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def halo_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: HaloConfig,
+    signs_in: torch.Tensor | None = None,
+    signs_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Y = X Wᵀ + b through the quantised pipeline of ``cfg`` (see the module docstring), for X of
+    any leading dimensions."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        y = x2 @ weight.t().to(x.dtype)
+        return (y + bias.to(x.dtype) if bias is not None else y).reshape(*lead, weight.shape[0])
+    y = _HaloFunction.apply(x2, weight, bias, cfg, signs_in, signs_out)
+    return y.reshape(*lead, weight.shape[0])
+
+
+class HaloLinear(nn.Linear):
+    """Drop-in ``nn.Linear`` with HALO's quantised forward and backward GEMMs (module docstring).
+
+    ``block_size`` (a power of two) must divide in_features (and out_features at level 2); by
+    default each dimension takes the whole dimension if it is a power of two, else its largest
+    power-of-two factor up to 256. ``random_signs`` multiplies the Hadamard blocks by a fixed
+    random ±1 diagonal (seeded; not saved in the state dict, so checkpoints are those of
+    ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y; ``backend`` forces a GEMM backend.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        level: int = 1,
+        fmt: str = "fp8",
+        granularity: str = DEFAULT_GRANULARITY,
+        block_size: int | None = None,
+        grad_fp8: str = DEFAULT_GRAD_FP8,
+        random_signs: bool = False,
+        seed: int = 0,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_settings(level, fmt, granularity, grad_fp8, backend)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if block_size is None:
+            block_in, block_out = default_block_size(in_features), default_block_size(out_features)
+        else:
+            block_in = block_out = block_size
+            if level >= 1:
+                _check_block(in_features, block_size, "in_features")
+            if level >= 2:
+                _check_block(out_features, block_size, "out_features")
+        self.halo = HaloConfig(level, fmt, granularity, grad_fp8, block_in, block_out, backend)
+        self.random_signs = bool(random_signs)
+        self.seed = int(seed)
+        signs_device = None if device is None or torch.device(device).type == "meta" else device
+        self.register_buffer("signs_in", random_signs_or_none(random_signs, in_features, seed, signs_device),
+                             persistent=False)
+        self.register_buffer("signs_out", random_signs_or_none(random_signs, out_features, seed + 1, signs_device),
+                             persistent=False)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return halo_linear(input, self.weight, self.bias, self.halo, self.signs_in, self.signs_out)
+
+    def extra_repr(self) -> str:
+        c = self.halo
+        fmt = c.fmt if c.fmt == "int8" else f"fp8 (e4m3, grad {c.grad_fp8})"
+        return (f"{super().extra_repr()}, level={c.level}, fmt={fmt}, granularity={c.granularity}, "
+                f"blocks=({c.block_in}, {c.block_out}), random_signs={self.random_signs}")
+
+
+def random_signs_or_none(enabled: bool, dim: int, seed: int, device) -> torch.Tensor | None:
+    return random_signs(dim, seed, device) if enabled else None
+
+
+def convert_to_halo(
+    model: nn.Module,
+    level: int = 1,
+    fmt: str = "fp8",
+    skip: tuple[str, ...] | list[str] = ("lm_head",),
+    **kwargs: Any,
+) -> int:
+    """Swap every plain ``nn.Linear`` of ``model`` for a :class:`HaloLinear` in place, keeping the
+    same weight and bias ``Parameter`` objects (an optimizer built before still holds them), and
+    return how many were swapped. A module is skipped when a component of its dotted name is in
+    ``skip``; ``kwargs`` go to :class:`HaloLinear` (granularity, block_size, grad_fp8, …)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    _check_settings(level, fmt, kwargs.get("granularity", DEFAULT_GRANULARITY),
+                    kwargs.get("grad_fp8", DEFAULT_GRAD_FP8), kwargs.get("backend", "auto"))
+    targets = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or any(part in skip for part in name.split(".")):
+            continue
+        targets.append((name, module))
+    for name, module in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        try:
+            new = HaloLinear(module.in_features, module.out_features, bias=module.bias is not None,
+                             level=level, fmt=fmt, device="meta", **kwargs)
+        except ValueError as e:
+            raise ValueError(f"convert_to_halo: module {name!r}: {e}") from None
+        new.weight = module.weight
+        new.bias = module.bias
+        for key in ("signs_in", "signs_out"):  # built on the CPU (meta was asked for the weights)
+            buf = getattr(new, key)
+            if buf is not None:
+                setattr(new, key, buf.to(module.weight.device))
+        new.train(module.training)
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return len(targets)

@@ -1,0 +1,61 @@
+"""Low-precision GaLore projections: the ``proj_precision`` parameter-group key.
+
+The projection R = Pᵀ G (left), G Q (right) or Pᵀ G Q (full) is a GEMM whose inner dimension is a
+side of the weight; with ``proj_precision`` set it runs on quantised operands (per-row scales: one
+per basis vector and one per gradient row/column), optionally with a block Hadamard rotation R of
+that inner dimension on both operands, (Pᵀ R)(Rᵀ G) = Pᵀ G, as HALO (Ashkboos et al., 2025) does for
+a linear layer's GEMMs. Values:
+
+    "fp8", "fp8-hadamard"    both operands e4m3
+    "int8", "int8-hadamard"  both operands INT8 (the stored basis in INT8, as Q-GaLore keeps it)
+
+``None`` (the default) keeps the projection in the compute dtype. Only the projection is
+quantised: the SVD refresh, Adam's state and the back-projection are untouched. Errors measured by
+``python -m galorex.bench halo`` (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gemm import scaled_gemm
+from .hadamard import default_block_size, rotate
+from .quant import quantize
+
+__all__ = ["PROJ_PRECISION", "PROJ_PRECISIONS", "check_proj_precision", "project_lowprec"]
+
+PROJ_PRECISION = "proj_precision"
+PROJ_PRECISIONS = ("fp8", "fp8-hadamard", "int8", "int8-hadamard")
+
+
+def check_proj_precision(value) -> None:
+    if value is not None and value not in PROJ_PRECISIONS:
+        raise ValueError(f"{PROJ_PRECISION!r} must be None or one of {PROJ_PRECISIONS}, got {value!r}")
+
+
+def _lowprec_matmul_nt(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a bᵀ (a: M×K, b: N×K) with both operands quantised per row, K rotated if asked."""
+    fmt = "int8" if precision.startswith("int8") else "e4m3"
+    if precision.endswith("-hadamard"):
+        block = default_block_size(a.shape[1])
+        a, b = rotate(a, block), rotate(b, block)
+    qa, sa = quantize(a.contiguous(), fmt, "row")
+    qb, sb = quantize(b.contiguous(), fmt, "row")
+    return scaled_gemm(qa, sa, qb, sb)
+
+
+def project_lowprec(g: torch.Tensor, bases: list[torch.Tensor], side: str, precision: str) -> torch.Tensor:
+    """``galorex.projection.project`` with its GEMMs in ``precision`` (see the module docstring)."""
+    check_proj_precision(precision)
+    dtype = g.dtype
+    g32 = g.to(torch.float32)
+    if side == "left":
+        out = _lowprec_matmul_nt(bases[0].to(torch.float32).t(), g32.t(), precision)
+    elif side == "right":
+        out = _lowprec_matmul_nt(g32, bases[0].to(torch.float32).t(), precision)
+    elif side == "full":
+        left = _lowprec_matmul_nt(bases[0].to(torch.float32).t(), g32.t(), precision)
+        out = _lowprec_matmul_nt(left, bases[1].to(torch.float32).t(), precision)
+    else:
+        raise ValueError(f"unknown side {side!r}")
+    return out.to(dtype)

@@ -1,0 +1,118 @@
+"""Symmetric scaled quantisation to FP8 (e4m3, e5m2) and INT8, per tensor or per row.
+
+    s = amax / q_max   (amax over the tensor, or over each row),   q = round_F(clamp(x / s, ±q_max)),   x ≈ q · s
+
+with round_F the round-to-nearest-even of the format F (the FP8 grid, or the integers for INT8),
+q_max = 448 (e4m3), 57344 (e5m2), 127 (INT8, so that −q stays representable). An all-zero tensor
+or row gets s = 1 (no NaN). Scales are float32 tensors computed on the device: no ``.item()``, so
+no host synchronisation (HALO's reference code calls ``.item()`` per GEMM). Values beyond the range
+saturate: torch's own cast to fp8 does not promise to, so we clamp first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FORMATS", "GRANULARITIES", "dequantize", "format_max", "grid_step", "quantize", "storage_dtype"]
+
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FORMATS = ("e4m3", "e5m2", "int8")
+GRANULARITIES = ("tensor", "row")
+# (mantissa bits, smallest normal exponent) of the FP8 formats, for the grid spacing.
+_FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+
+
+def storage_dtype(fmt: str) -> torch.dtype:
+    _check_format(fmt)
+    return torch.int8 if fmt == "int8" else FP8[fmt]
+
+
+def format_max(fmt: str) -> float:
+    """The largest magnitude a quantised value takes (q_max)."""
+    _check_format(fmt)
+    return 127.0 if fmt == "int8" else float(torch.finfo(FP8[fmt]).max)
+
+
+def quantize(
+    x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with x ≈ q·s; s is float32 of shape () per tensor, (rows, 1) per row (rows = the
+    product of the leading dimensions). A given ``scale`` (of that shape) is used instead of
+    amax/q_max, and values beyond q_max·s saturate. Triton's kernel on CUDA when the backend says so."""
+    _check_format(fmt)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    from .hadamard import _triton_op
+
+    name = "quantize_int8" if fmt == "int8" else "quantize_fp8"
+    kernel = _triton_op(name, x.device) if scale is None else None
+    if kernel is not None:
+        try:
+            x2 = x.reshape(-1, x.shape[-1])
+            if fmt == "int8":
+                q, s = kernel(x2, granularity=granularity)
+            else:
+                q, s = kernel(x2, dtype=FP8[fmt], granularity=granularity)
+            return q.view(x.shape), s
+        except TypeError:
+            pass  # an older or different signature: the torch path below is the reference anyway
+    return quantize_reference(x, fmt, granularity, scale)
+
+
+def quantize_reference(
+    x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch implementation of :func:`quantize` (also its fallback everywhere)."""
+    qmax = format_max(fmt)
+    x32 = x.float()
+    rows = x32.reshape(-1, x.shape[-1]).shape[0]
+    if scale is not None:
+        want = () if granularity == "tensor" else (rows, 1)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"scale must have shape {want} for granularity={granularity!r}, got {tuple(scale.shape)}")
+        scale = scale.to(device=x.device, dtype=torch.float32)
+    else:
+        if granularity == "tensor":
+            amax = x32.abs().amax()
+        else:
+            amax = x32.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    if granularity == "tensor":
+        y = x32 / scale
+    else:
+        y = (x32.reshape(-1, x.shape[-1]) / scale).view(x.shape)
+    y = y.clamp_(-qmax, qmax)  # y is a fresh tensor (the quotient): in place is safe
+    if fmt == "int8":
+        q = y.round_().to(torch.int8)  # round half to even
+    else:
+        q = y.to(FP8[fmt])
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q·s in ``dtype`` (the scale broadcast per tensor or per row)."""
+    if scale.dim() == 0:
+        return (q.to(torch.float32) * scale).to(dtype)
+    rows = q.reshape(-1, q.shape[-1]).to(torch.float32) * scale
+    return rows.view(q.shape).to(dtype)
+
+
+def grid_step(y: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Spacing of the format's grid around the (already scaled) values ``y``: 1 for INT8; for FP8
+    2^(max(⌊log₂|y|⌋, e_min) − mantissa bits), the subnormal spacing below the smallest normal."""
+    _check_format(fmt)
+    if fmt == "int8":
+        return torch.ones_like(y, dtype=torch.float32)
+    mant, emin = _FP8_GRID[fmt]
+    a = y.float().abs()
+    e = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))).clamp(min=emin)
+    return torch.exp2(e - mant)
