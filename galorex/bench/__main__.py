@@ -157,13 +157,14 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         measured = optimizer_state_bytes(opt) if name != "galore-torch GaLoreAdamW" else _state_bytes_any(opt)
         analytic = {"galorex GaLoreAdamW": analytic_galore, "galorex NaturalGaLoreAdamW": analytic_natural,
                     "torch AdamW (foreach)": analytic_adamw}.get(name)
-        ratio = med / ref_median if ref_median else float("nan")
+        ratio = med / ref_median if ref_median else None  # galore-torch not installed
         refresh = statistics.median(refresh_times[name]) if refresh_times.get(name) else None
         amortised = med if refresh is None else med + (refresh - med) / args.gap
         data["results"][name] = {"median_step_s": med, "all_s": times[name], "state_bytes": measured,
                                  "analytic_state_bytes": analytic, "vs_galore_torch": ratio,
+                                 "vs_adamw": med / statistics.median(times["torch AdamW (foreach)"]),
                                  "refresh_step_s": refresh, "amortised_step_s": amortised}
-        rows.append(f"| {name} | {med * 1e3:.1f} | {ratio:.2f}× | "
+        rows.append(f"| {name} | {med * 1e3:.1f} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
                     f"{'—' if refresh is None else f'{refresh * 1e3:.0f}'} | {amortised * 1e3:.1f} | "
                     f"{measured / 2**20:.2f} | {'' if analytic is None else f'{analytic / 2**20:.2f}'} |")
     table = "\n".join([
