@@ -1,7 +1,15 @@
 """galorex: low-rank gradient optimizers for PyTorch."""
 
 from .memory import estimate_optimizer_state_bytes, optimizer_state_bytes
-from .optim import GaLoreAdafactor, GaLoreAdamW, GradNormLoRPAdamW, LowRankOptimizer, NaturalGaLoreAdamW, galore_param_groups, select_galore_parameters
+from .optim import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GradNormLoRPAdamW,
+    LowRankOptimizer,
+    NaturalGaLoreAdamW,
+    galore_param_groups,
+    select_galore_parameters,
+)
 
 __version__ = "0.1.0"
 

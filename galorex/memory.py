@@ -70,6 +70,7 @@ def parameter_state_bytes(
     numel = 1
     for s in shape:
         numel *= s
+
     def moments(n: int, float_bytes: int) -> int:
         if optim_bits == 8:
             return sum(state8bit.packed_nbytes(n, kind) for kind in (state8bit.SIGNED, state8bit.UNSIGNED_SQRT))
@@ -99,7 +100,11 @@ def parameter_state_bytes(
 
 
 def _adafactor_bytes(
-    shape: tuple[int, ...], dtype: torch.dtype, rank: int | None, proj_type: str, first_moment: bool,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    rank: int | None,
+    proj_type: str,
+    first_moment: bool,
     basis_bits: int,
 ) -> int:
     cbytes = _bytes_of(compute_dtype(dtype))
@@ -156,6 +161,7 @@ def estimate_optimizer_state_bytes(
                 p = p[1]
             if not p.requires_grad:
                 continue
-            total += parameter_state_bytes(p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits,
-                                           first_moment)
+            total += parameter_state_bytes(
+                p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits, first_moment
+            )
     return total

@@ -182,16 +182,12 @@ def captured_energy(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> fl
     return energy(low) / best if best > 0 else 1.0
 
 
-def transition_matrices(
-    old: list[torch.Tensor], new: list[torch.Tensor]
-) -> list[torch.Tensor]:
+def transition_matrices(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
     """Rᵢ = P_newᵢᵀ P_oldᵢ: the change of coordinates from the old subspace to the new one."""
     return [pn.mT @ po for po, pn in zip(old, new)]
 
 
-def reproject_lowrank(
-    low: torch.Tensor, transitions: list[torch.Tensor], side: str
-) -> torch.Tensor:
+def reproject_lowrank(low: torch.Tensor, transitions: list[torch.Tensor], side: str) -> torch.Tensor:
     """Carry a low-rank tensor expressed in the old basis into the new one (project(project_back(low)))."""
     if side == "left":
         return transitions[0] @ low

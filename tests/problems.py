@@ -34,12 +34,16 @@ def make_regression_model(seed=0, dtype=torch.float32):
 
 def regression_groups(model, rank=48, gap=50, **extra):
     """The two weights projected (with ``extra`` group keys), the biases on AdamW."""
-    return [{"params": [model[0].weight, model[2].weight], "rank": rank, "update_proj_gap": gap, **extra},
-            {"params": [model[0].bias, model[2].bias]}]
+    return [
+        {"params": [model[0].weight, model[2].weight], "rank": rank, "update_proj_gap": gap, **extra},
+        {"params": [model[0].bias, model[2].bias]},
+    ]
 
 
-REGRESSION_DATA = (torch.randn(256, 64, generator=torch.Generator().manual_seed(1)),
-                   torch.randn(256, 96, generator=torch.Generator().manual_seed(2)))
+REGRESSION_DATA = (
+    torch.randn(256, 64, generator=torch.Generator().manual_seed(1)),
+    torch.randn(256, 96, generator=torch.Generator().manual_seed(2)),
+)
 
 
 def train_regression(model, opt, steps):

@@ -39,9 +39,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ============================================================================ plain float64 reference
 ADAFACTOR_DEFAULTS: dict[str, Any] = {
-    "lr": None, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None, "weight_decay": 0.0,
-    "scale_parameter": True, "relative_step": True, "warmup_init": False, "update_proj_gap": 200, "scale": 1.0,
-    "proj_type": "std", "moment_policy": "keep",
+    "lr": None,
+    "eps": (1e-30, 1e-3),
+    "clip_threshold": 1.0,
+    "decay_rate": -0.8,
+    "beta1": None,
+    "weight_decay": 0.0,
+    "scale_parameter": True,
+    "relative_step": True,
+    "warmup_init": False,
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+    "moment_policy": "keep",
 }
 
 
@@ -105,8 +115,11 @@ class ReferenceAdafactor:
                     if "m" in state:
                         state["m"] = carry(state["m"], trans, side)
                     mean_r = float(state["r"].mean())
-                    v_hat = torch.outer(state["r"], state["c"]) / mean_r if mean_r > 0 else torch.zeros(
-                        len(state["r"]), len(state["c"]), dtype=torch.float64)
+                    v_hat = (
+                        torch.outer(state["r"], state["c"]) / mean_r
+                        if mean_r > 0
+                        else torch.zeros(len(state["r"]), len(state["c"]), dtype=torch.float64)
+                    )
                     v_hat = carry(v_hat, [t * t for t in trans], side)
                     state["r"], state["c"] = v_hat.mean(dim=1), v_hat.mean(dim=0)
                 state["bases"], state["proj_step"] = new, state["step"]
@@ -176,8 +189,11 @@ def _run_against_reference(proj_type, policy, steps=26, must_move=1e-3, **kw):
             row = []
             for pi, p in enumerate(grp):
                 # the tall weight skips 4 steps: its refreshes follow its own step count
-                grad = None if (gi, pi) == (0, 0) and step in (3, 4, 11, 12) else torch.randn(
-                    p.shape, generator=g, dtype=torch.float64)
+                grad = (
+                    None
+                    if (gi, pi) == (0, 0) and step in (3, 4, 11, 12)
+                    else torch.randn(p.shape, generator=g, dtype=torch.float64)
+                )
                 p.grad = None if grad is None else grad.clone()
                 row.append(grad)
             grads.append(row)
@@ -201,11 +217,15 @@ def test_matches_float64_reference(proj_type, policy):
     assert int(state["step"].item()) == 22 and int(state["proj_step"].item()) == 20
 
 
-@pytest.mark.parametrize("kw", [
-    {},  # relative step with parameter scale, no first moment: transformers' defaults
-    {"warmup_init": True, "clip_threshold": 0.5},
-    {"lr": 3e-2, "relative_step": False, "scale_parameter": False, "decay_rate": -0.5},
-], ids=["default", "warmup", "manual-lr"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # relative step with parameter scale, no first moment: transformers' defaults
+        {"warmup_init": True, "clip_threshold": 0.5},
+        {"lr": 3e-2, "relative_step": False, "scale_parameter": False, "decay_rate": -0.5},
+    ],
+    ids=["default", "warmup", "manual-lr"],
+)
 def test_matches_float64_reference_schedules(kw):
     # warmup_init's steps are 1e-6·t·RMS(W): 26 of them move a weight by ~1e-6 of its size
     _run_against_reference("std", "reproject", must_move=1e-7 if kw.get("warmup_init") else 1e-3, **kw)
@@ -256,8 +276,10 @@ class SmallNet(nn.Module):
 
 def _split_groups(model, rank_opts):
     named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if n.endswith("bias")]},
-            {"params": [p for n, p in named if n.endswith("weight")], **rank_opts}]
+    return [
+        {"params": [p for n, p in named if n.endswith("bias")]},
+        {"params": [p for n, p in named if n.endswith("weight")], **rank_opts},
+    ]
 
 
 def _train(model, opt, steps, seed=5):
@@ -269,11 +291,15 @@ def _train(model, opt, steps, seed=5):
         opt.step()
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"beta1": 0.9, "weight_decay": 0.1},
-    {"lr": 1e-2, "relative_step": False, "scale_parameter": False},
-], ids=["default", "beta1-wd", "manual-lr"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"beta1": 0.9, "weight_decay": 0.1},
+        {"lr": 1e-2, "relative_step": False, "scale_parameter": False},
+    ],
+    ids=["default", "beta1-wd", "manual-lr"],
+)
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
 def test_matches_galore_torch(proj_type, kw):
     """50 float32 steps, refreshes at 0, 20 and 40: the same maths as galore-torch 1.0's
@@ -302,8 +328,9 @@ def test_reset_and_reproject_differ_from_keep():
     for policy in POLICIES:
         torch.manual_seed(0)
         model = SmallNet()
-        opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "update_proj_gap": 5, "moment_policy": policy}),
-                              beta1=0.9)
+        opt = GaLoreAdafactor(
+            _split_groups(model, {"rank": 4, "update_proj_gap": 5, "moment_policy": policy}), beta1=0.9
+        )
         _train(model, opt, 12)
         finals[policy] = model.a.weight.detach().clone()
     assert rel_err(finals["reset"], finals["keep"]) > 1e-4
@@ -316,8 +343,13 @@ def test_reset_and_reproject_differ_from_keep():
 def test_trains_and_keeps_float32_statistics_for_bf16():
     torch.manual_seed(0)
     model = SmallNet().to(torch.bfloat16)
-    opt = GaLoreAdafactor(_split_groups(model, {"rank": 4, "update_proj_gap": 10}), lr=3e-2,
-                          relative_step=False, scale_parameter=False, beta1=0.9)
+    opt = GaLoreAdafactor(
+        _split_groups(model, {"rank": 4, "update_proj_gap": 10}),
+        lr=3e-2,
+        relative_step=False,
+        scale_parameter=False,
+        beta1=0.9,
+    )
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
     y = x[:, :6] * 0.5  # a target the net can fit
     losses = []
@@ -336,6 +368,7 @@ def test_trains_and_keeps_float32_statistics_for_bf16():
 
 def _round_trip_run(dtype, policy, split):
     """Train 12 steps straight, or 6 + save (torch.save / weights_only load) + fresh objects + 6."""
+
     def make():
         torch.manual_seed(0)
         model = SmallNet().to(dtype)
@@ -368,8 +401,9 @@ def _round_trip_run(dtype, policy, split):
     return model, opt
 
 
-@pytest.mark.parametrize("dtype,policy", [(torch.float32, "keep"), (torch.bfloat16, "reproject"),
-                                          (torch.float32, "reset")])
+@pytest.mark.parametrize(
+    "dtype,policy", [(torch.float32, "keep"), (torch.bfloat16, "reproject"), (torch.float32, "reset")]
+)
 def test_state_round_trip_continues_bit_for_bit(dtype, policy):
     straight, straight_opt = _round_trip_run(dtype, policy, split=False)
     resumed, resumed_opt = _round_trip_run(dtype, policy, split=True)
@@ -398,26 +432,29 @@ def test_state_is_factored_for_matrices_and_full_for_vectors():
 # ============================================================================ bad input
 
 
-@pytest.mark.parametrize("bad,key", [
-    ({"lr": 1e-3}, "lr"),  # manual lr with relative_step=True
-    ({"relative_step": False}, "lr"),  # relative_step=False needs an lr
-    ({"relative_step": False, "lr": -1.0}, "lr"),
-    ({"relative_step": False, "lr": float("nan")}, "lr"),
-    ({"relative_step": False, "lr": 1e-3, "warmup_init": True}, "warmup_init"),
-    ({"eps": 1e-30}, "eps"),
-    ({"eps": (1e-30, -1.0)}, "eps"),
-    ({"clip_threshold": 0.0}, "clip_threshold"),
-    ({"decay_rate": 0.5}, "decay_rate"),
-    ({"beta1": 1.0}, "beta1"),
-    ({"weight_decay": -0.1}, "weight_decay"),
-    ({"scale_parameter": "yes"}, "scale_parameter"),
-    ({"rank": 0}, "rank"),
-    ({"rank": 2, "update_proj_gap": 0}, "update_proj_gap"),
-    ({"rank": 2, "proj_type": "diagonal"}, "proj_type"),
-    ({"rank": 2, "moment_policy": "forget"}, "moment_policy"),
-    ({"optim_bits": 8}, "optim_bits"),
-    ({"betas": (0.9, 0.99)}, "betas"),
-])
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"lr": 1e-3}, "lr"),  # manual lr with relative_step=True
+        ({"relative_step": False}, "lr"),  # relative_step=False needs an lr
+        ({"relative_step": False, "lr": -1.0}, "lr"),
+        ({"relative_step": False, "lr": float("nan")}, "lr"),
+        ({"relative_step": False, "lr": 1e-3, "warmup_init": True}, "warmup_init"),
+        ({"eps": 1e-30}, "eps"),
+        ({"eps": (1e-30, -1.0)}, "eps"),
+        ({"clip_threshold": 0.0}, "clip_threshold"),
+        ({"decay_rate": 0.5}, "decay_rate"),
+        ({"beta1": 1.0}, "beta1"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"scale_parameter": "yes"}, "scale_parameter"),
+        ({"rank": 0}, "rank"),
+        ({"rank": 2, "update_proj_gap": 0}, "update_proj_gap"),
+        ({"rank": 2, "proj_type": "diagonal"}, "proj_type"),
+        ({"rank": 2, "moment_policy": "forget"}, "moment_policy"),
+        ({"optim_bits": 8}, "optim_bits"),
+        ({"betas": (0.9, 0.99)}, "betas"),
+    ],
+)
 def test_bad_group_raises_value_error_naming_group_and_key(bad, key):
     w = nn.Parameter(torch.zeros(4, 4))
     opt = GaLoreAdafactor([w])

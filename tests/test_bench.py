@@ -9,20 +9,37 @@ import torch
 
 from galorex.bench.__main__ import main, synthetic_gradient
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_step_on_tiny_model(tmp_path):
-    main(["--out", str(tmp_path), "--device", "cpu", "step", "--model", "llama-tiny", "--rank", "8",
-          "--repeats", "2", "--refresh-repeats", "1", "--gap", "10"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "step",
+            "--model",
+            "llama-tiny",
+            "--rank",
+            "8",
+            "--repeats",
+            "2",
+            "--refresh-repeats",
+            "1",
+            "--gap",
+            "10",
+        ]
+    )
     data = json.loads((tmp_path / "step.json").read_text())["results"]
-    for name, r in data.items():
+    for r in data.values():
         if r["refresh_step_s"] is None:
             assert r["amortised_step_s"] == r["median_step_s"]
         else:
             assert r["amortised_step_s"] == pytest.approx(
-                r["median_step_s"] + (r["refresh_step_s"] - r["median_step_s"]) / 10)
+                r["median_step_s"] + (r["refresh_step_s"] - r["median_step_s"]) / 10
+            )
     galorex_run = data["galorex GaLoreAdamW"]
     assert galorex_run["state_bytes"] == galorex_run["analytic_state_bytes"]
     adamw = data["torch AdamW (foreach)"]
@@ -37,8 +54,23 @@ def test_step_on_tiny_model(tmp_path):
 
 
 def test_refresh_small(tmp_path):
-    main(["--out", str(tmp_path), "--device", "cpu", "refresh", "--m", "96", "--n", "200", "--rank", "16",
-          "--repeats", "1"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "refresh",
+            "--m",
+            "96",
+            "--n",
+            "200",
+            "--rank",
+            "16",
+            "--repeats",
+            "1",
+        ]
+    )
     results = json.loads((tmp_path / "refresh.json").read_text())["results"]
     by_spectrum = {r["spectrum"]: r for r in results}
     assert by_spectrum["decaying"]["energy_svd"] == pytest.approx(1.0, abs=1e-6)
@@ -49,8 +81,13 @@ def test_refresh_small(tmp_path):
 def test_memory_small(tmp_path):
     main(["--out", str(tmp_path), "memory", "--models", "llama-tiny", "--rank", "16"])
     (row,) = json.loads((tmp_path / "memory.json").read_text())["results"]
-    for label in ("GaLore 32-bit", "GaLore 8-bit", "GradNormLoRP 8-bit", "GradNormLoRP 8-bit, 4-bit basis",
-                  "Natural GaLore 32-bit (s=8)"):
+    for label in (
+        "GaLore 32-bit",
+        "GaLore 8-bit",
+        "GradNormLoRP 8-bit",
+        "GradNormLoRP 8-bit, 4-bit basis",
+        "Natural GaLore 32-bit (s=8)",
+    ):
         assert row["measured"][label] == row[label]
     assert row["GaLore 8-bit"] < row["GaLore 32-bit"] < row["Natural GaLore 32-bit (s=8)"]
 
@@ -87,8 +124,26 @@ def test_convergence_quick(tmp_path, monkeypatch):
         return original(**{**kw, "batch_size": 4, "seq_len": 32, "eval_batches": 2, "threads": 1})
 
     monkeypatch.setattr(trainer, "TrainConfig", small)
-    main(["--out", str(tmp_path), "convergence", "--steps", "4", "--lrs", "1e-3", "3e-3", "--seeds", "0", "1",
-          "--optimizers", "galore", "natural-galore", "--natural-history", "2"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "convergence",
+            "--steps",
+            "4",
+            "--lrs",
+            "1e-3",
+            "3e-3",
+            "--seeds",
+            "0",
+            "1",
+            "--optimizers",
+            "galore",
+            "natural-galore",
+            "--natural-history",
+            "2",
+        ]
+    )
     results = json.loads((tmp_path / "convergence.json").read_text())["results"]
     for r in results.values():
         assert set(r["sweep"]) == {"0.001", "0.003"}

@@ -196,10 +196,7 @@ def _kill_during_save(directory: Path, tmp_path: Path) -> Path | None:
                 pytest.fail("timed out waiting for the writer to start a large checkpoint")
             try:
                 # >1 MB means a big save (step >= 2) is under way, so step 1 is complete.
-                if any(
-                    p.name.startswith(".ckpt-") and p.stat().st_size > 1 << 20
-                    for p in directory.iterdir()
-                ):
+                if any(p.name.startswith(".ckpt-") and p.stat().st_size > 1 << 20 for p in directory.iterdir()):
                     break
             except (FileNotFoundError, OSError):
                 pass  # the file was renamed or pruned between listing and stat

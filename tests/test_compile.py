@@ -55,8 +55,9 @@ def _pair(name, compile, lr, **extra):
     compiled_model = copy.deepcopy(eager_model)
     # rank 8 of the 128×64 and 96×128 weights, refreshed every 3 steps; biases in a dense group
     eager = cls(regression_groups(eager_model, rank=8, gap=3), lr=lr() if callable(lr) else lr, **kw)
-    compiled = cls(regression_groups(compiled_model, rank=8, gap=3), lr=lr() if callable(lr) else lr,
-                   compile=compile, **kw)
+    compiled = cls(
+        regression_groups(compiled_model, rank=8, gap=3), lr=lr() if callable(lr) else lr, compile=compile, **kw
+    )
     return eager_model, eager, compiled_model, compiled
 
 
@@ -65,8 +66,7 @@ def test_compiled_update_matches_eager_in_one_graph(name):
     """7 steps (refreshes at 0, 3, 6) with a StepLR halving a tensor lr: the same weights and state
     as eager to float32 rounding, one graph per compiled method and no graph break."""
     backend = CountingBackend()
-    eager_model, eager, compiled_model, compiled = _pair(
-        name, {"backend": backend}, lambda: torch.tensor(2e-3))
+    eager_model, eager, compiled_model, compiled = _pair(name, {"backend": backend}, lambda: torch.tensor(2e-3))
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (eager, compiled)]
     for _ in range(7):
         eager_losses = train_regression(eager_model, eager, 1)
@@ -141,8 +141,9 @@ def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls):
     # rank 48: the 128×48 low-rank moments (6144 entries) are past the 4096 that stay float32
     opts = {"rank": 48, "gap": 3, "basis_bits": 4}
     eager = cls(regression_groups(eager_model, **opts), lr=torch.tensor(1e-3), optim_bits=8)
-    compiled = cls(regression_groups(compiled_model, **opts), lr=torch.tensor(1e-3), optim_bits=8,
-                   compile={"backend": backend})
+    compiled = cls(
+        regression_groups(compiled_model, **opts), lr=torch.tensor(1e-3), optim_bits=8, compile={"backend": backend}
+    )
     before = [p.detach().clone() for p in eager_model.parameters()]
     for _ in range(5):
         train_regression(eager_model, eager, 1)

@@ -110,7 +110,7 @@ def test_byte_tokenizer():
     assert isinstance(tok, ByteTokenizer) and isinstance(load_tokenizer("byte"), ByteTokenizer)
     assert tok.name == "byte" and tok.vocab_size == 256
     ids = tok.encode("hé✓")
-    assert ids == list("hé✓".encode("utf-8")) and all(0 <= i < 256 for i in ids)
+    assert ids == list("hé✓".encode()) and all(0 <= i < 256 for i in ids)
     assert tok.decode(ids) == "hé✓"
     assert tok.decode([0x68, 0xFF]) == "h\ufffd"  # invalid UTF-8 is replaced, not raised
 
@@ -382,9 +382,7 @@ def test_hf_dataset_missing_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError) as info:
         load_hf_dataset_stream("tiny_shakespeare", cache_dir=tmp_path)
-    assert str(info.value) == (
-        "--dataset needs the `datasets` package (pip install datasets) and network access"
-    )
+    assert str(info.value) == ("--dataset needs the `datasets` package (pip install datasets) and network access")
 
 
 def test_hf_dataset_stream_with_fake_package(monkeypatch, tmp_path):

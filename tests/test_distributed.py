@@ -35,10 +35,26 @@ WORLD = 2
 
 
 def _config(tmp: Path, name: str, **changes) -> TrainConfig:
-    base = dict(model="llama-tiny", batch_size=4, seq_len=32, eval_batches=1, eval_every=0, sample_tokens=0,
-                progress=False, threads=1, steps=6, warmup=2, rank=4, update_proj_gap=2,
-                moment_policy="reproject", dtype="fp64", save_every=0, log_every=1,
-                cache_dir=str(tmp / "cache"), out=str(tmp / name))
+    base = dict(
+        model="llama-tiny",
+        batch_size=4,
+        seq_len=32,
+        eval_batches=1,
+        eval_every=0,
+        sample_tokens=0,
+        progress=False,
+        threads=1,
+        steps=6,
+        warmup=2,
+        rank=4,
+        update_proj_gap=2,
+        moment_policy="reproject",
+        dtype="fp64",
+        save_every=0,
+        log_every=1,
+        cache_dir=str(tmp / "cache"),
+        out=str(tmp / name),
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -61,8 +77,14 @@ def _bases(opt) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, cfg: dict, result: str, die_at: int | None) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     if die_at is not None and rank == 1:
@@ -90,8 +112,9 @@ def _worker(rank: int, port: int, cfg: dict, result: str, die_at: int | None) ->
     dist.all_gather(gathered, flat)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
     uneven = _uneven_check(rank) if cfg["distributed"] == "fsdp2" and die_at is None else None
-    Path(result, f"rank{rank}.json").write_text(json.dumps(
-        {"state_bytes": local_state_bytes(opt), "same_bases": same, "bases": len(bases), "uneven": uneven}))
+    Path(result, f"rank{rank}.json").write_text(
+        json.dumps({"state_bytes": local_state_bytes(opt), "same_bases": same, "bases": len(bases), "uneven": uneven})
+    )
     dist.barrier()  # rank 0 hosts the store: nobody leaves while another still needs it
     dist.destroy_process_group()
 
@@ -166,8 +189,9 @@ def test_ddp_layerwise_matches_single_process(single):
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
-    run = _config(tmp, "ddp-layerwise", distributed="ddp", layerwise=True, grad_clip=0.0, batch_size=2,
-                  grad_accum=2, save_every=3)
+    run = _config(
+        tmp, "ddp-layerwise", distributed="ddp", layerwise=True, grad_clip=0.0, batch_size=2, grad_accum=2, save_every=3
+    )
     ranks = _spawn(run, tmp / "ddp-layerwise-result")
     worst = _worst_relative(_weights(ref.out), _weights(run.out))
     assert worst < 1e-5, worst
@@ -214,13 +238,21 @@ def _uneven_check(rank: int) -> dict[str, float]:
 
     def make():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 9), torch.nn.Tanh(),
-                                   torch.nn.Linear(9, 3)).double()
+        return torch.nn.Sequential(
+            torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)
+        ).double()
 
     def groups(m, proj_type):
-        return [{"params": [m[0].weight, m[2].weight, m[4].weight], "rank": 2, "update_proj_gap": 2,
-                 "moment_policy": "reproject", "proj_type": proj_type},
-                {"params": [m[0].bias, m[2].bias, m[4].bias]}]
+        return [
+            {
+                "params": [m[0].weight, m[2].weight, m[4].weight],
+                "rank": 2,
+                "update_proj_gap": 2,
+                "moment_policy": "reproject",
+                "proj_type": proj_type,
+            },
+            {"params": [m[0].bias, m[2].bias, m[4].bias]},
+        ]
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 7, generator=gen, dtype=torch.float64)
@@ -242,6 +274,7 @@ def _uneven_check(rank: int) -> dict[str, float]:
         fully_shard(m)
         run(m, GaLoreAdamW(groups(m, proj_type), lr=1e-2), slice(4 * rank, 4 * rank + 4))
         with torch.no_grad():
-            worst[proj_type] = max(float((a.full_tensor() - b).norm() / b.norm())
-                                   for a, b in zip(m.parameters(), ref.parameters()))
+            worst[proj_type] = max(
+                float((a.full_tensor() - b).norm() / b.norm()) for a, b in zip(m.parameters(), ref.parameters())
+            )
     return worst

@@ -11,13 +11,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from reference_galore import ReferenceGaLoreAdamW
+from reference_galore import side_for as ref_side_for
+from reference_galore import svd_bases as ref_svd_bases
 from torch import nn
 
 from galorex import GaLoreAdamW, galore_param_groups, select_galore_parameters
 from galorex import projection as proj
-from reference_galore import ReferenceGaLoreAdamW
-from reference_galore import side_for as ref_side_for
-from reference_galore import svd_bases as ref_svd_bases
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -103,9 +103,7 @@ def _run_against_reference(proj_type, policy, eps_mode="torch", steps=30, lr=1e-
         ref.step(grads)
         for gi, ps in enumerate(params):
             for pi, p in enumerate(ps):
-                assert_close_rel(
-                    p, ref.groups[gi]["params"][pi], 1e-10, f"step {step} group {gi} param {pi}"
-                )
+                assert_close_rel(p, ref.groups[gi]["params"][pi], 1e-10, f"step {step} group {gi} param {pi}")
     return opt, ref, params
 
 
@@ -141,15 +139,20 @@ def test_matches_float64_reference_galore_torch_eps_mode(proj_type, policy):
     skip=st.sets(st.integers(0, 8), max_size=3),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_configurations_match_reference(shape, rank, gap, proj_type, policy, eps_mode, wd,
-                                               skip, seed):
+def test_random_configurations_match_reference(shape, rank, gap, proj_type, policy, eps_mode, wd, skip, seed):
     g = torch.Generator().manual_seed(seed)
-    opts = dict(rank=rank, update_proj_gap=gap, proj_type=proj_type, moment_policy=policy,
-                eps_mode=eps_mode, weight_decay=wd, scale=0.7)
+    opts = dict(
+        rank=rank,
+        update_proj_gap=gap,
+        proj_type=proj_type,
+        moment_policy=policy,
+        eps_mode=eps_mode,
+        weight_decay=wd,
+        scale=0.7,
+    )
     w = nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64))
     opt = GaLoreAdamW([{"params": [w], **opts}], lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
-    ref = ReferenceGaLoreAdamW([{"params": [w.detach()], **opts}], lr=1e-2, betas=(0.8, 0.9),
-                               eps=1e-6)
+    ref = ReferenceGaLoreAdamW([{"params": [w.detach()], **opts}], lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
     for step in range(9):
         grad = None if step in skip else torch.randn(shape, generator=g, dtype=torch.float64)
         w.grad = None if grad is None else grad.clone()
@@ -257,9 +260,7 @@ class SmallNet(nn.Module):
 
 def _batches(n_steps, seed=5):
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(24, 16, generator=g), torch.randn(24, 6, generator=g)) for _ in range(n_steps)
-    ]
+    return [(torch.randn(24, 16, generator=g), torch.randn(24, 6, generator=g)) for _ in range(n_steps)]
 
 
 def _split_groups(model, rank_opts):
@@ -288,12 +289,18 @@ def _galore_torch_error(proj_type, eps_mode, eps, weight_decay, steps=50):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_opt = Ref(
-            _split_groups(model_ref, rank_opts), lr=2e-3, eps=eps, weight_decay=weight_decay,
+            _split_groups(model_ref, rank_opts),
+            lr=2e-3,
+            eps=eps,
+            weight_decay=weight_decay,
             no_deprecation_warning=True,
         )
     ours = GaLoreAdamW(
         _split_groups(model_ours, dict(rank_opts, refresh_method="svd")),
-        lr=2e-3, eps=eps, weight_decay=weight_decay, eps_mode=eps_mode,
+        lr=2e-3,
+        eps=eps,
+        weight_decay=weight_decay,
+        eps_mode=eps_mode,
     )
     batches = _batches(steps)
     _train(model_ref, ref_opt, batches)
@@ -358,9 +365,17 @@ def test_reverse_std_on_wide_matrix_follows_the_paper(rank):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_opt = Ref(
-            [{"params": [ref_lin.weight], "rank": rank, "update_proj_gap": 5, "scale": 1.0,
-              "proj_type": "reverse_std"}],
-            lr=1e-2, no_deprecation_warning=True,
+            [
+                {
+                    "params": [ref_lin.weight],
+                    "rank": rank,
+                    "update_proj_gap": 5,
+                    "scale": 1.0,
+                    "proj_type": "reverse_std",
+                }
+            ],
+            lr=1e-2,
+            no_deprecation_warning=True,
         )
     ref_lin(x).pow(2).sum().backward()
     with pytest.raises(RuntimeError):
@@ -370,10 +385,12 @@ def test_reverse_std_on_wide_matrix_follows_the_paper(rank):
     w = nn.Parameter(lin.weight.detach().to(torch.float64).clone())
     opt = GaLoreAdamW(
         [{"params": [w], "rank": rank, "update_proj_gap": 5, "proj_type": "reverse_std"}],
-        lr=1e-2, eps=1e-8,
+        lr=1e-2,
+        eps=1e-8,
     )
-    ref = ReferenceGaLoreAdamW([{"params": [w.detach()], "rank": rank, "update_proj_gap": 5,
-                                 "proj_type": "reverse_std"}], lr=1e-2, eps=1e-8)
+    ref = ReferenceGaLoreAdamW(
+        [{"params": [w.detach()], "rank": rank, "update_proj_gap": 5, "proj_type": "reverse_std"}], lr=1e-2, eps=1e-8
+    )
     gen = torch.Generator().manual_seed(4)
     for step in range(12):
         grad = torch.randn(m, n, generator=gen, dtype=torch.float64)
@@ -407,8 +424,7 @@ def test_reverse_std_on_wide_matrix_follows_the_paper(rank):
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(), dict(fused=True), dict(fused=False), dict(fused=False, foreach=True),
-     dict(fused=False, foreach=False)],
+    [dict(), dict(fused=True), dict(fused=False), dict(fused=False, foreach=True), dict(fused=False, foreach=False)],
     ids=["default", "fused", "unfused", "foreach", "for-loop"],
 )
 def test_group_without_rank_matches_torch_adamw(variant):
@@ -528,8 +544,9 @@ class LlamaLike(nn.Module):
             self.o_proj = nn.Linear(d, d, bias=False)
 
         def forward(self, x):
-            return self.o_proj(torch.cat([self.q_proj(x)[..., : x.shape[-1] // 2] * self.k_proj(x),
-                                          self.v_proj(x)], -1))
+            return self.o_proj(
+                torch.cat([self.q_proj(x)[..., : x.shape[-1] // 2] * self.k_proj(x), self.v_proj(x)], -1)
+            )
 
     class MLP(nn.Module):
         def __init__(self, d, h):
@@ -593,10 +610,10 @@ def _snapshot_state(opt):
 
 def _assert_state_equal(opt, snap):
     assert set(snap) == {id(p) for p in opt.state}
-    for p, st in opt.state.items():
+    for p, state in opt.state.items():
         old = snap[id(p)]
-        assert set(old) == set(st)
-        for k, v in st.items():
+        assert set(old) == set(state)
+        for k, v in state.items():
             assert torch.equal(v, old[k]), k
 
 
@@ -604,8 +621,7 @@ def _assert_state_equal(opt, snap):
 def test_non_finite_gradient_at_refresh_keeps_everything(policy):
     torch.manual_seed(0)
     model = LlamaLike()
-    groups = galore_param_groups(model, rank=3, update_proj_gap=3, moment_policy=policy,
-                                 weight_decay=0.1)
+    groups = galore_param_groups(model, rank=3, update_proj_gap=3, moment_policy=policy, weight_decay=0.1)
     opt = GaLoreAdamW(groups, lr=1e-2)
     for s in range(3):
         opt.zero_grad()
@@ -676,8 +692,13 @@ def test_default_targets_attn_and_mlp_weights():
     all_names = sorted(n for n, _ in groups[0]["params"]) + proj_names
     assert sorted(all_names) == sorted(n for n, _ in model.named_parameters())
     rest = {n for n, _ in groups[0]["params"]}
-    for n in ("embed.weight", "lm_head.weight", "norm.weight", "layers.0.attn_norm.weight",
-              "layers.1.attn.q_proj.bias"):
+    for n in (
+        "embed.weight",
+        "lm_head.weight",
+        "norm.weight",
+        "layers.0.attn_norm.weight",
+        "layers.1.attn.q_proj.bias",
+    ):
         assert n in rest
 
 
@@ -783,8 +804,11 @@ def _run_policy(policy, proj_type, grads, gap, lr=1e-2):
     m, n = grads[0].shape
     g = torch.Generator().manual_seed(7)
     w = nn.Parameter(torch.randn(m, n, generator=g, dtype=torch.float64))
-    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": gap, "proj_type": proj_type,
-                        "moment_policy": policy}], lr=lr, betas=(0.8, 0.9))
+    opt = GaLoreAdamW(
+        [{"params": [w], "rank": 3, "update_proj_gap": gap, "proj_type": proj_type, "moment_policy": policy}],
+        lr=lr,
+        betas=(0.8, 0.9),
+    )
     snaps = []
     for G in grads:
         before = {k: v.clone() for k, v in opt.state[w].items()}
@@ -822,11 +846,11 @@ def test_reproject_carries_first_moment_when_subspace_is_unchanged(proj_type):
             any_flip = any_flip or bool((torch.diagonal(R) < 0).any())
         low = _low(grads[t], new, side)
         carried = proj.reproject_lowrank(old["exp_avg"], trans, side)
-        torch.testing.assert_close(new["exp_avg"], beta1 * carried + (1 - beta1) * low,
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(new["exp_avg"], beta1 * carried + (1 - beta1) * low, rtol=1e-12, atol=1e-12)
         # the second moment is unchanged by a ±1 change of coordinates
-        torch.testing.assert_close(new["exp_avg_sq"], beta2 * old["exp_avg_sq"] + (1 - beta2) * low**2,
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            new["exp_avg_sq"], beta2 * old["exp_avg_sq"] + (1 - beta2) * low**2, rtol=1e-12, atol=1e-12
+        )
         # equivalently: the full-space first moment is carried exactly
         keys = ["basis_left", "basis_right"] if side == "full" else ["basis"]
         full_old = proj.project_back(old["exp_avg"], [old[k] for k in keys], side)
@@ -847,10 +871,10 @@ def test_keep_leaves_moments_as_they_are(proj_type):
     for t in (4, 8):
         old, _, new = snaps[t]
         low = _low(grads[t], new, proj_type)
-        torch.testing.assert_close(new["exp_avg"], beta1 * old["exp_avg"] + (1 - beta1) * low,
-                                   rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(new["exp_avg_sq"], beta2 * old["exp_avg_sq"] + (1 - beta2) * low**2,
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(new["exp_avg"], beta1 * old["exp_avg"] + (1 - beta1) * low, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            new["exp_avg_sq"], beta2 * old["exp_avg_sq"] + (1 - beta2) * low**2, rtol=1e-12, atol=1e-12
+        )
         assert int(new["step"].item()) == t + 1
 
 
@@ -868,9 +892,19 @@ def test_reset_restarts_like_a_fresh_optimizer(proj_type):
         torch.testing.assert_close(new["exp_avg_sq"], (1 - 0.9) * low**2, rtol=1e-14, atol=0)
         # a fresh optimizer from the same weights and gradient does exactly the same update
         fresh_w = nn.Parameter(w_before.clone())
-        fresh = GaLoreAdamW([{"params": [fresh_w], "rank": 3, "update_proj_gap": gap,
-                              "proj_type": proj_type, "moment_policy": "reset"}],
-                            lr=1e-2, betas=(0.8, 0.9))
+        fresh = GaLoreAdamW(
+            [
+                {
+                    "params": [fresh_w],
+                    "rank": 3,
+                    "update_proj_gap": gap,
+                    "proj_type": proj_type,
+                    "moment_policy": "reset",
+                }
+            ],
+            lr=1e-2,
+            betas=(0.8, 0.9),
+        )
         fresh_w.grad = grads[t].clone()
         fresh.step()
         for k in new:

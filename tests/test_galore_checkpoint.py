@@ -18,7 +18,7 @@ GAP = 5
 TOTAL = 13  # refreshes at steps 0, 5, 10
 
 
-from problems import make_conv_net as make_model  # noqa: E402
+from problems import make_conv_net as make_model
 
 
 def make_opt(model, method="svd", policy="keep", proj_type="std"):
@@ -27,9 +27,16 @@ def make_opt(model, method="svd", policy="keep", proj_type="std"):
     return GaLoreAdamW(
         [
             {"params": biases, "weight_decay": 0.0},
-            {"params": weights, "rank": 3, "update_proj_gap": GAP, "scale": 0.5,
-             "proj_type": proj_type, "refresh_method": method, "moment_policy": policy,
-             "refresh_seed": 17},
+            {
+                "params": weights,
+                "rank": 3,
+                "update_proj_gap": GAP,
+                "scale": 0.5,
+                "proj_type": proj_type,
+                "refresh_method": method,
+                "moment_policy": policy,
+                "refresh_seed": 17,
+            },
         ],
         lr=1e-2,
         weight_decay=0.05,
@@ -137,8 +144,9 @@ def test_resume_with_named_groups_from_galore_param_groups(tmp_path):
         model.add_module("attn", nn.Linear(6, 10))
         model.add_module("act", nn.Tanh())
         model.add_module("mlp", nn.Linear(10, 4))
-        opt = GaLoreAdamW(galore_param_groups(model, rank=2, update_proj_gap=3,
-                                              moment_policy="reproject", weight_decay=0.1), lr=1e-2)
+        opt = GaLoreAdamW(
+            galore_param_groups(model, rank=2, update_proj_gap=3, moment_policy="reproject", weight_decay=0.1), lr=1e-2
+        )
         return model, opt
 
     def run(model, opt, start, stop):
@@ -295,8 +303,10 @@ def test_float32_state_loads_into_a_bf16_model_and_steps():
     projected state keeps float32 — and the next step runs."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Linear(20, 6))
-    groups = [{"params": [model[0].bias, model[1].bias]},
-              {"params": [model[0].weight, model[1].weight], "rank": 4, "update_proj_gap": 3}]
+    groups = [
+        {"params": [model[0].bias, model[1].bias]},
+        {"params": [model[0].weight, model[1].weight], "rank": 4, "update_proj_gap": 3},
+    ]
     opt = GaLoreAdamW(groups, lr=1e-2)
     for _ in range(2):
         model(torch.randn(8, 12)).square().mean().backward()
@@ -305,8 +315,10 @@ def test_float32_state_loads_into_a_bf16_model_and_steps():
     saved = opt.state_dict()
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    groups16 = [{"params": [bf16[0].bias, bf16[1].bias]},
-                {"params": [bf16[0].weight, bf16[1].weight], "rank": 4, "update_proj_gap": 3}]
+    groups16 = [
+        {"params": [bf16[0].bias, bf16[1].bias]},
+        {"params": [bf16[0].weight, bf16[1].weight], "rank": 4, "update_proj_gap": 3},
+    ]
     opt16 = GaLoreAdamW(groups16, lr=1e-2)
     opt16.load_state_dict(saved)
     assert opt16.state[bf16[0].bias]["exp_avg"].dtype == torch.bfloat16

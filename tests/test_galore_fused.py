@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_support import assert_interpreter_did_not_leak, interpreted, needs_triton
 
 from galorex import GaLoreAdamW
-from triton_support import assert_interpreter_did_not_leak, interpreted, needs_triton
 
 pytestmark = needs_triton
 
@@ -24,9 +24,12 @@ def _run(backend: str, policy: str, steps: int = 7) -> tuple[list[torch.Tensor],
     weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
     biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
     opt = GaLoreAdamW(
-        [{"params": biases}, {"params": weights, "rank": 8, "update_proj_gap": 3, "scale": 0.5,
-                              "moment_policy": policy}],
-        lr=2e-2, weight_decay=0.1,
+        [
+            {"params": biases},
+            {"params": weights, "rank": 8, "update_proj_gap": 3, "scale": 0.5, "moment_policy": policy},
+        ],
+        lr=2e-2,
+        weight_decay=0.1,
     )
     used = []
     original = opt._fused_path_applies
@@ -92,8 +95,11 @@ def test_fused_step_on_cuda_follows_the_torch_path(dtype, monkeypatch):
         model = model.to(device="cuda", dtype=dtype)
         weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
         biases = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
-        opt = GaLoreAdamW([{"params": biases}, {"params": weights, "rank": 64, "update_proj_gap": 4, "scale": 0.25}],
-                          lr=1e-2, weight_decay=0.1)
+        opt = GaLoreAdamW(
+            [{"params": biases}, {"params": weights, "rank": 64, "update_proj_gap": 4, "scale": 0.25}],
+            lr=1e-2,
+            weight_decay=0.1,
+        )
         g = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(9):
             x = torch.randn(64, 512, generator=g, device="cuda", dtype=dtype)

@@ -168,9 +168,17 @@ def test_step_matches_float64_reference(proj_type, shape, side):
     ref = Reference(w0, side, kw["rank"], kw["gap"], kw["lr"], kw["wd"], kw["scale"])
     p = torch.nn.Parameter(w0.clone())
     opt = GradNormLoRPAdamW(
-        [{"params": [p], "rank": kw["rank"], "update_proj_gap": kw["gap"], "proj_type": proj_type,
-          "scale": kw["scale"]}],
-        lr=kw["lr"], weight_decay=kw["wd"],
+        [
+            {
+                "params": [p],
+                "rank": kw["rank"],
+                "update_proj_gap": kw["gap"],
+                "proj_type": proj_type,
+                "scale": kw["scale"],
+            }
+        ],
+        lr=kw["lr"],
+        weight_decay=kw["wd"],
     )
     assert opt.side_of(opt.param_groups[0], p) == side
     for _ in range(15):
@@ -225,8 +233,9 @@ def test_zero_row_stays_zero_and_tiny_rows_stay_finite(dtype, proj_type):
     p = torch.nn.Parameter(w0.to(dtype))
     x = torch.randn(16, 8, generator=gen)
     y = torch.randn(16, 10, generator=gen)
-    opt = GradNormLoRPAdamW([{"params": [p], "rank": 3, "update_proj_gap": 2, "proj_type": proj_type}],
-                            lr=1e-2, weight_decay=0.1)
+    opt = GradNormLoRPAdamW(
+        [{"params": [p], "rank": 3, "update_proj_gap": 2, "proj_type": proj_type}], lr=1e-2, weight_decay=0.1
+    )
     for _ in range(5):
         opt.zero_grad()
         (torch.tanh(x.to(dtype) @ p.T).float() - y).square().mean().backward()
@@ -239,9 +248,9 @@ def test_zero_row_stays_zero_and_tiny_rows_stay_finite(dtype, proj_type):
 
 
 # --------------------------------------------------------------------------- the regression problem
-from problems import make_regression_model as make_model  # noqa: E402
-from problems import regression_groups as make_groups  # noqa: E402
-from problems import train_regression as train  # noqa: E402
+from problems import make_regression_model as make_model
+from problems import regression_groups as make_groups
+from problems import train_regression as train
 
 
 # --------------------------------------------------------------------------- 5. state size
@@ -271,8 +280,9 @@ def test_state_is_low_rank_and_matches_estimate(dtype, bits, proj_type):
 @pytest.mark.parametrize("bits", [32, 8])
 def test_checkpoint_round_trip_continues_bit_for_bit(bits):
     def fresh(model):
-        return GradNormLoRPAdamW(make_groups(model, gap=7, moment_policy="reproject"), lr=2e-2,
-                                 weight_decay=0.05, optim_bits=bits)
+        return GradNormLoRPAdamW(
+            make_groups(model, gap=7, moment_policy="reproject"), lr=2e-2, weight_decay=0.05, optim_bits=bits
+        )
 
     straight = make_model()
     train(straight, fresh(straight), 20)

@@ -46,6 +46,7 @@ def assert_pipeline_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     worst = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
     assert worst < 1e-3, worst
 
+
 LEVELS = (0, 1, 2)
 FORMATS = ("fp8", "int8")
 GRANS = ("tensor", "row")
@@ -61,8 +62,13 @@ def test_sylvester_is_orthonormal_and_symmetric(k):
     assert torch.all(h.abs() == 1 / math.sqrt(n))
 
 
-@given(log_block=st.integers(0, 8), blocks=st.integers(1, 4), rows=st.integers(1, 5),
-       signed=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    log_block=st.integers(0, 8),
+    blocks=st.integers(1, 4),
+    rows=st.integers(1, 5),
+    signed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_block_rotation_matches_dense_preserves_norms_and_inverts(log_block, blocks, rows, signed, seed):
     b = 2**log_block
     d = b * blocks
@@ -111,9 +117,14 @@ def _round_to_grid(y: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.round(y.double() / step) * step
 
 
-@given(fmt=st.sampled_from(["e4m3", "e5m2", "int8"]), gran=st.sampled_from(GRANS),
-       rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**16),
-       spread=st.sampled_from([1e-3, 1.0, 1e4]))
+@given(
+    fmt=st.sampled_from(["e4m3", "e5m2", "int8"]),
+    gran=st.sampled_from(GRANS),
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    spread=st.sampled_from([1e-3, 1.0, 1e4]),
+)
 def test_quantise_error_within_half_a_grid_step(fmt, gran, rows, cols, seed, spread):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g) * torch.exp(torch.randn(rows, cols, generator=g) * math.log1p(spread))
@@ -126,8 +137,9 @@ def test_quantise_error_within_half_a_grid_step(fmt, gran, rows, cols, seed, spr
     assert torch.all(err <= 0.5 * grid_step(y, fmt).double() + 1e-6 * y.abs()), err.max()
     # The cast rounds to the nearest grid point, ties to even, exactly as arithmetic does.
     y32 = (x.float() / s).double()
-    torch.testing.assert_close(q.double(), _round_to_grid(y32, fmt).clamp(-format_max(fmt), format_max(fmt)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        q.double(), _round_to_grid(y32, fmt).clamp(-format_max(fmt), format_max(fmt)), rtol=0, atol=0
+    )
     torch.testing.assert_close(dequantize(q, s), q.float() * s, rtol=0, atol=0)
 
 
@@ -244,8 +256,12 @@ def test_halo_linear_matches_float64_emulation_and_float64_layer(level, fmt, gra
     y = layer(x)
     assert y.shape == (4, 24, 32) and y.dtype == torch.float32
     y.backward(ey)
-    x64, w64, b64, e64 = x.detach().double().reshape(-1, 64), layer.weight.detach().double(), \
-        layer.bias.detach().double(), ey.double().reshape(-1, 32)
+    x64, w64, b64, e64 = (
+        x.detach().double().reshape(-1, 64),
+        layer.weight.detach().double(),
+        layer.bias.detach().double(),
+        ey.double().reshape(-1, 32),
+    )
     ry, rex, rg = _emulate64(x64, w64, b64, e64, level, fmt, gran)
     assert_pipeline_close(y.detach().reshape(-1, 32), ry)
     assert_pipeline_close(x.grad.reshape(-1, 64), rex)
@@ -264,8 +280,16 @@ def test_halo_linear_gradient_fp8_format(grad_fp8):
     x = torch.randn(48, 64, generator=g, requires_grad=True)
     ey = torch.randn(48, 32, generator=g) * 1e-3
     layer(x).backward(ey)
-    _, rex, rg = _emulate64(x.detach().double(), layer.weight.detach().double(), layer.bias.detach().double(),
-                            ey.double(), 2, "fp8", "row", grad_fp8)
+    _, rex, rg = _emulate64(
+        x.detach().double(),
+        layer.weight.detach().double(),
+        layer.bias.detach().double(),
+        ey.double(),
+        2,
+        "fp8",
+        "row",
+        grad_fp8,
+    )
     assert_pipeline_close(x.grad, rex)
     assert_pipeline_close(layer.weight.grad, rg)
 
@@ -386,8 +410,8 @@ def test_convert_to_halo_bad_input():
 
 
 def test_a_converted_llama_trains():
-    from galorex.models.llama import Llama, get_config
     import galorex
+    from galorex.models.llama import Llama, get_config
 
     torch.manual_seed(0)
     model = Llama(get_config("llama-tiny"))

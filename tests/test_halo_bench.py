@@ -40,8 +40,27 @@ def test_halo_gpu_benchmark_smoke_and_no_cuda(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert halo_gpu.main(["--out", str(tmp_path)]) == 2
         assert "no CUDA device" in capsys.readouterr().err
-    assert halo_gpu.main(["--device", "cpu", "--tokens", "64", "--in-features", "32", "--out-features", "32",
-                          "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        halo_gpu.main(
+            [
+                "--device",
+                "cpu",
+                "--tokens",
+                "64",
+                "--in-features",
+                "32",
+                "--out-features",
+                "32",
+                "--warmup",
+                "0",
+                "--iters",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "halo_gpu.json").read_text())["rows"]
     halo = [r for r in rows if r["what"].startswith("HaloLinear")]
     assert len(halo) == 12 and all(r["rel_err_Y"] < 0.06 for r in halo)

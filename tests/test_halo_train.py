@@ -9,8 +9,25 @@ import torch
 
 from galorex.train.cli import main
 
-TINY = ["--model", "llama-tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2",
-        "--sample-tokens", "0", "--no-progress", "--threads", "1", "--seed", "0", "--eval-every", "0"]
+TINY = [
+    "--model",
+    "llama-tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "2",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--seed",
+    "0",
+    "--eval-every",
+    "0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +48,11 @@ def test_train_with_halo_runs_and_resumes(tmp_path, capsys, level, fmt):
     first = json.loads((out / "summary.json").read_text())
     assert first["steps"] == 2 and first["final_val_loss"] < 6.0
     # A resume must ask for the same HALO settings.
-    rc = main(TINY + ["--halo", str(level), "--optimizer", "galore", "--rank", "8", "--steps", "3",
-                      "--out", str(out), "--resume"] + (["--halo-format", "fp8"] if fmt == "int8" else ["--halo-format", "int8"]))
+    rc = main(
+        TINY
+        + ["--halo", str(level), "--optimizer", "galore", "--rank", "8", "--steps", "3", "--out", str(out), "--resume"]
+        + (["--halo-format", "fp8"] if fmt == "int8" else ["--halo-format", "int8"])
+    )
     assert rc == 2 and "halo_format" in capsys.readouterr().err
     assert main(TINY + halo + ["--steps", "3", "--out", str(out), "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
@@ -42,8 +62,9 @@ def test_halo_changes_the_run(tmp_path):
     losses = {}
     for name, extra in (("plain", []), ("halo", ["--halo", "0", "--halo-format", "int8"])):
         out = tmp_path / name
-        assert main(TINY + extra + ["--steps", "2", "--optimizer", "adamw", "--save-every", "0",
-                                    "--out", str(out)]) == 0
+        assert (
+            main(TINY + extra + ["--steps", "2", "--optimizer", "adamw", "--save-every", "0", "--out", str(out)]) == 0
+        )
         losses[name] = json.loads((out / "summary.json").read_text())["final_val_loss"]
     # Same seed and data: a different number shows the quantised layers were in the loop, a close
     # one that they compute the same function.

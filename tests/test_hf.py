@@ -9,10 +9,17 @@ import torch
 transformers = pytest.importorskip("transformers", reason="install the [hf] extra (transformers, accelerate)")
 pytest.importorskip("accelerate", reason="the Trainer needs accelerate: install the [hf] extra")
 
-import galorex  # noqa: E402
+import galorex
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CONFIG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -50,8 +57,18 @@ def _train(out, resume=None):
     opt = galorex.GaLoreAdamW(groups, lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps", per_device_train_batch_size=4,
-        report_to=[], use_cpu=True, logging_steps=1, seed=0, data_seed=0, disable_tqdm=True)
+        output_dir=str(out),
+        max_steps=6,
+        save_steps=3,
+        save_strategy="steps",
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, sched))
     trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

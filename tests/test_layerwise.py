@@ -3,6 +3,8 @@ their gradients freed, against the normal mode's step() on the same data."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from problems import (
@@ -11,8 +13,6 @@ from problems import (
     make_regression_model,
     regression_groups,
 )
-
-import functools
 
 from galorex.optim import GaLoreAdafactor, GaLoreAdamW, GradNormLoRPAdamW, NaturalGaLoreAdamW
 
@@ -31,8 +31,7 @@ def _micro_batches(k: int):
     return list(zip(x.chunk(k), y.chunk(k)))
 
 
-def _train(layerwise: bool, cls, *, steps: int, k: int, clip: float | None = None, sched: bool = False,
-           **keys):
+def _train(layerwise: bool, cls, *, steps: int, k: int, clip: float | None = None, sched: bool = False, **keys):
     model = make_regression_model(seed=0)
     opts = dict(lr=3e-3, weight_decay=0.01)
     if layerwise:
@@ -99,9 +98,10 @@ def test_scheduler_lr_is_the_one_used():
 def test_checkpoint_round_trip_layerwise():
     def fresh():
         model = make_conv_net(seed=0)
-        groups = [{"params": [model.conv.weight, model.tall.weight, model.wide.weight], "rank": 3,
-                   "update_proj_gap": 2},
-                  {"params": [model.conv.bias, model.tall.bias, model.wide.bias]}]
+        groups = [
+            {"params": [model.conv.weight, model.tall.weight, model.wide.weight], "rank": 3, "update_proj_gap": 2},
+            {"params": [model.conv.bias, model.tall.bias, model.wide.bias]},
+        ]
         return model, GaLoreAdamW(groups, lr=1e-2, layerwise=True, accumulation_steps=2)
 
     gen = torch.Generator().manual_seed(3)
@@ -172,10 +172,33 @@ def test_galorex_train_layerwise_matches_normal_mode(tmp_path):
 
     from galorex.train.cli import main
 
-    common = ["--model", "llama-tiny", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
-              "--sample-tokens", "0", "--no-progress", "--threads", "1", "--steps", "3", "--grad-accum", "2",
-              "--update-proj-gap", "2", "--grad-clip", "0", "--save-every", "0",
-              "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "--model",
+        "llama-tiny",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-batches",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--steps",
+        "3",
+        "--grad-accum",
+        "2",
+        "--update-proj-gap",
+        "2",
+        "--grad-clip",
+        "0",
+        "--save-every",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     try:
         assert main(common + ["--out", str(tmp_path / "normal")]) == 0
@@ -183,7 +206,10 @@ def test_galorex_train_layerwise_matches_normal_mode(tmp_path):
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
-    a, b = load_file(str(tmp_path / "normal" / "model.safetensors")), load_file(str(tmp_path / "lw" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "normal" / "model.safetensors")),
+        load_file(str(tmp_path / "lw" / "model.safetensors")),
+    )
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
 

@@ -19,8 +19,7 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(11, 6)
-        self.attn = nn.ModuleDict({"q": nn.Linear(6, 6), "up": nn.Linear(6, 14, bias=False),
-                                   "down": nn.Linear(14, 6)})
+        self.attn = nn.ModuleDict({"q": nn.Linear(6, 6), "up": nn.Linear(6, 14, bias=False), "down": nn.Linear(14, 6)})
         self.mlp = nn.ModuleDict({"conv": nn.Conv1d(6, 9, 3), "wide": nn.Linear(9, 4)})
         self.norm = nn.LayerNorm(4)
         self.lm_head = nn.Linear(4, 11, bias=False)
@@ -90,20 +89,17 @@ def test_torch_adamw_matches_adamw_estimate(dtype, fused):
         assert opt.state[p]["step"].dtype == torch.float32
         assert opt.state[p]["step"].numel() == 1
         assert opt.state[p]["exp_avg"].dtype == dtype
-    assert galorex.optimizer_state_bytes(opt) == galorex.estimate_optimizer_state_bytes(
-        model, optimizer="adamw"
-    )
+    assert galorex.optimizer_state_bytes(opt) == galorex.estimate_optimizer_state_bytes(model, optimizer="adamw")
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(fused=False), dict(fused=False, foreach=False),
-                                     dict(eps_mode="galore_torch")], ids=str)
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(fused=False), dict(fused=False, foreach=False), dict(eps_mode="galore_torch")], ids=str
+)
 def test_galore_without_rank_is_counted_like_adamw(variant):
     model = make_model()
     opt = GaLoreAdamW(model.parameters(), **variant)
     one_step(model, opt)
-    assert galorex.optimizer_state_bytes(opt) == galorex.estimate_optimizer_state_bytes(
-        model, optimizer="adamw"
-    )
+    assert galorex.optimizer_state_bytes(opt) == galorex.estimate_optimizer_state_bytes(model, optimizer="adamw")
     assert galorex.optimizer_state_bytes(opt) == galorex.estimate_optimizer_state_bytes(model)
 
 
@@ -115,20 +111,24 @@ def test_estimate_on_meta_device(proj_type):
     assert all(p.is_meta for p in meta.parameters())
     real = make_model()
     for build in (lambda m: m, lambda m: galore_param_groups(m, rank=3, proj_type=proj_type)):
-        assert galorex.estimate_optimizer_state_bytes(build(meta)) == \
-            galorex.estimate_optimizer_state_bytes(build(real))
-    assert galorex.estimate_optimizer_state_bytes(meta, optimizer="adamw") == \
-        galorex.estimate_optimizer_state_bytes(real, optimizer="adamw")
+        assert galorex.estimate_optimizer_state_bytes(build(meta)) == galorex.estimate_optimizer_state_bytes(
+            build(real)
+        )
+    assert galorex.estimate_optimizer_state_bytes(meta, optimizer="adamw") == galorex.estimate_optimizer_state_bytes(
+        real, optimizer="adamw"
+    )
     # and GaLore's estimate is well below AdamW's for a low rank on these shapes
     groups = galore_param_groups(meta, rank=1, proj_type=proj_type, target_modules="all-linear")
-    assert galorex.estimate_optimizer_state_bytes(groups) < \
-        galorex.estimate_optimizer_state_bytes(meta, optimizer="adamw")
+    assert galorex.estimate_optimizer_state_bytes(groups) < galorex.estimate_optimizer_state_bytes(
+        meta, optimizer="adamw"
+    )
 
 
 def test_unknown_optimizer_name_raises():
     with pytest.raises(ValueError, match="optimizer"):
-        galorex.estimate_optimizer_state_bytes([{"params": [nn.Parameter(torch.zeros(3, 3))],
-                                                 "rank": 1}], optimizer="sgd")
+        galorex.estimate_optimizer_state_bytes(
+            [{"params": [nn.Parameter(torch.zeros(3, 3))], "rank": 1}], optimizer="sgd"
+        )
 
 
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
@@ -138,8 +138,7 @@ def test_state_tensors_do_not_pin_larger_storages(proj_type, rank):
     factor would hold (and torch.save would write) the whole m×min(m, n) factor while
     optimizer_state_bytes, which counts numel·element_size, reports only the m×r slice."""
     model = make_model()
-    opt = GaLoreAdamW(galore_param_groups(model, rank=rank, proj_type=proj_type,
-                                          target_modules="all-linear"))
+    opt = GaLoreAdamW(galore_param_groups(model, rank=rank, proj_type=proj_type, target_modules="all-linear"))
     one_step(model, opt)
     held = 0
     for p, st in opt.state.items():
@@ -157,6 +156,5 @@ def test_compute_bases_returns_compact_tensors(rank):
     g = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
     for side in proj.SIDES:
         for method in proj.REFRESH_METHODS:
-            for b in proj.compute_bases(g, rank, side, method,
-                                        generator=torch.Generator().manual_seed(1)):
+            for b in proj.compute_bases(g, rank, side, method, generator=torch.Generator().manual_seed(1)):
                 assert b.untyped_storage().nbytes() == b.numel() * b.element_size(), (side, method)

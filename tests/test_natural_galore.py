@@ -148,13 +148,15 @@ def test_woodbury_special_cases():
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(4, 7, generator=gen, dtype=torch.float64)
     # zero gradient → exactly zero
-    assert torch.equal(woodbury_inverse_fisher(torch.zeros(7, dtype=torch.float64), rows, 1e-3),
-                       torch.zeros(7, dtype=torch.float64))
+    assert torch.equal(
+        woodbury_inverse_fisher(torch.zeros(7, dtype=torch.float64), rows, 1e-3), torch.zeros(7, dtype=torch.float64)
+    )
     # all-zero history → g / (λ + δ), δ = 10·ε·kλ the float64 jitter (a 7e-15 relative change)
     g = torch.randn(7, generator=gen, dtype=torch.float64)
     delta = 10 * torch.finfo(torch.float64).eps * 3 * 0.5
-    torch.testing.assert_close(woodbury_inverse_fisher(g, torch.zeros(3, 7, dtype=torch.float64), 0.5),
-                               g / (0.5 + delta), rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        woodbury_inverse_fisher(g, torch.zeros(3, 7, dtype=torch.float64), 0.5), g / (0.5 + delta), rtol=1e-15, atol=0
+    )
     # one row equal to g: (λ + ggᵀ)⁻¹ g = g / (λ + ‖g‖²)
     out = woodbury_inverse_fisher(g, g[None].clone(), 1e-2)
     torch.testing.assert_close(out, g / (1e-2 + g.dot(g)), rtol=1e-12, atol=0)
@@ -162,8 +164,9 @@ def test_woodbury_special_cases():
     q = torch.linalg.qr(torch.randn(7, 3, generator=gen, dtype=torch.float64)).Q
     H = 3.0 * q[:, :2].mT  # 2 orthonormal rows scaled by 3: HHᵀ has eigenvalue 9 on their span
     g = q[:, 0] + q[:, 2]
-    torch.testing.assert_close(woodbury_inverse_fisher(g, H, 0.1), q[:, 0] / 9.1 + q[:, 2] / 0.1,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        woodbury_inverse_fisher(g, H, 0.1), q[:, 0] / 9.1 + q[:, 2] / 0.1, rtol=1e-12, atol=1e-12
+    )
 
 
 # ============================================================================ 2. inside the optimizer
@@ -198,9 +201,12 @@ def test_preconditioned_gradient_matches_explicit_formula(monkeypatch, proj_type
     gen = torch.Generator().manual_seed(21)
     shapes = [(9, 5), (4, 7), (3, 2, 2)]
     params = [nn.Parameter(torch.randn(sh, generator=gen, dtype=torch.float64)) for sh in shapes]
-    opt = NaturalGaLoreAdamW([{"params": params, "rank": 2, "update_proj_gap": 100,
-                               "proj_type": proj_type}], lr=1e-2,
-                             natural_history=s, natural_damping=lam)
+    opt = NaturalGaLoreAdamW(
+        [{"params": params, "rank": 2, "update_proj_gap": 100, "proj_type": proj_type}],
+        lr=1e-2,
+        natural_history=s,
+        natural_damping=lam,
+    )
     spy = DirectionSpy(monkeypatch)
     seen: list[list[torch.Tensor]] = [[] for _ in params]
     for t in range(steps):
@@ -231,8 +237,7 @@ def test_preconditioned_gradient_matches_explicit_formula(monkeypatch, proj_type
                 assert torch.equal(rows[written % s], vec), (t, i, j)
             filled = min(t + 1, s)
             valid = rows[:filled]
-            torch.testing.assert_close(state[GRAM][:filled, :filled], valid @ valid.mT,
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(state[GRAM][:filled, :filled], valid @ valid.mT, rtol=1e-12, atol=1e-12)
 
 
 # ============================================================================ 3. s = 0 is GaLoreAdamW
@@ -241,11 +246,26 @@ def test_preconditioned_gradient_matches_explicit_formula(monkeypatch, proj_type
 def _equivalence_groups(params, proj_type, policy, natural):
     tall, wide, cube, bias, dense_w, dense_b, rand_w = params
     return [
-        {"params": [tall, wide, cube, bias], "rank": 3, "update_proj_gap": 7, "scale": 0.5,
-         "proj_type": proj_type, "moment_policy": policy, "weight_decay": 0.1, **natural},
+        {
+            "params": [tall, wide, cube, bias],
+            "rank": 3,
+            "update_proj_gap": 7,
+            "scale": 0.5,
+            "proj_type": proj_type,
+            "moment_policy": policy,
+            "weight_decay": 0.1,
+            **natural,
+        },
         {"params": [dense_w, dense_b], "weight_decay": 0.05},
-        {"params": [rand_w], "rank": 2, "update_proj_gap": 4, "refresh_method": "randomized",
-         "proj_type": proj_type, "moment_policy": policy, **natural},
+        {
+            "params": [rand_w],
+            "rank": 2,
+            "update_proj_gap": 4,
+            "refresh_method": "randomized",
+            "proj_type": proj_type,
+            "moment_policy": policy,
+            **natural,
+        },
     ]
 
 
@@ -263,12 +283,11 @@ def test_history_zero_is_exactly_galore(proj_type, policy, via):
     nat_params = _equivalence_params()
     ref = GaLoreAdamW(_equivalence_groups(ref_params, proj_type, policy, {}), lr=1e-2)
     if via == "group":  # the key in the groups overrides the constructor default (8)
-        nat = NaturalGaLoreAdamW(_equivalence_groups(nat_params, proj_type, policy,
-                                                     {"natural_history": 0, "natural_damping": 1e-5}),
-                                 lr=1e-2)
+        nat = NaturalGaLoreAdamW(
+            _equivalence_groups(nat_params, proj_type, policy, {"natural_history": 0, "natural_damping": 1e-5}), lr=1e-2
+        )
     else:
-        nat = NaturalGaLoreAdamW(_equivalence_groups(nat_params, proj_type, policy, {}), lr=1e-2,
-                                 natural_history=0)
+        nat = NaturalGaLoreAdamW(_equivalence_groups(nat_params, proj_type, policy, {}), lr=1e-2, natural_history=0)
     gen = torch.Generator().manual_seed(77)
     for step in range(30):
         for a, b in zip(ref_params, nat_params):
@@ -293,8 +312,7 @@ def test_history_positive_differs_from_galore():
     """Control for the equivalence: with s > 0 the trajectory is not GaLoreAdamW's."""
     ref_params, nat_params = _equivalence_params(), _equivalence_params()
     ref = GaLoreAdamW(_equivalence_groups(ref_params, "std", "keep", {}), lr=1e-2)
-    nat = NaturalGaLoreAdamW(_equivalence_groups(nat_params, "std", "keep", {}), lr=1e-2,
-                             natural_history=3)
+    nat = NaturalGaLoreAdamW(_equivalence_groups(nat_params, "std", "keep", {}), lr=1e-2, natural_history=3)
     gen = torch.Generator().manual_seed(77)
     for _ in range(5):
         for a, b in zip(ref_params, nat_params):
@@ -321,9 +339,12 @@ def test_degenerate_gradients_keep_parameters_finite(scenario, dtype, policy, la
     shapes = [(10, 6), (5, 8), (4, 3, 2)]
     params = [nn.Parameter(torch.randn(sh, generator=gen, dtype=dtype)) for sh in shapes]
     opt = NaturalGaLoreAdamW(
-        [{"params": params[:2], "rank": 3, "proj_type": "std"},
-         {"params": params[2:], "rank": 2, "proj_type": "full"}],
-        lr=1e-2, update_proj_gap=4, moment_policy=policy, natural_history=4, natural_damping=lam,
+        [{"params": params[:2], "rank": 3, "proj_type": "std"}, {"params": params[2:], "rank": 2, "proj_type": "full"}],
+        lr=1e-2,
+        update_proj_gap=4,
+        moment_policy=policy,
+        natural_history=4,
+        natural_damping=lam,
     )
     fixed = [torch.randn(sh, generator=gen, dtype=dtype) for sh in shapes]
     initial = [p.detach().clone() for p in params]
@@ -353,7 +374,7 @@ TOTAL = 13  # refreshes at steps 0, 5, 10
 S = 3  # the window wraps after 3 steps
 
 
-from problems import make_conv_net as make_model  # noqa: E402
+from problems import make_conv_net as make_model
 
 
 def make_opt(model, policy="keep", proj_type="std", method="svd"):
@@ -362,11 +383,21 @@ def make_opt(model, policy="keep", proj_type="std", method="svd"):
     return NaturalGaLoreAdamW(
         [
             {"params": biases, "weight_decay": 0.0},
-            {"params": weights, "rank": 3, "update_proj_gap": GAP, "scale": 0.5,
-             "proj_type": proj_type, "refresh_method": method, "moment_policy": policy,
-             "refresh_seed": 17},
+            {
+                "params": weights,
+                "rank": 3,
+                "update_proj_gap": GAP,
+                "scale": 0.5,
+                "proj_type": proj_type,
+                "refresh_method": method,
+                "moment_policy": policy,
+                "refresh_seed": 17,
+            },
         ],
-        lr=1e-2, weight_decay=0.05, natural_history=S, natural_damping=1e-3,
+        lr=1e-2,
+        weight_decay=0.05,
+        natural_history=S,
+        natural_damping=1e-3,
     )
 
 
@@ -555,9 +586,12 @@ def _run_snapshots(policy, proj_type, steps, s, gap, lam, monkeypatch, shape=(8,
     Adam and natural_filled as _precondition found it (after the refresh was committed)."""
     gen = torch.Generator().manual_seed(31)
     w = nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64))
-    opt = NaturalGaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": gap,
-                               "proj_type": proj_type, "moment_policy": policy}],
-                             lr=1e-2, natural_history=s, natural_damping=lam)
+    opt = NaturalGaLoreAdamW(
+        [{"params": [w], "rank": 3, "update_proj_gap": gap, "proj_type": proj_type, "moment_policy": policy}],
+        lr=1e-2,
+        natural_history=s,
+        natural_damping=lam,
+    )
     spy = DirectionSpy(monkeypatch)
     filled_seen: list[int] = []
     original = NaturalGaLoreAdamW._precondition
@@ -574,8 +608,9 @@ def _run_snapshots(policy, proj_type, steps, s, gap, lam, monkeypatch, shape=(8,
         w.grad = G.clone()
         opt.step()
         after = {k: v.clone() for k, v in opt.state[w].items()}
-        snaps.append(dict(before=before, after=after, grad=G, direction=spy.calls[-1][0],
-                          filled_before=filled_seen[-1]))
+        snaps.append(
+            dict(before=before, after=after, grad=G, direction=spy.calls[-1][0], filled_before=filled_seen[-1])
+        )
     return snaps
 
 
@@ -598,8 +633,7 @@ def test_reset_empties_the_window(monkeypatch, proj_type):
         assert torch.count_nonzero(gram) == 1
         torch.testing.assert_close(gram[0, 0], low.dot(low), rtol=1e-14, atol=0)
         # the first step after a refresh uses only the current gradient: g / (λ + ‖g‖²)
-        torch.testing.assert_close(snap["direction"].reshape(-1), low / (lam + low.dot(low)),
-                                   rtol=1e-10, atol=0)
+        torch.testing.assert_close(snap["direction"].reshape(-1), low / (lam + low.dot(low)), rtol=1e-10, atol=0)
         # and the window grows again
         assert snaps[t + 1]["filled_before"] == 1
         assert int(snaps[t + 1]["after"][FILLED].item()) == 2
@@ -619,8 +653,7 @@ def test_keep_and_reproject_carry_the_window(monkeypatch, policy, proj_type):
         old_bases, new_bases = _bases(before, side), _bases(after, side)
         transitions = proj.transition_matrices(old_bases, new_bases)
         # the refresh really changed the basis
-        assert not all(torch.allclose(R.abs(), torch.eye(R.shape[0], dtype=R.dtype), atol=1e-3)
-                       for R in transitions)
+        assert not all(torch.allclose(R.abs(), torch.eye(R.shape[0], dtype=R.dtype), atol=1e-3) for R in transitions)
         new_row = t % s
         low = proj.project(snap["grad"], new_bases, side)
         assert torch.equal(after[HISTORY][new_row], low)
@@ -637,8 +670,9 @@ def test_keep_and_reproject_carry_the_window(monkeypatch, policy, proj_type):
         assert_fisher_close(snap["direction"], low.reshape(-1), flat, lam, f"refresh step {t}")
         # moments follow the policy as in GaLoreAdamW (keep: untouched coordinates)
         if policy == "keep":
-            torch.testing.assert_close(after["exp_avg"], 0.9 * before["exp_avg"] + 0.1 * snap["direction"],
-                                       rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(
+                after["exp_avg"], 0.9 * before["exp_avg"] + 0.1 * snap["direction"], rtol=1e-12, atol=1e-14
+            )
 
 
 # ============================================================================ 7. validation
@@ -724,8 +758,7 @@ def _one_step(model, opt):
 def test_measured_state_equals_estimate(proj_type, s, where):
     torch.manual_seed(0)
     model = MemModel()
-    groups = galore_param_groups(model, rank=3, update_proj_gap=10, proj_type=proj_type,
-                                 target_modules="all-linear")
+    groups = galore_param_groups(model, rank=3, update_proj_gap=10, proj_type=proj_type, target_modules="all-linear")
     plain = galorex.estimate_optimizer_state_bytes(groups)  # GaLoreAdamW's layout
     if where == "kwarg":
         estimate = galorex.estimate_optimizer_state_bytes(groups, natural_history=s)

@@ -11,13 +11,12 @@ import torch
 import galorex
 from galorex import GaLoreAdamW, NaturalGaLoreAdamW
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-from problems import make_regression_model as make_model  # noqa: E402
-from problems import regression_groups as make_groups  # noqa: E402
-from problems import train_regression as train  # noqa: E402
+from problems import make_regression_model as make_model
+from problems import regression_groups as make_groups
+from problems import train_regression as train
 
 
 @pytest.mark.parametrize("bad", [16, 0, "8", True, 8.0])

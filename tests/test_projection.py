@@ -21,6 +21,7 @@ methods = st.sampled_from(proj.REFRESH_METHODS)
 # fp32 matrices, and bf16 gradients upcast to float32 as the optimizer does (compute_dtype)
 dtypes = st.sampled_from(["fp32", "bf16"])
 
+
 def _matrix(m, n, seed, kind, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(m, n, generator=g, dtype=torch.float64)
@@ -72,8 +73,7 @@ def test_projection_is_idempotent_and_contractive(m, n, rank, side, method, kind
     assert abs(lhs - rhs) <= 1e-4 * (g.norm() * lo.norm()).item() + 1e-6
 
 
-@given(m=dims, n=dims, inner=st.integers(1, 50), extra=st.integers(0, 10), side=sides,
-       method=methods, seed=seeds)
+@given(m=dims, n=dims, inner=st.integers(1, 50), extra=st.integers(0, 10), side=sides, method=methods, seed=seeds)
 def test_low_rank_gradient_is_recovered_exactly(m, n, inner, extra, side, method, seed):
     r = min(inner, m, n)
     rank = r + extra
@@ -123,8 +123,9 @@ def test_randomized_refresh_captures_top_energy(m, n, rank, decay, side, seed):
     G = (u * s) @ v.mT + 1e-6 * torch.randn(m, n, generator=g, dtype=torch.float64)
     G = G.to(torch.float32)
     # the defaults of GaLoreAdamW: oversample=16, power_iters=2
-    bases = proj.compute_bases(G, rank, side, "randomized", oversample=16, power_iters=2,
-                               generator=_generator(seed + 1))
+    bases = proj.compute_bases(
+        G, rank, side, "randomized", oversample=16, power_iters=2, generator=_generator(seed + 1)
+    )
     # for "full", the energy of the two-sided projection Pₗᵀ G Pᵣ against the top-r energy
     energy = proj.captured_energy(G, bases, side)
     assert 0.99 <= energy <= 1 + 1e-4
@@ -147,14 +148,17 @@ def test_randomized_is_deterministic_given_the_generator():
     G = torch.randn(20, 30, generator=_generator(1))
     a = proj.compute_bases(G, 4, "full", "randomized", generator=_generator(5))
     b = proj.compute_bases(G, 4, "full", "randomized", generator=_generator(5))
-    c = proj.compute_bases(G, 4, "full", "randomized", power_iters=0, oversample=0,
-                           generator=_generator(6))
+    c = proj.compute_bases(G, 4, "full", "randomized", power_iters=0, oversample=0, generator=_generator(6))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 @given(
-    m=dims, n=dims, rank=ranks, side=sides, seed=seeds,
+    m=dims,
+    n=dims,
+    rank=ranks,
+    side=sides,
+    seed=seeds,
 )
 def test_reproject_lowrank_equals_project_of_project_back(m, n, rank, side, seed):
     G1 = _matrix(m, n, seed, "fp32", torch.float64)
@@ -167,8 +171,9 @@ def test_reproject_lowrank_equals_project_of_project_back(m, n, rank, side, seed
     torch.testing.assert_close(via, direct, rtol=1e-10, atol=1e-10)
 
 
-@given(m=dims, n=dims, rank=ranks, side=sides, seed=seeds, beta=st.sampled_from([0.0, 0.7, 1.0]),
-       alpha=st.floats(-2, 2))
+@given(
+    m=dims, n=dims, rank=ranks, side=sides, seed=seeds, beta=st.sampled_from([0.0, 0.7, 1.0]), alpha=st.floats(-2, 2)
+)
 def test_add_projected_back_matches_explicit_formula(m, n, rank, side, seed, beta, alpha):
     G = _matrix(m, n, seed, "fp32", torch.float64)
     W = _matrix(m, n, seed + 3, "fp32", torch.float64)
@@ -200,14 +205,16 @@ def test_basis_is_constant_between_refreshes(m, n, shape3, rank, gap, proj_type,
     shape = (m, n, 2) if shape3 else (m, n)
     dtype = torch.bfloat16 if bf16 else torch.float32
     w = nn.Parameter(torch.randn(shape, generator=g).to(dtype))
-    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": gap, "proj_type": proj_type,
-                        "refresh_method": method}], lr=1e-3)
+    opt = GaLoreAdamW(
+        [{"params": [w], "rank": rank, "update_proj_gap": gap, "proj_type": proj_type, "refresh_method": method}],
+        lr=1e-3,
+    )
     mm, nn_ = proj.matrix_shape(shape)
     side = proj.projection_side(proj_type, mm, nn_)
     keys = ["basis_left", "basis_right"] if side == "full" else ["basis"]
     r = min(rank, mm, nn_)
     history = []
-    for step in range(2 * gap + 1):
+    for _ in range(2 * gap + 1):
         w.grad = torch.randn(shape, generator=g).to(dtype)
         opt.step()
         st_ = opt.state[w]

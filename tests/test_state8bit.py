@@ -135,9 +135,7 @@ def test_half_gap_and_error_bound_helpers():
     inner = torch.where(inner.double() == code[:-1].double(), code[1:], inner)  # stay inside
     assert torch.allclose(s8.half_gap(inner, code), gaps, rtol=0, atol=0)
     assert s8.half_gap(torch.tensor([-0.5]), code).item() == 0.5, "below c₀: distance to it"
-    assert s8.half_gap(torch.tensor([3e-8]), code, keep_positive=True).item() == pytest.approx(
-        code[1].item() - 3e-8
-    )
+    assert s8.half_gap(torch.tensor([3e-8]), code, keep_positive=True).item() == pytest.approx(code[1].item() - 3e-8)
 
 
 # ================================================================================= 2. properties
@@ -209,7 +207,7 @@ def test_code_entry_times_absmax_roundtrips_exactly(shape, block, seed, exps, na
     g = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
     nb = -(-n // block)
-    a = (10.0 ** (exps[0] + (exps[1] - exps[0]) * torch.rand(nb, generator=g, dtype=torch.float64)))
+    a = 10.0 ** (exps[0] + (exps[1] - exps[0]) * torch.rand(nb, generator=g, dtype=torch.float64))
     a = a.float()
     k = torch.randint(0, 256, (nb, block), generator=g)
     k[:, 0] = 255 if name == "unsigned" or seed % 2 else 0  # +1 or −1: the block's absmax is a
@@ -358,8 +356,9 @@ def test_big_tensors_are_uint8_plus_absmax(kind):
         assert out.dtype == torch.float32 and out.shape == x.shape
         ref = x.sqrt() if kind == "unsigned_sqrt" else x
         got = out.sqrt() if kind == "unsigned_sqrt" else out
-        bound = s8.blockwise_error_bound(ref, CODES["signed" if kind == "signed" else "unsigned"](),
-                                         keep_positive=kind == "unsigned_sqrt")
+        bound = s8.blockwise_error_bound(
+            ref, CODES["signed" if kind == "signed" else "unsigned"](), keep_positive=kind == "unsigned_sqrt"
+        )
         assert bool(((got.double() - ref.double()).abs() <= bound + 1e-6 * ref.abs()).all())
     with pytest.raises(ValueError):
         s8.unpack_moment(s8.pack_moment(torch.randn(5000), kind), (4999,), kind)
@@ -394,8 +393,7 @@ def test_packed_state_checkpoints_bit_for_bit_and_is_deterministic(kind):
             assert loaded[key][name].dtype == t.dtype
             assert loaded[key][name].numpy().tobytes() == t.numpy().tobytes()
     shape = (97, 61)
-    assert torch.equal(s8.unpack_moment(loaded["big"], shape, kind),
-                       s8.unpack_moment(states["big"], shape, kind))
+    assert torch.equal(s8.unpack_moment(loaded["big"], shape, kind), s8.unpack_moment(states["big"], shape, kind))
     # Same input, identical bytes; the checkpoint holds no padding (q owns exactly numel bytes).
     x = torch.randn(97, 61, generator=g).abs()
     a, b = s8.pack_moment(x, kind), s8.pack_moment(x.clone(), kind)
@@ -487,5 +485,4 @@ def test_cuda_roundtrip_equals_cpu_bit_for_bit():
     for kind, data in (("signed", x), ("unsigned_sqrt", v)):
         d, dg = s8.pack_moment(data, kind), s8.pack_moment(data.to(dev), kind)
         assert all(torch.equal(d[k], dg[k].cpu()) for k in d)
-        assert torch.equal(s8.unpack_moment(dg, data.shape, kind).cpu(),
-                           s8.unpack_moment(d, data.shape, kind))
+        assert torch.equal(s8.unpack_moment(dg, data.shape, kind).cpu(), s8.unpack_moment(d, data.shape, kind))

@@ -57,8 +57,13 @@ def test_adafactor_tensor_hyperparameters_give_the_float_run_exactly():
     runs = []
     for make in (float, f64):
         model = make_regression_model()
-        opt = galorex.GaLoreAdafactor(regression_groups(model, rank=8, gap=3), lr=make(1e-2), relative_step=False,
-                                      weight_decay=make(0.1), beta1=make(0.9))
+        opt = galorex.GaLoreAdafactor(
+            regression_groups(model, rank=8, gap=3),
+            lr=make(1e-2),
+            relative_step=False,
+            weight_decay=make(0.1),
+            beta1=make(0.9),
+        )
         runs.append((model, train_regression(model, opt, 7)))
     assert runs[0][1] == runs[1][1]
     for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
@@ -104,8 +109,9 @@ def test_tensor_lr_zero_keeps_gradnorm_weights_in_a_compiled_step():
     torch._dynamo.reset()
     try:
         model = make_regression_model()
-        opt = galorex.GradNormLoRPAdamW(regression_groups(model, rank=8, gap=3), lr=torch.tensor(0.0),
-                                        compile={"backend": "eager"})
+        opt = galorex.GradNormLoRPAdamW(
+            regression_groups(model, rank=8, gap=3), lr=torch.tensor(0.0), compile={"backend": "eager"}
+        )
         before = [p.detach().clone() for p in model.parameters()]
         train_regression(model, opt, 2)
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
@@ -116,15 +122,18 @@ def test_tensor_lr_zero_keeps_gradnorm_weights_in_a_compiled_step():
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("bad,key", [
-    ({"lr": torch.tensor([1e-3, 1e-3])}, "lr"),
-    ({"lr": torch.tensor(-1e-3)}, "lr"),
-    ({"lr": torch.tensor(float("inf"))}, "lr"),
-    ({"lr": torch.tensor(1e-3 + 0j)}, "lr"),
-    ({"betas": (torch.tensor(0.9), torch.tensor(1.0))}, "betas"),
-    ({"weight_decay": torch.tensor(-0.1)}, "weight_decay"),
-    ({"eps": torch.tensor(-1.0)}, "eps"),
-])
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"lr": torch.tensor([1e-3, 1e-3])}, "lr"),
+        ({"lr": torch.tensor(-1e-3)}, "lr"),
+        ({"lr": torch.tensor(float("inf"))}, "lr"),
+        ({"lr": torch.tensor(1e-3 + 0j)}, "lr"),
+        ({"betas": (torch.tensor(0.9), torch.tensor(1.0))}, "betas"),
+        ({"weight_decay": torch.tensor(-0.1)}, "weight_decay"),
+        ({"eps": torch.tensor(-1.0)}, "eps"),
+    ],
+)
 def test_bad_tensor_hyperparameters_raise_naming_the_key(bad, key):
     w = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match=rf"param_groups\[0\]: '{key}'"):

@@ -8,7 +8,6 @@ import torch
 
 from galorex import GaLoreAdamW, GradNormLoRPAdamW, NaturalGaLoreAdamW
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -25,11 +24,15 @@ def loss_of(m):
     return (m(X) - Y).square().mean()
 
 
-@pytest.mark.parametrize("make_scheduler", [
-    lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
-    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
-    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
-], ids=["step", "cosine", "lambda"])
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
+    ],
+    ids=["step", "cosine", "lambda"],
+)
 def test_schedulers_drive_the_learning_rate_like_torch_adamw(make_scheduler):
     ref_model, our_model = model(), model()
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1)

@@ -26,14 +26,21 @@ from galorex.train.checkpoint import list_checkpoints, load_checkpoint
 from galorex.train.cli import main
 
 TINY = [
-    "--model", "llama-tiny",
-    "--batch-size", "4",
-    "--seq-len", "32",
-    "--eval-batches", "2",
-    "--sample-tokens", "8",
+    "--model",
+    "llama-tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "2",
+    "--sample-tokens",
+    "8",
     "--no-progress",
-    "--threads", "1",
-    "--seed", "0",
+    "--threads",
+    "1",
+    "--seed",
+    "0",
 ]
 ERROR_PREFIX = "galorex-train: error:"
 
@@ -97,10 +104,19 @@ def assert_one_line_error(rc: int, out: str, err: str, *needles: str) -> str:
 
 
 def model_json(path: Path, hidden: int) -> Path:
-    path.write_text(json.dumps({
-        "vocab_size": 256, "hidden_size": hidden, "intermediate_size": 176, "num_layers": 2,
-        "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 64,
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "vocab_size": 256,
+                "hidden_size": hidden,
+                "intermediate_size": 176,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "max_seq_len": 64,
+            }
+        )
+    )
     return path
 
 
@@ -145,9 +161,26 @@ def smoke_runs(tmp_path_factory):
     runs = {}
     for name, extra in SMOKE.items():
         out = tmp_path_factory.mktemp("smoke") / name
-        argv = TINY + extra + ["--steps", str(STEPS), "--eval-every", "2", "--log-every", "1",
-                               "--save-every", "2", "--warmup", str(WARMUP), "--lr", str(LR),
-                               "--out", str(out)]
+        argv = (
+            TINY
+            + extra
+            + [
+                "--steps",
+                str(STEPS),
+                "--eval-every",
+                "2",
+                "--log-every",
+                "1",
+                "--save-every",
+                "2",
+                "--warmup",
+                str(WARMUP),
+                "--lr",
+                str(LR),
+                "--out",
+                str(out),
+            ]
+        )
         rc, stdout, stderr = run_quiet(argv)
         runs[name] = {"rc": rc, "stdout": stdout, "stderr": stderr, "out": out, "argv": argv}
     return runs
@@ -177,8 +210,16 @@ def test_optimizer_runs_and_writes_sane_outputs(smoke_runs, name):
     assert rows[-1]["val_loss"] < rows[1]["val_loss"]
 
     s = read_summary(out)
-    for key in ("final_val_loss", "val_perplexity", "steps", "tokens", "wall_s", "optimizer",
-                "optimizer_state_bytes", "peak_memory_bytes"):
+    for key in (
+        "final_val_loss",
+        "val_perplexity",
+        "steps",
+        "tokens",
+        "wall_s",
+        "optimizer",
+        "optimizer_state_bytes",
+        "peak_memory_bytes",
+    ):
         assert key in s, key
     assert s["steps"] == STEPS
     assert s["tokens"] == STEPS * 4 * 32 * accum
@@ -235,22 +276,60 @@ RESUME = {
     # Basis refreshes every 4 steps, so the resumed half refreshes at 12, 16 and 20.
     "galore": ["--optimizer", "galore", "--update-proj-gap", "4"],
     # Randomized refreshes (sketches seeded per parameter and step) and moment reprojection.
-    "galore-randomized-reproject": ["--optimizer", "galore", "--update-proj-gap", "4",
-                                    "--refresh-method", "randomized", "--moment-policy", "reproject"],
+    "galore-randomized-reproject": [
+        "--optimizer",
+        "galore",
+        "--update-proj-gap",
+        "4",
+        "--refresh-method",
+        "randomized",
+        "--moment-policy",
+        "reproject",
+    ],
     "adamw": ["--optimizer", "adamw"],
-    "natural-galore": ["--optimizer", "natural-galore", "--natural-history", "3", "--update-proj-gap", "4",
-                       "--moment-policy", "reproject"],
-    "gradnorm-lorp-8bit": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--rank", "64",
-                           "--update-proj-gap", "4"],
+    "natural-galore": [
+        "--optimizer",
+        "natural-galore",
+        "--natural-history",
+        "3",
+        "--update-proj-gap",
+        "4",
+        "--moment-policy",
+        "reproject",
+    ],
+    "gradnorm-lorp-8bit": [
+        "--optimizer",
+        "gradnorm-lorp",
+        "--optim-bits",
+        "8",
+        "--rank",
+        "64",
+        "--update-proj-gap",
+        "4",
+    ],
 }
 COMPARED = ("step", "tokens_seen", "model", "optimizer", "scheduler", "data", "rng")
 
 
-def _resume_argv(extra: list[str], out: Path, steps: int = 20, save_every: int = 10,
-                 log_every: int = 1) -> list[str]:
-    return TINY + extra + ["--steps", str(steps), "--log-every", str(log_every),
-                           "--save-every", str(save_every), "--eval-every", "0", "--warmup", "3",
-                           "--out", str(out)]
+def _resume_argv(extra: list[str], out: Path, steps: int = 20, save_every: int = 10, log_every: int = 1) -> list[str]:
+    return (
+        TINY
+        + extra
+        + [
+            "--steps",
+            str(steps),
+            "--log-every",
+            str(log_every),
+            "--save-every",
+            str(save_every),
+            "--eval-every",
+            "0",
+            "--warmup",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", list(RESUME))
@@ -331,13 +410,35 @@ def test_resume_tolerates_a_torn_last_metrics_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- 4. a real SIGKILL
 def test_sigkill_then_resume(tmp_path, capsys):
     out = tmp_path / "killed"
-    args = ["--out", str(out), "--save-every", "2", "--log-every", "1", "--eval-every", "0",
-            "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--no-progress",
-            "--threads", "1", "--seed", "0"]
+    args = [
+        "--out",
+        str(out),
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--sample-tokens",
+        "0",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--seed",
+        "0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "child.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "galorex.train", *args, "--steps", "100000"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    log = open(tmp_path / "child.log", "wb")  # noqa: SIM115 - closed in the finally below, after the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "galorex.train", *args, "--steps", "100000"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 60
         while len(list_checkpoints(out / "checkpoints")) < 2:
@@ -377,8 +478,7 @@ def test_sigkill_then_resume(tmp_path, capsys):
 def previous_run(tmp_path_factory):
     """A finished 4-step galore run on llama-tiny, copied into each test that needs one."""
     out = tmp_path_factory.mktemp("prev") / "run"
-    rc, _, err = run_quiet(TINY + ["--steps", "4", "--save-every", "2", "--eval-every", "0",
-                                   "--out", str(out)])
+    rc, _, err = run_quiet(TINY + ["--steps", "4", "--save-every", "2", "--eval-every", "0", "--out", str(out)])
     assert rc == 0, err
     return out
 
@@ -414,8 +514,16 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-BAD = ["missing-data", "empty-data", "folder-without-txt", "corpus-shorter-than-a-sequence",
-       "unknown-model", "invalid-model-json", "halo", "dataset-without-datasets"]
+BAD = [
+    "missing-data",
+    "empty-data",
+    "folder-without-txt",
+    "corpus-shorter-than-a-sequence",
+    "unknown-model",
+    "invalid-model-json",
+    "halo",
+    "dataset-without-datasets",
+]
 
 
 def _skip_if_datasets(name: str) -> None:
@@ -444,8 +552,7 @@ def test_bad_input_on_resume_overwrites_nothing(tmp_path, capsys, existing_run, 
     _skip_if_datasets(name)
     extra, needles = _bad_inputs(tmp_path)[name]
     out, before = existing_run
-    rc = main(TINY + ["--steps", "8", "--save-every", "2", "--eval-every", "0", "--out", str(out),
-                      "--resume"] + extra)
+    rc = main(TINY + ["--steps", "8", "--save-every", "2", "--eval-every", "0", "--out", str(out), "--resume"] + extra)
     cap = capsys.readouterr()
     # Model errors surface as the resume mismatch, naming the model; the rest as themselves.
     assert_one_line_error(rc, cap.out, cap.err, *needles)
@@ -523,9 +630,11 @@ def test_failed_start_leaves_out_reusable(tmp_path, capsys, name):
     --out must work, not be refused as 'the folder already holds files (another run?)'."""
     short = tmp_path / "short.txt"
     short.write_text("0123456789")
-    bad = {"unknown-model": ["--model", "llama-nope"],
-           "unknown-optimizer": ["--optimizer", "nope"],
-           "short-corpus": ["--data", str(short)]}[name]
+    bad = {
+        "unknown-model": ["--model", "llama-nope"],
+        "unknown-optimizer": ["--optimizer", "nope"],
+        "short-corpus": ["--data", str(short)],
+    }[name]
     out = tmp_path / "out"
     base = TINY + ["--steps", "2", "--eval-every", "0", "--out", str(out)]
     assert main(base + bad) == 2
@@ -538,13 +647,39 @@ def test_failed_start_leaves_out_reusable(tmp_path, capsys, name):
 
 # ----------------------------------------------------------------------------- 6. --help
 def test_help_lists_the_flags():
-    r = subprocess.run([sys.executable, "-m", "galorex.train", "--help"], capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
+    r = subprocess.run(
+        [sys.executable, "-m", "galorex.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="200"),
+    )
     assert r.returncode == 0, r.stderr
-    for flag in ("--model", "--optimizer", "--rank", "--update-proj-gap", "--scale", "--lr",
-                 "--warmup", "--grad-clip", "--batch-size", "--grad-accum", "--seq-len", "--dtype",
-                 "--steps", "--eval-every", "--save-every", "--out", "--resume", "--seed",
-                 "--device", "--data", "--dataset", "--tokenizer", "--halo"):
+    for flag in (
+        "--model",
+        "--optimizer",
+        "--rank",
+        "--update-proj-gap",
+        "--scale",
+        "--lr",
+        "--warmup",
+        "--grad-clip",
+        "--batch-size",
+        "--grad-accum",
+        "--seq-len",
+        "--dtype",
+        "--steps",
+        "--eval-every",
+        "--save-every",
+        "--out",
+        "--resume",
+        "--seed",
+        "--device",
+        "--data",
+        "--dataset",
+        "--tokenizer",
+        "--halo",
+    ):
         assert f"{flag} " in r.stdout or f"{flag}\n" in r.stdout or f"{flag}," in r.stdout, flag
 
 
@@ -552,23 +687,52 @@ def test_help_lists_the_flags():
 @pytest.fixture()
 def short_run(tmp_path):
     out = tmp_path / "run"
-    rc, _, err = run_quiet(TINY + ["--out", str(out), "--steps", "2", "--save-every", "2",
-                                   "--eval-every", "0", "--optimizer", "galore", "--rank", "8"])
+    rc, _, err = run_quiet(
+        TINY
+        + [
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "0",
+            "--optimizer",
+            "galore",
+            "--rank",
+            "8",
+        ]
+    )
     assert rc == 0, err
     return out
 
 
-@pytest.mark.parametrize("flag, value, key", [
-    ("--lr", "0.01", "lr"),
-    ("--update-proj-gap", "7", "update_proj_gap"),
-    ("--scale", "1.0", "scale"),
-    ("--batch-size", "8", "batch_size"),
-    ("--seed", "3", "seed"),
-])
+@pytest.mark.parametrize(
+    "flag, value, key",
+    [
+        ("--lr", "0.01", "lr"),
+        ("--update-proj-gap", "7", "update_proj_gap"),
+        ("--scale", "1.0", "scale"),
+        ("--batch-size", "8", "batch_size"),
+        ("--seed", "3", "seed"),
+    ],
+)
 def test_resume_refuses_changed_training_settings(short_run, capsys, flag, value, key):
     before = snapshot(short_run)
-    argv = TINY + ["--out", str(short_run), "--steps", "4", "--optimizer", "galore", "--rank", "8",
-                   "--resume", flag, value]
+    argv = TINY + [
+        "--out",
+        str(short_run),
+        "--steps",
+        "4",
+        "--optimizer",
+        "galore",
+        "--rank",
+        "8",
+        "--resume",
+        flag,
+        value,
+    ]
     # argparse keeps the last occurrence, so this overrides TINY's value too
     rc = main(argv)
     cap = capsys.readouterr()
@@ -580,8 +744,22 @@ def test_resume_refuses_other_data(short_run, tmp_path, capsys):
     other = tmp_path / "other.txt"
     other.write_text("a different corpus, long enough for a few windows. " * 200)
     before = snapshot(short_run)
-    rc = main(TINY + ["--out", str(short_run), "--steps", "4", "--optimizer", "galore", "--rank", "8",
-                      "--resume", "--data", str(other)])
+    rc = main(
+        TINY
+        + [
+            "--out",
+            str(short_run),
+            "--steps",
+            "4",
+            "--optimizer",
+            "galore",
+            "--rank",
+            "8",
+            "--resume",
+            "--data",
+            str(other),
+        ]
+    )
     cap = capsys.readouterr()
     assert_one_line_error(rc, cap.out, cap.err, "other data", str(other))
     assert_unchanged(before, short_run)
@@ -590,8 +768,23 @@ def test_resume_refuses_other_data(short_run, tmp_path, capsys):
 def test_resume_from_a_checkpoint_file_without_out_continues_that_run(short_run, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # a default --out would land here
     ckpt = short_run / "checkpoints" / "ckpt-00000002.pt"
-    rc = main(TINY + ["--steps", "4", "--save-every", "2", "--eval-every", "0", "--optimizer", "galore",
-                      "--rank", "8", "--resume", str(ckpt)])
+    rc = main(
+        TINY
+        + [
+            "--steps",
+            "4",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "0",
+            "--optimizer",
+            "galore",
+            "--rank",
+            "8",
+            "--resume",
+            str(ckpt),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert read_summary(short_run)["steps"] == 4
     assert [r["step"] for r in read_metrics(short_run)] == [2, 4]  # logged at each run's end
@@ -608,8 +801,13 @@ def test_init_from_an_earlier_runs_weights(tmp_path, capsys):
     weights = a / "model.safetensors"
     assert weights.is_file() and "model.safetensors" in capsys.readouterr().out
     # zero steps from those weights: the written weights are the ones read
-    assert main(TINY + ["--out", str(b), "--steps", "0", "--save-every", "0", "--eval-every", "0",
-                        "--init-from", str(weights)]) == 0
+    assert (
+        main(
+            TINY
+            + ["--out", str(b), "--steps", "0", "--save-every", "0", "--eval-every", "0", "--init-from", str(weights)]
+        )
+        == 0
+    )
     first, second = load_file(str(weights)), load_file(str(b / "model.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 

@@ -21,7 +21,15 @@ def test_interpret_smoke_checks_then_writes_tables(tmp_path, monkeypatch):
     assert report["meta"]["smoke"] is True
     assert report["correctness"] and all(c["ok"] for c in report["correctness"])
     names = {c["check"].split()[0] for c in report["correctness"]}
-    assert {"hadamard_transform", "quantize_fp8", "hadamard_quantize_fp8", "fp8_gemm", "int8_gemm", "project", "fused_galore_adam_step"} <= names
+    assert {
+        "hadamard_transform",
+        "quantize_fp8",
+        "hadamard_quantize_fp8",
+        "fp8_gemm",
+        "int8_gemm",
+        "project",
+        "fused_galore_adam_step",
+    } <= names
     tables = {row["table"] for row in report["rows"]}
     assert tables == {"hadamard", "fp8_gemm", "galore"}
     assert all(row.get("ms") or row.get("fused ms") for row in report["rows"])

@@ -174,7 +174,14 @@ def test_kernel_compiles_for_hopper_without_spills(block_size):
     # The interpreter accepts code a GPU compile rejects: build the real sm_90 kernel (ptxas, no GPU).
     ptx = compile_for_hopper(
         had._HADAMARD,
-        {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_blockrows": "i32", "n_blocks": "i32", "stride_row": "i32", "inv_sqrt_b": "fp32"},
+        {
+            "x_ptr": "*bf16",
+            "y_ptr": "*bf16",
+            "n_blockrows": "i32",
+            "n_blocks": "i32",
+            "stride_row": "i32",
+            "inv_sqrt_b": "fp32",
+        },
         {"stride_col": 1, "B": block_size, "LOG2B": block_size.bit_length() - 1, "OUT_BF16": True, "TILE": 4096},
         num_warps=8,
         aligned=("x_ptr", "y_ptr", "stride_row"),

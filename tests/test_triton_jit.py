@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from triton_kernels import _jit, gemm, hadamard, lowrank, quant  # noqa: E402
+from triton_kernels import _jit, gemm, hadamard, lowrank, quant
 
 KERNELS = [
     (mod.__name__, name, obj)
@@ -19,7 +19,9 @@ KERNELS = [
 ]
 
 
-@pytest.mark.parametrize("label,kernel", [(f"{m}.{n}", k) for m, n, k in KERNELS], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "label,kernel", [(f"{m}.{n}", k) for m, n, k in KERNELS], ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_compiled_build_keeps_constexpr_parameters(label, kernel, monkeypatch):
     # A helper-carrying kernel is rebuilt with types.FunctionType, which drops __annotations__;
     # Triton 3.6 then treats BLOCK sizes as runtime ints and tl.arange fails to compile on a GPU.

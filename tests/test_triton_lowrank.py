@@ -121,7 +121,9 @@ def test_project_kernel_strided_inputs():
     out = run_kernel(project, G, P, "right")
     torch.testing.assert_close(out.double(), project_reference(G.double(), P.double(), "right"), rtol=1e-5, atol=1e-5)
     out = run_kernel(project, G, _basis(37, 8, 9), "left")
-    torch.testing.assert_close(out.double(), project_reference(G.double(), _basis(37, 8, 9).double(), "left"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), project_reference(G.double(), _basis(37, 8, 9).double(), "left"), rtol=1e-5, atol=1e-5
+    )
 
 
 def _run_three_steps(step_fn, weight, basis, grads, side, work=None):
@@ -137,7 +139,9 @@ def _run_three_steps(step_fn, weight, basis, grads, side, work=None):
 @pytest.mark.parametrize(("side", "m", "n", "r"), CASES)
 def test_fused_step_fp32_weight_against_float64_twin(side, m, n, r):
     weight, basis, grads = _problem(side, m, n, r, 10)
-    w64, ea64, es64 = _run_three_steps(fused_galore_adam_step_reference, weight.double(), basis.double(), grads, side, torch.float64)
+    w64, ea64, es64 = _run_three_steps(
+        fused_galore_adam_step_reference, weight.double(), basis.double(), grads, side, torch.float64
+    )
     with interpreted():
         w, ea, es = _run_three_steps(fused_galore_adam_step, weight.clone(), basis, grads, side)
     # Every entry of W moves (decay ≠ 1 and a dense update), so a tile the kernel skipped would show.
@@ -191,8 +195,12 @@ def test_fused_step_needs_contiguous_fp32_moments():
 def _bad(**over):
     side, m, n, r = "left", 6, 5, 2
     args = dict(
-        weight=torch.zeros(m, n), low_grad=torch.zeros(r, n), exp_avg=torch.zeros(r, n),
-        exp_avg_sq=torch.zeros(r, n), basis=torch.zeros(m, r), side=side,
+        weight=torch.zeros(m, n),
+        low_grad=torch.zeros(r, n),
+        exp_avg=torch.zeros(r, n),
+        exp_avg_sq=torch.zeros(r, n),
+        basis=torch.zeros(m, r),
+        side=side,
     )
     kw = dict(step=1, **HP)
     for k, v in over.items():
@@ -228,13 +236,32 @@ def test_fused_step_compiles_to_wgmma_on_hopper(left):
     ptx = compile_for_hopper(
         lowrank._APPLY,
         {
-            "w_ptr": "*fp32", "p_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32",
-            "stride_wm": "i32", "stride_p0": "i32", "stride_lr0": "i32",
-            "decay": "fp32", "alpha": "fp32", "bias1": "fp32", "bias2_sqrt": "fp32", "eps": "fp32",
+            "w_ptr": "*fp32",
+            "p_ptr": "*fp32",
+            "m_ptr": "*fp32",
+            "v_ptr": "*fp32",
+            "M": "i32",
+            "N": "i32",
+            "R": "i32",
+            "stride_wm": "i32",
+            "stride_p0": "i32",
+            "stride_lr0": "i32",
+            "decay": "fp32",
+            "alpha": "fp32",
+            "bias1": "fp32",
+            "bias2_sqrt": "fp32",
+            "eps": "fp32",
         },
         {
-            "stride_wn": 1, "stride_p1": 1, "LEFT": left, "OUT_BF16": False, "PRECISION": "tf32x3",
-            "BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8,
+            "stride_wn": 1,
+            "stride_p1": 1,
+            "LEFT": left,
+            "OUT_BF16": False,
+            "PRECISION": "tf32x3",
+            "BM": 128,
+            "BN": 128,
+            "BK": 32,
+            "GROUP_M": 8,
         },
         num_warps=8,
         aligned=("w_ptr", "p_ptr", "m_ptr", "v_ptr", "stride_wm", "stride_p0", "stride_lr0"),

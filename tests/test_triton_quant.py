@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton_support import (
     assert_interpreter_did_not_leak,
-    compile_for_hopper,
     bits,
+    compile_for_hopper,
     interpreted,
     needs_triton,
     run_kernel,
@@ -200,7 +200,14 @@ def test_fused_row_kernel_compiles_for_hopper_without_spills():
 
     ptx = compile_for_hopper(
         quant._H_QUANT_ROW,
-        {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "n_blocks": "i32", "stride_row": "i32", "inv_sqrt_b": "fp32"},
+        {
+            "x_ptr": "*bf16",
+            "q_ptr": "*fp8e4nv",
+            "scale_ptr": "*fp32",
+            "n_blocks": "i32",
+            "stride_row": "i32",
+            "inv_sqrt_b": "fp32",
+        },
         {"stride_col": 1, "B": 128, "LOG2B": 7, "NB_PAD": 128, "MANT_BITS": 3, "MIN_EXP": -6, "QMAX": 448.0},
         num_warps=16,
         aligned=("x_ptr", "q_ptr", "stride_row"),

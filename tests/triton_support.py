@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -83,7 +83,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
-def compile_for_hopper(kernel, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3, aligned=()):
+def compile_for_hopper(
+    kernel, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3, aligned=()
+):
     """PTX of a triton_kernels LazyKernel compiled ahead of time for sm_90 (no GPU needed).
 
     ``signature`` maps runtime arguments to Triton types ("*fp32", "i32", ...); ``aligned`` names
@@ -110,7 +112,9 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, *, num_warps: 
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
         src = ASTSource(fn, full, constexprs=dict(constexprs), attrs=attrs)
         try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+            )
         except Exception as exc:
             if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
                 pytest.skip(f"no ptxas for an sm_90 compile: {exc}")

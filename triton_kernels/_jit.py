@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device; got {listed}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decorate(fn: Callable, interpret: bool, helpers: tuple[Callable, ...]) -> Any:
     trt = require_triton()
     if interpret != interpreting():  # pragma: no cover - the cache key comes from interpreting()
@@ -114,9 +115,7 @@ class LazyKernel:
             configs = []
             for cfg in self.configs:
                 meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-                configs.append(
-                    trt.Config(meta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-                )
+                configs.append(trt.Config(meta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3)))
             self._tuned[interpret] = trt.autotune(
                 configs=configs, key=self.key, restore_value=self.restore_value or None
             )(kernel)

@@ -24,8 +24,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -98,7 +99,14 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
         q, s = quantize_fp8(x, E4M3, gran)
         qr, sr = quantize_fp8_reference(x, E4M3, gran)
         steps, n_diff = _fp8_steps_apart(q, qr)
-        results.append(_check(f"quantize_fp8 {gran} (fp8 codes apart)", steps, 1, f"{n_diff} codes, {int((s != sr).sum())} scales differ"))
+        results.append(
+            _check(
+                f"quantize_fp8 {gran} (fp8 codes apart)",
+                steps,
+                1,
+                f"{n_diff} codes, {int((s != sr).sum())} scales differ",
+            )
+        )
         q, s = hadamard_quantize_fp8(x, 128, E4M3, gran)
         qr, sr = hadamard_quantize_fp8_reference(x, 128, E4M3, gran)
         steps, n_diff = _fp8_steps_apart(q, qr)
@@ -158,18 +166,47 @@ def bench_hadamard(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     moved = 2 * x.numel() * x.element_size()
     copy_ms = _time_ms(lambda: y.copy_(x), device, smoke)
     copy_gbs = moved / copy_ms / 1e6
-    rows = [{"table": "hadamard", "op": "copy_ (device to device)", "block": "", "ms": copy_ms, "GB/s": copy_gbs, "vs copy": 1.0}]
+    rows = [
+        {
+            "table": "hadamard",
+            "op": "copy_ (device to device)",
+            "block": "",
+            "ms": copy_ms,
+            "GB/s": copy_gbs,
+            "vs copy": 1.0,
+        }
+    ]
     for b in blocks:
         ms = _time_ms(lambda: hadamard_transform(x, b), device, smoke)
         gbs = moved / ms / 1e6
         frac = gbs / copy_gbs
-        rows.append({"table": "hadamard", "op": "hadamard_transform bf16", "block": b, "ms": ms, "GB/s": gbs, "vs copy": frac, "goal": "≥0.70", "met": frac >= 0.70})
+        rows.append(
+            {
+                "table": "hadamard",
+                "op": "hadamard_transform bf16",
+                "block": b,
+                "ms": ms,
+                "GB/s": gbs,
+                "vs copy": frac,
+                "goal": "≥0.70",
+                "met": frac >= 0.70,
+            }
+        )
     b = blocks[0]
     fused_bytes = x.numel() * (x.element_size() + 1)  # read bf16, write fp8 (scales are tiny)
     for gran in ("row", "tensor"):
         ms = _time_ms(lambda: hadamard_quantize_fp8(x, b, E4M3, gran), device, smoke)
         gbs = fused_bytes / ms / 1e6
-        rows.append({"table": "hadamard", "op": f"hadamard_quantize_fp8 {gran}", "block": b, "ms": ms, "GB/s": gbs, "vs copy": gbs / copy_gbs})
+        rows.append(
+            {
+                "table": "hadamard",
+                "op": f"hadamard_quantize_fp8 {gran}",
+                "block": b,
+                "ms": ms,
+                "GB/s": gbs,
+                "vs copy": gbs / copy_gbs,
+            }
+        )
     return rows
 
 
@@ -191,7 +228,9 @@ def bench_fp8_gemm(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
             "torch.matmul bf16": lambda: a16 @ b16.t(),
             "torch._scaled_mm tensorwise": lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16),
             "fp8_gemm tensorwise": lambda: fp8_gemm(a, b, sa, sb, torch.bfloat16),
-            "torch._scaled_mm rowwise": lambda: torch._scaled_mm(a, b.t(), sar, sbr.t().contiguous(), out_dtype=torch.bfloat16),
+            "torch._scaled_mm rowwise": lambda: torch._scaled_mm(
+                a, b.t(), sar, sbr.t().contiguous(), out_dtype=torch.bfloat16
+            ),
             "fp8_gemm rowwise": lambda: fp8_gemm(a, b, sar, sbr, torch.bfloat16),
         }
         measured = {}
@@ -203,13 +242,21 @@ def bench_fp8_gemm(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
                 print(f"  {op} at {m}x{n}x{k}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
         bf16_ms = measured["torch.matmul bf16"]
         for op, ms in measured.items():
-            row = {"table": "fp8_gemm", "op": op, "MxNxK": f"{m}x{n}x{k}", "ms": ms, "TFLOP/s": flops / ms / 1e9 if ms else None}
+            row = {
+                "table": "fp8_gemm",
+                "op": op,
+                "MxNxK": f"{m}x{n}x{k}",
+                "ms": ms,
+                "TFLOP/s": flops / ms / 1e9 if ms else None,
+            }
             if op.startswith("fp8_gemm") and ms:
                 ref = measured["torch._scaled_mm " + op.split()[-1]]
                 row["vs _scaled_mm"] = ref / ms if ref else None
                 row["vs bf16"] = bf16_ms / ms if bf16_ms else None
                 row["goal"] = "≥0.80× _scaled_mm, ≥1.5× bf16"
-                row["met"] = bool(row["vs _scaled_mm"] and row["vs bf16"] and row["vs _scaled_mm"] >= 0.8 and row["vs bf16"] >= 1.5)
+                row["met"] = bool(
+                    row["vs _scaled_mm"] and row["vs bf16"] and row["vs _scaled_mm"] >= 0.8 and row["vs bf16"] >= 1.5
+                )
             rows.append(row)
     return rows
 
@@ -236,8 +283,13 @@ def bench_galore(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
                 unfused = _time_ms(lambda: fused_galore_adam_step_reference(*args, **hp), device, smoke)
                 rows.append(
                     {
-                        "table": "galore", "op": f"{m}x{n} {str(wdtype)[6:]} W, side {side}", "rank": r,
-                        "fused ms": fused, "torch ms": unfused, "speed-up": unfused / fused, "goal": "≥1.3",
+                        "table": "galore",
+                        "op": f"{m}x{n} {str(wdtype)[6:]} W, side {side}",
+                        "rank": r,
+                        "fused ms": fused,
+                        "torch ms": unfused,
+                        "speed-up": unfused / fused,
+                        "goal": "≥1.3",
                         "met": unfused / fused >= 1.3,
                     }
                 )
@@ -268,7 +320,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| check | max error | tolerance | ok | note |",
         "| --- | ---: | ---: | --- | --- |",
     ]
-    out += [f"| {c['check']} | {c['max_error']:.3g} | {c['tolerance']:.3g} | {'yes' if c['ok'] else 'NO'} | {c['note']} |" for c in report["correctness"]]
+    out += [
+        f"| {c['check']} | {c['max_error']:.3g} | {c['tolerance']:.3g} | {'yes' if c['ok'] else 'NO'} | {c['note']} |"
+        for c in report["correctness"]
+    ]
     for table in ("hadamard", "fp8_gemm", "galore"):
         rows = [r for r in report["rows"] if r["table"] == table]
         if not rows:
@@ -285,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triton_kernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/triton"), help="folder for triton_bench.md/.json")
     parser.add_argument("--interpret-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--only", choices=("hadamard", "fp8_gemm", "galore"), action="append", help="run only these tables")
+    parser.add_argument(
+        "--only", choices=("hadamard", "fp8_gemm", "galore"), action="append", help="run only these tables"
+    )
     args = parser.parse_args(argv)
     smoke = args.interpret_smoke
     if not triton_available():
@@ -305,13 +362,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device = torch.device("cuda")
     if select_backend(device) != "triton":
-        print(f"triton_kernels.bench: {BACKEND_ENV} selects the torch path; unset it to time the kernels", file=sys.stderr)
+        print(
+            f"triton_kernels.bench: {BACKEND_ENV} selects the torch path; unset it to time the kernels", file=sys.stderr
+        )
         return 2
     import triton
 
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
@@ -322,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {meta['device']}: correctness first", flush=True)
     checks = correctness(device, smoke)
     for c in checks:
-        print(f"  {'ok ' if c['ok'] else 'BAD'} {c['check']}: {c['max_error']:.3g} (tolerance {c['tolerance']:.3g}) {c['note']}", flush=True)
+        print(
+            f"  {'ok ' if c['ok'] else 'BAD'} {c['check']}: {c['max_error']:.3g} "
+            f"(tolerance {c['tolerance']:.3g}) {c['note']}",
+            flush=True,
+        )
     report: dict[str, Any] = {"meta": meta, "correctness": checks, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
     if all(c["ok"] for c in checks):

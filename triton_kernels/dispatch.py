@@ -11,7 +11,7 @@ BACKEND_ENV = "GALOREX_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether ``import triton`` works here (it needs a driver, or ``TRITON_INTERPRET=1``, to run)."""
     try:

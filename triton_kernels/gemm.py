@@ -179,7 +179,9 @@ def _gemm_triton(a, b, a_scale, b_scale, out_dtype, bias, is_int: bool) -> torch
     if m == 0 or n == 0:
         return out
     if k == 0:
-        return _epilogue_reference(torch.zeros((m, n), dtype=torch.float64, device=a.device), a_scale, b_scale, out_dtype, bias)
+        return _epilogue_reference(
+            torch.zeros((m, n), dtype=torch.float64, device=a.device), a_scale, b_scale, out_dtype, bias
+        )
     _GEMM.launch(
         lambda meta: (-(-m // meta["BM"]) * -(-n // meta["BN"]),),
         a,

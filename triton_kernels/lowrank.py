@@ -182,8 +182,15 @@ _MM_CONFIGS = [
     {"BM": 64, "BN": 128, "BK": 32, "num_warps": 4, "num_stages": 4},
     {"BM": 128, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 4},
 ]
-_MATMUL = LazyKernel(_matmul_kernel, configs=_MM_CONFIGS, key=["M", "N", "K", "PRECISION"], interpret_config={"BM": 32, "BN": 32, "BK": 16})
-_MOMENTS = LazyKernel(_moments_kernel, configs=[{"BLOCK": 1024, "num_warps": 4}], key=[], interpret_config={"BLOCK": 1024})
+_MATMUL = LazyKernel(
+    _matmul_kernel,
+    configs=_MM_CONFIGS,
+    key=["M", "N", "K", "PRECISION"],
+    interpret_config={"BM": 32, "BN": 32, "BK": 16},
+)
+_MOMENTS = LazyKernel(
+    _moments_kernel, configs=[{"BLOCK": 1024, "num_warps": 4}], key=[], interpret_config={"BLOCK": 1024}
+)
 _APPLY = LazyKernel(
     _galore_apply_kernel,
     configs=[{**cfg, "GROUP_M": 8} for cfg in _MM_CONFIGS],
@@ -220,7 +227,17 @@ def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
     out = torch.empty((M, N), dtype=torch.float32, device=G.device)
     _MATMUL.launch(
         lambda meta: (-(-M // meta["BM"]), -(-N // meta["BN"])),
-        a, b, out, M, N, K, sam, sak, sbk, sbn, PRECISION=_precision(),
+        a,
+        b,
+        out,
+        M,
+        N,
+        K,
+        sam,
+        sak,
+        sbk,
+        sbn,
+        PRECISION=_precision(),
     )
     return out
 
@@ -244,7 +261,14 @@ def _check_step(weight, low_grad, exp_avg, exp_avg_sq, basis, side, step, lr, be
             raise ValueError(f"side={side!r}: {name} must be {want_low}, got {tuple(tensors[name].shape)}")
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"step must be an int >= 1 (bias correction), got {step!r}")
-    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay), ("scale", scale)):
+    for name, value in (
+        ("lr", lr),
+        ("beta1", beta1),
+        ("beta2", beta2),
+        ("eps", eps),
+        ("weight_decay", weight_decay),
+        ("scale", scale),
+    ):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise TypeError(f"{name} must be a finite real number, got {value!r}")
     for name, value in (("beta1", beta1), ("beta2", beta2)):
@@ -320,8 +344,19 @@ def fused_galore_adam_step(
     _check_step(weight, low_grad, exp_avg, exp_avg_sq, basis, side, step, lr, beta1, beta2, eps, weight_decay, scale)
     if not use_triton(weight) or weight.numel() == 0:
         return fused_galore_adam_step_reference(
-            weight, low_grad, exp_avg, exp_avg_sq, basis, side, step=step, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=weight_decay, scale=scale,
+            weight,
+            low_grad,
+            exp_avg,
+            exp_avg_sq,
+            basis,
+            side,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            scale=scale,
         )
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.dtype != torch.float32:
@@ -337,11 +372,29 @@ def fused_galore_adam_step(
     g = low_grad.contiguous()
     numel = g.numel()
     if numel:
-        _MOMENTS.launch(lambda meta: (-(-numel // meta["BLOCK"]),), g, exp_avg, exp_avg_sq, numel, float(beta1), float(beta2))
+        _MOMENTS.launch(
+            lambda meta: (-(-numel // meta["BLOCK"]),), g, exp_avg, exp_avg_sq, numel, float(beta1), float(beta2)
+        )
     _APPLY.launch(
         lambda meta: (-(-m // meta["BM"]) * -(-n // meta["BN"]),),
-        weight, basis, exp_avg, exp_avg_sq, m, n, r,
-        weight.stride(0), weight.stride(1), basis.stride(0), basis.stride(1), exp_avg.stride(0),
-        1.0 - lr * weight_decay, -lr * scale, bias1, bias2_sqrt, float(eps),
-        LEFT=side == "left", OUT_BF16=weight.dtype == torch.bfloat16, PRECISION=_precision(),
+        weight,
+        basis,
+        exp_avg,
+        exp_avg_sq,
+        m,
+        n,
+        r,
+        weight.stride(0),
+        weight.stride(1),
+        basis.stride(0),
+        basis.stride(1),
+        exp_avg.stride(0),
+        1.0 - lr * weight_decay,
+        -lr * scale,
+        bias1,
+        bias2_sqrt,
+        float(eps),
+        LEFT=side == "left",
+        OUT_BF16=weight.dtype == torch.bfloat16,
+        PRECISION=_precision(),
     )

@@ -89,7 +89,9 @@ def hadamard_quantize_fp8_reference(
 # --- kernels -------------------------------------------------------------------------------------
 
 
-def _absmax_kernel(x_ptr, part_ptr, rows, cols, stride_row, stride_col, n_colblocks, BR: tl.constexpr, BC: tl.constexpr):
+def _absmax_kernel(
+    x_ptr, part_ptr, rows, cols, stride_row, stride_col, n_colblocks, BR: tl.constexpr, BC: tl.constexpr
+):
     # part[row, column block] = max |x| over that tile row; the reduction over blocks is torch's.
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cb = tl.program_id(1)
@@ -130,7 +132,15 @@ def _quant_kernel(
 
 
 def _hadamard_absmax_kernel(
-    x_ptr, part_ptr, n_blockrows, n_blocks, stride_row, stride_col, B: tl.constexpr, LOG2B: tl.constexpr, TILE: tl.constexpr
+    x_ptr,
+    part_ptr,
+    n_blockrows,
+    n_blocks,
+    stride_row,
+    stride_col,
+    B: tl.constexpr,
+    LOG2B: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     # part[block-row] = max |H x| over one block of one row (pass 1 of 2 for per-tensor scales).
     ROWS: tl.constexpr = (TILE + B - 1) // B
@@ -201,7 +211,11 @@ def _hadamard_quant_row_kernel(
     s = tl.where(amax > 0, amax / QMAX, 1.0)
     tl.store(scale_ptr + row, s)
     out = round_to_fp8_grid(y / s, MANT_BITS, MIN_EXP, QMAX)
-    tl.store(q_ptr + row * (n_blocks * B) + blk[:, None] * B + col[None, :], out.to(q_ptr.dtype.element_ty), mask=live[:, None])
+    tl.store(
+        q_ptr + row * (n_blocks * B) + blk[:, None] * B + col[None, :],
+        out.to(q_ptr.dtype.element_ty),
+        mask=live[:, None],
+    )
 
 
 _TILE_CONFIGS = [
@@ -253,7 +267,16 @@ def _quantize_triton(x: torch.Tensor, qdtype: torch.dtype, granularity: str, fmt
     part = torch.empty((rows, n_colblocks), dtype=torch.float32, device=x.device)
     q = torch.empty((rows, cols), dtype=qdtype, device=x.device)
     _ABSMAX.launch(
-        lambda m: (_cdiv(rows, br), n_colblocks), x2, part, rows, cols, x2.stride(0), x2.stride(1), n_colblocks, BR=br, BC=bc
+        lambda m: (_cdiv(rows, br), n_colblocks),
+        x2,
+        part,
+        rows,
+        cols,
+        x2.stride(0),
+        x2.stride(1),
+        n_colblocks,
+        BR=br,
+        BC=bc,
     )
     scale = _scale_from_amax(_amax(part, granularity), fmt[2])
     _QUANT.launch(
@@ -328,8 +351,20 @@ def hadamard_quantize_fp8(
     if granularity == "row" and nb_pad * b <= FUSED_ROW_MAX:
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
         _H_QUANT_ROW.launch(
-            lambda m: (rows,), x2, q, scale, n_blocks, x2.stride(0), x2.stride(1), b**-0.5,
-            B=b, LOG2B=log2b, NB_PAD=nb_pad, MANT_BITS=fmt[0], MIN_EXP=fmt[1], QMAX=fmt[2],
+            lambda m: (rows,),
+            x2,
+            q,
+            scale,
+            n_blocks,
+            x2.stride(0),
+            x2.stride(1),
+            b**-0.5,
+            B=b,
+            LOG2B=log2b,
+            NB_PAD=nb_pad,
+            MANT_BITS=fmt[0],
+            MIN_EXP=fmt[1],
+            QMAX=fmt[2],
         )
         return q.reshape(x.shape), scale
     n_blockrows = rows * n_blocks
@@ -341,8 +376,20 @@ def hadamard_quantize_fp8(
     part = part.reshape(rows, n_blocks) * inv
     scale = _scale_from_amax(_amax(part, granularity), fmt[2])
     _H_QUANT.launch(
-        grid, x2, q, scale, 0 if granularity == "tensor" else 1, n_blockrows, n_blocks,
-        x2.stride(0), x2.stride(1), b**-0.5,
-        B=b, LOG2B=log2b, MANT_BITS=fmt[0], MIN_EXP=fmt[1], QMAX=fmt[2],
+        grid,
+        x2,
+        q,
+        scale,
+        0 if granularity == "tensor" else 1,
+        n_blockrows,
+        n_blocks,
+        x2.stride(0),
+        x2.stride(1),
+        b**-0.5,
+        B=b,
+        LOG2B=log2b,
+        MANT_BITS=fmt[0],
+        MIN_EXP=fmt[1],
+        QMAX=fmt[2],
     )
     return q.reshape(x.shape), scale

@@ -29,9 +29,9 @@ from .. import projection as proj
 from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from ..models.llama import MODEL_CONFIGS, Llama, get_config
 from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
+from . import halo as halo_bench
 from .layerwise import add_arguments as add_layerwise_arguments
 from .layerwise import bench_layerwise_memory
-from . import halo as halo_bench
 
 
 def _write(out: Path, name: str, table: str, data: Any) -> None:
@@ -45,8 +45,12 @@ def _write(out: Path, name: str, table: str, data: Any) -> None:
 def _env() -> dict[str, Any]:
     import platform
 
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -81,7 +85,9 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- step
-def _time_interleaved(runs: dict[str, torch.optim.Optimizer], repeats: int, set_grads, device) -> dict[str, list[float]]:
+def _time_interleaved(
+    runs: dict[str, torch.optim.Optimizer], repeats: int, set_grads, device
+) -> dict[str, list[float]]:
     """Seconds per ``step()`` of each optimizer, taking turns so that machine noise hits all alike."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
@@ -112,7 +118,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     runs["torch AdamW (foreach)"] = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     Reference = _import_reference()
     gap = 10**9  # only the first step refreshes; timed steps measure the steady state
-    groups = lambda: galore_param_groups(model, rank=args.rank, update_proj_gap=gap, scale=0.25)  # noqa: E731
+    groups = lambda: galore_param_groups(model, rank=args.rank, update_proj_gap=gap, scale=0.25)
     if Reference is not None:
         ref_groups = [{**g, "params": [p for _, p in g["params"]]} for g in groups()]
         with warnings.catch_warnings():
@@ -120,8 +126,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             runs["galore-torch GaLoreAdamW"] = Reference(ref_groups, lr=1e-3)
     runs["galorex GaLoreAdamW"] = GaLoreAdamW(groups(), lr=1e-3)
     if args.natural_history > 0:
-        runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(
-            groups(), lr=1e-3, natural_history=args.natural_history)
+        runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
 
     # Warm-up (includes the first refresh), then interleave the optimizers so that machine noise
     # hits all of them alike. Parameters drift a little; the work per step does not change.
@@ -133,51 +138,68 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
 
     # Steps that refresh every basis (update_proj_gap = 1), for the amortised cost.
     refresh_runs: dict[str, torch.optim.Optimizer] = {}
-    every = lambda: galore_param_groups(model, rank=args.rank, update_proj_gap=1, scale=0.25)  # noqa: E731
+    every = lambda: galore_param_groups(model, rank=args.rank, update_proj_gap=1, scale=0.25)
     if Reference is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             refresh_runs["galore-torch GaLoreAdamW"] = Reference(
-                [{**g, "params": [p for _, p in g["params"]]} for g in every()], lr=1e-3)
+                [{**g, "params": [p for _, p in g["params"]]} for g in every()], lr=1e-3
+            )
     refresh_runs["galorex GaLoreAdamW"] = GaLoreAdamW(every(), lr=1e-3)
     if args.natural_history > 0:
         refresh_runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(
-            every(), lr=1e-3, natural_history=args.natural_history)
+            every(), lr=1e-3, natural_history=args.natural_history
+        )
     refresh_times = _time_interleaved(refresh_runs, args.refresh_repeats, set_grads, device)
     del refresh_runs
 
     analytic_galore = estimate_optimizer_state_bytes(groups())
     analytic_natural = estimate_optimizer_state_bytes(groups(), natural_history=args.natural_history)
     analytic_adamw = estimate_optimizer_state_bytes(model, optimizer="adamw")
-    rows, data = [], {"env": _env(), "model": args.model, "rank": args.rank,
-                      "natural_history": args.natural_history, "results": {}}
+    rows, data = (
+        [],
+        {"env": _env(), "model": args.model, "rank": args.rank, "natural_history": args.natural_history, "results": {}},
+    )
     ref_median = statistics.median(times["galore-torch GaLoreAdamW"]) if Reference else None
     for name, opt in runs.items():
         med = statistics.median(times[name])
         measured = optimizer_state_bytes(opt) if name != "galore-torch GaLoreAdamW" else _state_bytes_any(opt)
-        analytic = {"galorex GaLoreAdamW": analytic_galore, "galorex NaturalGaLoreAdamW": analytic_natural,
-                    "torch AdamW (foreach)": analytic_adamw}.get(name)
+        analytic = {
+            "galorex GaLoreAdamW": analytic_galore,
+            "galorex NaturalGaLoreAdamW": analytic_natural,
+            "torch AdamW (foreach)": analytic_adamw,
+        }.get(name)
         ratio = med / ref_median if ref_median else None  # galore-torch not installed
         refresh = statistics.median(refresh_times[name]) if refresh_times.get(name) else None
         amortised = med if refresh is None else med + (refresh - med) / args.gap
-        data["results"][name] = {"median_step_s": med, "all_s": times[name], "state_bytes": measured,
-                                 "analytic_state_bytes": analytic, "vs_galore_torch": ratio,
-                                 "vs_adamw": med / statistics.median(times["torch AdamW (foreach)"]),
-                                 "refresh_step_s": refresh, "amortised_step_s": amortised}
-        rows.append(f"| {name} | {med * 1e3:.1f} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
-                    f"{'—' if refresh is None else f'{refresh * 1e3:.0f}'} | {amortised * 1e3:.1f} | "
-                    f"{measured / 2**20:.2f} | {'' if analytic is None else f'{analytic / 2**20:.2f}'} |")
-    table = "\n".join([
-        f"optimizer.step() on {args.model} (rank {args.rank} on attention and MLP weights), "
-        f"{args.repeats} interleaved repeats, device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; refresh step: median of {args.refresh_repeats} steps that "
-        f"refresh every basis (exact SVD); amortised at update_proj_gap {args.gap}",
-        "",
-        "| optimizer | median step (ms) | time vs galore-torch | refresh step (ms) | amortised step (ms) | "
-        "state (MiB) | analytic minimum (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *rows,
-    ])
+        data["results"][name] = {
+            "median_step_s": med,
+            "all_s": times[name],
+            "state_bytes": measured,
+            "analytic_state_bytes": analytic,
+            "vs_galore_torch": ratio,
+            "vs_adamw": med / statistics.median(times["torch AdamW (foreach)"]),
+            "refresh_step_s": refresh,
+            "amortised_step_s": amortised,
+        }
+        rows.append(
+            f"| {name} | {med * 1e3:.1f} | {'—' if ratio is None else f'{ratio:.2f}×'} | "
+            f"{'—' if refresh is None else f'{refresh * 1e3:.0f}'} | {amortised * 1e3:.1f} | "
+            f"{measured / 2**20:.2f} | {'' if analytic is None else f'{analytic / 2**20:.2f}'} |"
+        )
+    table = "\n".join(
+        [
+            f"optimizer.step() on {args.model} (rank {args.rank} on attention and MLP weights), "
+            f"{args.repeats} interleaved repeats, device {device}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; refresh step: median of {args.refresh_repeats} steps that "
+            f"refresh every basis (exact SVD); amortised at update_proj_gap {args.gap}",
+            "",
+            "| optimizer | median step (ms) | time vs galore-torch | refresh step (ms) | amortised step (ms) | "
+            "state (MiB) | analytic minimum (MiB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+        ]
+    )
     _write(Path(args.out), "step", table, data)
     return data
 
@@ -213,8 +235,9 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
                 gen = torch.Generator(device=device).manual_seed(rep)
                 _sync(device)
                 t = time.perf_counter()
-                b = proj.compute_bases(G, args.rank, side, method, oversample=args.oversample,
-                                       power_iters=args.power_iters, generator=gen)
+                b = proj.compute_bases(
+                    G, args.rank, side, method, oversample=args.oversample, power_iters=args.power_iters, generator=gen
+                )
                 _sync(device)
                 best = min(best, time.perf_counter() - t)
             timings[method], bases[method] = best, b
@@ -222,21 +245,33 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
         top = float((s[: args.rank] ** 2).sum())
         energy = {k: proj.energy(proj.project(G, b, side)) / top for k, b in bases.items()}
         speedup = timings["svd"] / timings["randomized"]
-        results.append({"spectrum": spectrum, "svd_s": timings["svd"], "randomized_s": timings["randomized"],
-                        "speedup": speedup, "energy_svd": energy["svd"], "energy_randomized": energy["randomized"]})
-        rows.append(f"| {spectrum} | {timings['svd']:.2f} | {timings['randomized']:.3f} | {speedup:.1f}× | "
-                    f"{energy['svd']:.4f} | {energy['randomized']:.4f} |")
-    table = "\n".join([
-        f"Basis refresh of a {args.m}×{args.n} float32 gradient at rank {args.rank} "
-        f"(randomized: oversample {args.oversample}, {args.power_iters} power iterations; best of "
-        f"{args.repeats}), device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "",
-        "| spectrum | svd (s) | randomized (s) | speed-up | energy svd | energy randomized |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *rows,
-        "",
-        "energy = ‖project(G)‖²_F / Σᵢ≤r σᵢ² (1.0 = the exact top-r subspace)",
-    ])
+        results.append(
+            {
+                "spectrum": spectrum,
+                "svd_s": timings["svd"],
+                "randomized_s": timings["randomized"],
+                "speedup": speedup,
+                "energy_svd": energy["svd"],
+                "energy_randomized": energy["randomized"],
+            }
+        )
+        rows.append(
+            f"| {spectrum} | {timings['svd']:.2f} | {timings['randomized']:.3f} | {speedup:.1f}× | "
+            f"{energy['svd']:.4f} | {energy['randomized']:.4f} |"
+        )
+    table = "\n".join(
+        [
+            f"Basis refresh of a {args.m}×{args.n} float32 gradient at rank {args.rank} "
+            f"(randomized: oversample {args.oversample}, {args.power_iters} power iterations; best of "
+            f"{args.repeats}), device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "",
+            "| spectrum | svd (s) | randomized (s) | speed-up | energy svd | energy randomized |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            "energy = ‖project(G)‖²_F / Σᵢ≤r σᵢ² (1.0 = the exact top-r subspace)",
+        ]
+    )
     data = {"env": _env(), "m": args.m, "n": args.n, "rank": args.rank, "results": results}
     _write(Path(args.out), "refresh", table, data)
     return data
@@ -261,18 +296,24 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         with torch.device("meta"):
             model = Llama(cfg)
         groups = galore_param_groups(model, rank=args.rank, scale=0.25)
-        row = {"model": name, "parameters": model.num_parameters(),
-               "AdamW": estimate_optimizer_state_bytes(model, optimizer="adamw")}
+        row = {
+            "model": name,
+            "parameters": model.num_parameters(),
+            "AdamW": estimate_optimizer_state_bytes(model, optimizer="adamw"),
+        }
         projected_only = {}
         for label, (_, kind, options) in variants.items():
             row[label] = estimate_optimizer_state_bytes(groups, optimizer=kind, **options)
             projected_only[label] = estimate_optimizer_state_bytes([groups[-1]], optimizer=kind, **options)
-        row["projected_ratio_gradnorm8_vs_galore32"] = projected_only["GradNormLoRP 8-bit"] / projected_only["GaLore 32-bit"]
+        row["projected_ratio_gradnorm8_vs_galore32"] = (
+            projected_only["GradNormLoRP 8-bit"] / projected_only["GaLore 32-bit"]
+        )
         row["projected_ratio_gradnorm8_basis4_vs_galore32"] = (
-            projected_only["GradNormLoRP 8-bit, 4-bit basis"] / projected_only["GaLore 32-bit"])
+            projected_only["GradNormLoRP 8-bit, 4-bit basis"] / projected_only["GaLore 32-bit"]
+        )
         measured = {}
         if model.num_parameters() <= args.measure_up_to:
-            for label, (cls, kind, options) in variants.items():
+            for label, (cls, _kind, options) in variants.items():
                 real = Llama(cfg)
                 opt = cls(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3, **options)
                 for p in real.parameters():
@@ -288,18 +329,23 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
             if label in measured:
                 value += " ✓" if measured[label] == row[label] else f" (measured {measured[label] / 2**30:.3f})"
             cells.append(value)
-        rows.append(f"| {name} | {row['parameters'] / 1e6:.0f}M | " + " | ".join(cells)
-                    + f" | {row['projected_ratio_gradnorm8_vs_galore32']:.2f} | "
-                    f"{row['projected_ratio_gradnorm8_basis4_vs_galore32']:.2f} |")
-    table = "\n".join([
-        f"Optimizer state in GiB (fp32 weights; rank {args.rank} on attention and MLP weights, embeddings/"
-        "head/norms on AdamW). ✓: measured after one real step and equal to the analytic count.",
-        "",
-        "| model | parameters | AdamW | " + " | ".join(variants) + " | projected weights: GradNormLoRP 8-bit "
-        "/ GaLore 32-bit | the same with a 4-bit basis |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " | ---: | ---: |",
-        *rows,
-    ])
+        rows.append(
+            f"| {name} | {row['parameters'] / 1e6:.0f}M | "
+            + " | ".join(cells)
+            + f" | {row['projected_ratio_gradnorm8_vs_galore32']:.2f} | "
+            f"{row['projected_ratio_gradnorm8_basis4_vs_galore32']:.2f} |"
+        )
+    table = "\n".join(
+        [
+            f"Optimizer state in GiB (fp32 weights; rank {args.rank} on attention and MLP weights, embeddings/"
+            "head/norms on AdamW). ✓: measured after one real step and equal to the analytic count.",
+            "",
+            "| model | parameters | AdamW | " + " | ".join(variants) + " | projected weights: GradNormLoRP 8-bit "
+            "/ GaLore 32-bit | the same with a 4-bit basis |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in variants) + " | ---: | ---: |",
+            *rows,
+        ]
+    )
     data = {"env": _env(), "rank": args.rank, "results": results}
     _write(Path(args.out), "memory", table, data)
     return data
@@ -311,9 +357,13 @@ def _reference_factory(cls):
 
     def make(optimizer_name, model, *, lr, betas, weight_decay, eps=1e-8, **galore_keys):
         # galore-torch takes plain parameter lists and only its own group keys.
-        groups = galore_param_groups(model, rank=galore_keys["rank"], scale=galore_keys["scale"],
-                                     update_proj_gap=galore_keys["update_proj_gap"],
-                                     proj_type=galore_keys["proj_type"])
+        groups = galore_param_groups(
+            model,
+            rank=galore_keys["rank"],
+            scale=galore_keys["scale"],
+            update_proj_gap=galore_keys["update_proj_gap"],
+            proj_type=galore_keys["proj_type"],
+        )
         plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -338,23 +388,44 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
     for label, name, cls in runs:
         make = _reference_factory(cls) if cls is not None else None
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(optimizer=name, steps=args.steps, out=f"{tmp}/run", progress=False,
-                              sample_tokens=0, save_every=0, seed=args.seed, **_train_overrides(args))
+            cfg = TrainConfig(
+                optimizer=name,
+                steps=args.steps,
+                out=f"{tmp}/run",
+                progress=False,
+                sample_tokens=0,
+                save_every=0,
+                seed=args.seed,
+                **_train_overrides(args),
+            )
             s = train(cfg, log=lambda *a: None, make_optimizer=make)
-        results[label] = {k: s[k] for k in ("final_val_loss", "val_perplexity", "tokens_per_s", "wall_s",
-                                             "optimizer_state_bytes", "unigram_entropy")}
+        results[label] = {
+            k: s[k]
+            for k in (
+                "final_val_loss",
+                "val_perplexity",
+                "tokens_per_s",
+                "wall_s",
+                "optimizer_state_bytes",
+                "unigram_entropy",
+            )
+        }
         print(f"{label}: val loss {s['final_val_loss']:.4f}", file=sys.stderr)
-    rows = [f"| {k} | {v['final_val_loss']:.4f} | {v['val_perplexity']:.2f} | {v['tokens_per_s']:,.0f} |"
-            for k, v in results.items()]
+    rows = [
+        f"| {k} | {v['final_val_loss']:.4f} | {v['val_perplexity']:.2f} | {v['tokens_per_s']:,.0f} |"
+        for k, v in results.items()
+    ]
     entropy = next(iter(results.values()))["unigram_entropy"]
-    table = "\n".join([
-        f"llama-tiny on the embedded corpus, {args.steps} steps, seed {args.seed}, galorex-train defaults "
-        f"(unigram entropy of the corpus {entropy:.3f} nats)",
-        "",
-        "| optimizer | final validation loss | perplexity | tokens/s |",
-        "| --- | ---: | ---: | ---: |",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            f"llama-tiny on the embedded corpus, {args.steps} steps, seed {args.seed}, galorex-train defaults "
+            f"(unigram entropy of the corpus {entropy:.3f} nats)",
+            "",
+            "| optimizer | final validation loss | perplexity | tokens/s |",
+            "| --- | ---: | ---: | ---: |",
+            *rows,
+        ]
+    )
     data = {"env": _env(), "steps": args.steps, "results": results}
     _write(Path(args.out), "train_reference", table, data)
     return data
@@ -370,23 +441,41 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
 
     def run(optimizer: str, lr: float, seed: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(optimizer=optimizer, lr=lr, seed=seed, steps=args.steps, out=f"{tmp}/run",
-                              eval_every=max(1, args.steps // 10), save_every=0, sample_tokens=0,
-                              progress=False, natural_history=args.natural_history,
-                              natural_damping=args.natural_damping, optim_bits=args.optim_bits,
-                              basis_bits=args.basis_bits, **_train_overrides(args))
+            cfg = TrainConfig(
+                optimizer=optimizer,
+                lr=lr,
+                seed=seed,
+                steps=args.steps,
+                out=f"{tmp}/run",
+                eval_every=max(1, args.steps // 10),
+                save_every=0,
+                sample_tokens=0,
+                progress=False,
+                natural_history=args.natural_history,
+                natural_damping=args.natural_damping,
+                optim_bits=args.optim_bits,
+                basis_bits=args.basis_bits,
+                **_train_overrides(args),
+            )
             summary = train(cfg, log=lambda *a: None)
-            curve = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+            curve = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         bar.update(1)
         val = [(r["step"], r["val_loss"]) for r in curve if "val_loss" in r]
         print(f"{optimizer} lr={lr:g} seed={seed}: val loss {summary['final_val_loss']:.4f}", file=sys.stderr)
-        return {"final_val_loss": summary["final_val_loss"], "curve": val,
-                "unigram_entropy": summary["unigram_entropy"]}
+        return {
+            "final_val_loss": summary["final_val_loss"],
+            "curve": val,
+            "unigram_entropy": summary["unigram_entropy"],
+        }
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(args.optimizers) * (len(args.lrs) + len(args.seeds) - 1), desc="convergence runs",
-               unit="run", file=sys.stderr)
+    bar = tqdm(
+        total=len(args.optimizers) * (len(args.lrs) + len(args.seeds) - 1),
+        desc="convergence runs",
+        unit="run",
+        file=sys.stderr,
+    )
     results: dict[str, Any] = {}
     for name in args.optimizers:
         sweep = {lr: run(name, lr, args.seeds[0]) for lr in args.lrs}
@@ -410,17 +499,19 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
     for name, r in results.items():
         sweep_cells = " | ".join(f"{r['sweep'][str(lr)]:.4f}" for lr in args.lrs)
         rows.append(f"| {name} | {sweep_cells} | {r['best_lr']:g} | {r['mean']:.4f} ± {r['std']:.4f} |")
-    table = "\n".join([
-        f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
-        f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
-        f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
-        f"{args.optim_bits}-bit moments, {args.basis_bits}-bit bases; "
-        f"unigram entropy {entropy:.3f}",
-        "",
-        f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
-        "| --- | " + " | ".join("---:" for _ in args.lrs) + " | ---: | ---: |",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
+            f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
+            f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
+            f"{args.optim_bits}-bit moments, {args.basis_bits}-bit bases; "
+            f"unigram entropy {entropy:.3f}",
+            "",
+            f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
+            "| --- | " + " | ".join("---:" for _ in args.lrs) + " | ---: | ---: |",
+            *rows,
+        ]
+    )
     data = {"env": _env(), "steps": args.steps, "lrs": args.lrs, "seeds": args.seeds, "results": results}
     _write(Path(args.out), "convergence", table, data)
     try:
@@ -432,8 +523,12 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, r in results.items():
             for i, curve in enumerate(r["curves"].values()):
-                ax.plot(*zip(*curve), color=f"C{list(results).index(name)}", alpha=0.7,
-                        label=f"{name} (lr {r['best_lr']:g})" if i == 0 else None)
+                ax.plot(
+                    *zip(*curve),
+                    color=f"C{list(results).index(name)}",
+                    alpha=0.7,
+                    label=f"{name} (lr {r['best_lr']:g})" if i == 0 else None,
+                )
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
         ax.legend()
@@ -455,9 +550,14 @@ QUICK = {
     "train-reference": {"steps": 10},
     "layerwise-memory": {"model": "llama-tiny", "rank": 16, "batch_size": 2, "seq_len": 32, "steps": 1},
 }
-COMMANDS = {"step": bench_step, "refresh": bench_refresh, "memory": bench_memory,
-            "convergence": bench_convergence, "train-reference": bench_train_reference,
-            "layerwise-memory": bench_layerwise_memory}
+COMMANDS = {
+    "step": bench_step,
+    "refresh": bench_refresh,
+    "memory": bench_memory,
+    "convergence": bench_convergence,
+    "train-reference": bench_train_reference,
+    "layerwise-memory": bench_layerwise_memory,
+}
 QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
 
 
@@ -467,8 +567,9 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m galorex.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m galorex.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="bench-out", help="folder for the tables and JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run, not figures)")
@@ -505,14 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
     c.add_argument("--basis-bits", type=int, default=32, choices=(4, 32))
-    add_layerwise_arguments(sub.add_parser(
-        "layerwise-memory", help="peak memory of training steps with and without layer-wise updates"))
+    add_layerwise_arguments(
+        sub.add_parser("layerwise-memory", help="peak memory of training steps with and without layer-wise updates")
+    )
     halo_bench.add_parser(sub)
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:
-        sub_args = args if command == args.command else p.parse_args(
-            ["--out", args.out, "--device", args.device, command])
+        sub_args = (
+            args if command == args.command else p.parse_args(["--out", args.out, "--device", args.device, command])
+        )
         sub_args.quick = args.quick
         if args.quick:
             for key, value in QUICK[command].items():

@@ -12,8 +12,6 @@ GaLore projection on the same gradients.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +71,7 @@ def capture_llama(batch: int, seed: int, steps: int = 30) -> list[dict[str, Any]
     tokens = prepare_tokens(default_corpus_path(), load_tokenizer(None), None)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - 129, (batch,), generator=g).tolist()
-    seq = torch.stack([torch.as_tensor(tokens[s:s + 129].astype("int64")) for s in starts])
+    seq = torch.stack([torch.as_tensor(tokens[s : s + 129].astype("int64")) for s in starts])
     # Train a few steps first: at initialisation the activations have no structure at all.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -103,8 +101,16 @@ def capture_llama(batch: int, seed: int, steps: int = 30) -> list[dict[str, Any]
     out = []
     for name, c in captured.items():
         # The loss is a mean over tokens: scale E_Y back to per-token size (errors are relative anyway).
-        out.append({"name": name, "x": c["x"], "w": c["w"], "ey": c["ey"],
-                    "outlier_in": _outlier_channels(c["x"]), "outlier_out": _outlier_channels(c["ey"])})
+        out.append(
+            {
+                "name": name,
+                "x": c["x"],
+                "w": c["w"],
+                "ey": c["ey"],
+                "outlier_in": _outlier_channels(c["x"]),
+                "outlier_out": _outlier_channels(c["ey"]),
+            }
+        )
     return out
 
 
@@ -131,7 +137,9 @@ def _keep(n: int, drop: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def layer_errors(case: dict[str, Any], level: int, fmt: str, granularity: str, grad_fp8: str = "e4m3") -> dict[str, float]:
+def layer_errors(
+    case: dict[str, Any], level: int, fmt: str, granularity: str, grad_fp8: str = "e4m3"
+) -> dict[str, float]:
     x, w, ey = case["x"], case["w"], case["ey"]
     n, k = w.shape
     layer = HaloLinear(k, n, bias=False, level=level, fmt=fmt, granularity=granularity, grad_fp8=grad_fp8)
@@ -168,8 +176,9 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     sources: dict[str, list[dict[str, Any]]] = {
         "gaussian": [_synthetic(args.tokens, args.in_features, args.out_features, args.outliers, args.seed, False)],
-        "outlier channels": [_synthetic(args.tokens, args.in_features, args.out_features, args.outliers,
-                                        args.seed, True)],
+        "outlier channels": [
+            _synthetic(args.tokens, args.in_features, args.out_features, args.outliers, args.seed, True)
+        ],
         "llama-tiny step": capture_llama(args.llama_batch, args.seed, args.llama_steps),
     }
     cols = ("Y", "E_X", "G", "Y normal", "E_X normal", "G normal")
@@ -186,29 +195,41 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
         for gran in GRANULARITIES:
             for grad_fp8 in ("e4m3", "e5m2"):
                 errs = [layer_errors(c, 2, "fp8", gran, grad_fp8) for c in cases]
-                grad_rows.append({"data": source, "granularity": gran, "grad_fp8": grad_fp8,
-                                  **{col: sum(e[col] for e in errs) / len(errs) for col in ("E_X", "G")}})
+                grad_rows.append(
+                    {
+                        "data": source,
+                        "granularity": gran,
+                        "grad_fp8": grad_fp8,
+                        **{col: sum(e[col] for e in errs) / len(errs) for col in ("E_X", "G")},
+                    }
+                )
     proj_rows: list[dict[str, Any]] = []
     for source, cases in sources.items():
         grads = [(c["ey"].double().T @ c["x"].double()).float() for c in cases]
         rank = max(1, min(32, min(grads[0].shape) // 4))
         errs = [projection_errors(gr, rank) for gr in grads]
-        proj_rows.append({"data": source, "rank": rank,
-                          **{p: sum(e[p] for e in errs) / len(errs) for p in PROJ_PRECISIONS}})
+        proj_rows.append(
+            {"data": source, "rank": rank, **{p: sum(e[p] for e in errs) / len(errs) for p in PROJ_PRECISIONS}}
+        )
 
     llama_names = ", ".join(c["name"] for c in sources["llama-tiny step"])
     head = [
         f"Relative error ‖·−exact‖/‖exact‖ against float64 (mean over layers for llama-tiny); "
         f"synthetic: {args.tokens} tokens × {args.in_features} → {args.out_features}, {args.outliers} outlier "
         f"channels in X and E_Y (×{', ×'.join(f'{s:g}' for s in OUTLIER_SCALES)}); llama-tiny: {llama_names} "
-        f"after {args.llama_steps} AdamW steps, batch {args.llama_batch} × 128; FP8 = e4m3 everywhere; 'normal' leaves the "
+        f"after {args.llama_steps} AdamW steps, batch {args.llama_batch} × 128; FP8 = e4m3 everywhere; "
+        f"'normal' leaves the "
         "outlier channels out (llama: channels whose RMS > 6× the median).",
         "",
         "| data | format | scale | level | Y | E_X | G | Y normal | E_X normal | G normal |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = [f"| {r['data']} | {r['fmt']} | {r['granularity']} | {r['level']} | "
-            + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for r in results]
+    rows = [
+        f"| {r['data']} | {r['fmt']} | {r['granularity']} | {r['level']} | "
+        + " | ".join(f"{r[c]:.4f}" for c in cols)
+        + " |"
+        for r in results
+    ]
     grad_table = [
         "",
         "FP8 format of the gradient operand E_Y (level 2; X and W in e4m3):",
@@ -224,12 +245,19 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
         "",
         "| data | rank | " + " | ".join(PROJ_PRECISIONS) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in PROJ_PRECISIONS) + " |",
-        *[f"| {r['data']} | {r['rank']} | " + " | ".join(f"{r[p]:.4f}" for p in PROJ_PRECISIONS) + " |"
-          for r in proj_rows],
+        *[
+            f"| {r['data']} | {r['rank']} | " + " | ".join(f"{r[p]:.4f}" for p in PROJ_PRECISIONS) + " |"
+            for r in proj_rows
+        ],
     ]
     table = "\n".join(head + rows + grad_table + proj_table)
-    data = {"env": bench_main._env(), "args": {k: v for k, v in vars(args).items() if not callable(v)},
-            "layer": results, "grad_format": grad_rows, "projection": proj_rows}
+    data = {
+        "env": bench_main._env(),
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
+        "layer": results,
+        "grad_format": grad_rows,
+        "projection": proj_rows,
+    }
     bench_main._write(Path(args.out), "halo", table, data)
     return data
 

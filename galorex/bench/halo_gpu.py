@@ -18,8 +18,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -47,8 +48,11 @@ def _time(fn: Callable[[], Any], warmup: int, iters: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m galorex.bench.halo_gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m galorex.bench.halo_gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--in-features", type=int, default=4096)
     p.add_argument("--out-features", type=int, default=4096)
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             x.grad = None
             layer.weight.grad = None
             layer(x).backward(ey)
+
         return run
 
     base = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
@@ -88,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in ("fp8", "int8"):
         for level in (0, 1, 2):
             for gran in ("row", "tensor"):
-                layer = HaloLinear(k, n, bias=False, level=level, fmt=fmt, granularity=gran, device=dev,
-                                   dtype=torch.bfloat16)
+                layer = HaloLinear(
+                    k, n, bias=False, level=level, fmt=fmt, granularity=gran, device=dev, dtype=torch.bfloat16
+                )
                 with torch.no_grad():
                     layer.weight.copy_(base.weight)
                 s = _time(fwd_bwd(layer), args.warmup, args.iters)
@@ -97,8 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                     y = layer(xs).double()
                     ref = xs.double() @ base.weight.double().T
                     err = float((y - ref).norm() / ref.norm())
-                rows.append({"what": f"HaloLinear {fmt} level {level} {gran} fwd+bwd", "s": s,
-                             "tflops": flops / s / 1e12, "vs_bf16": base_s / s, "rel_err_Y": err})
+                rows.append(
+                    {
+                        "what": f"HaloLinear {fmt} level {level} {gran} fwd+bwd",
+                        "s": s,
+                        "tflops": flops / s / 1e12,
+                        "vs_bf16": base_s / s,
+                        "rel_err_Y": err,
+                    }
+                )
 
     a16, b16 = torch.randn(t, k, device=dev, dtype=torch.bfloat16), torch.randn(n, k, device=dev, dtype=torch.bfloat16)
     s = _time(lambda: a16 @ b16.T, args.warmup, args.iters)
@@ -108,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     for gran, (sa_, sb_) in (("row", (sa, sb)), ("tensor", (sa.amax(), sb.amax()))):
         try:
             s = _time(lambda: halo_gemm._torch_scaled(qa, sa_, qb, sb_), args.warmup, args.iters)
-            rows.append({"what": f"torch._scaled_mm e4m3 {gran} (one GEMM)", "s": s, "tflops": 2 * t * k * n / s / 1e12})
+            rows.append(
+                {"what": f"torch._scaled_mm e4m3 {gran} (one GEMM)", "s": s, "tflops": 2 * t * k * n / s / 1e12}
+            )
         except Exception as e:  # report, do not hide
             rows.append({"what": f"torch._scaled_mm e4m3 {gran}", "error": f"{type(e).__name__}: {e}"[:200]})
     qa8, sa8 = quantize(a16.float(), "int8", "row")
@@ -126,17 +141,27 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = sorted(str(key) for key in halo_gemm._FAILED)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke run)"
-    env = {"torch": torch.__version__, "python": platform.python_version(), "gpu": gpu,
-           "date": time.strftime("%Y-%m-%d"), "shape": [t, k, n], "gemm_backends_that_failed": failed}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": [t, k, n],
+        "gemm_backends_that_failed": failed,
+    }
     try:
         import triton
 
         env["triton"] = triton.__version__
     except ImportError:
         pass
-    lines = [f"HaloLinear vs bf16 nn.Linear, {t} tokens × {k} → {n}, {env['gpu']}, torch {env['torch']}, "
-             f"median of {args.iters}; GEMM backends that failed and fell back: {failed or 'none'}", "",
-             "| what | ms | TFLOP/s | speed vs bf16 | rel. error of Y |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"HaloLinear vs bf16 nn.Linear, {t} tokens × {k} → {n}, {env['gpu']}, torch {env['torch']}, "
+        f"median of {args.iters}; GEMM backends that failed and fell back: {failed or 'none'}",
+        "",
+        "| what | ms | TFLOP/s | speed vs bf16 | rel. error of Y |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['what']} | {r['error']} | | | |")

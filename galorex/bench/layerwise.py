@@ -32,8 +32,17 @@ def _peak_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def measure(mode: str, model_name: str, optimizer: str, rank: int, batch_size: int, seq_len: int,
-            steps: int, device: str, seed: int = 0) -> dict[str, Any]:
+def measure(
+    mode: str,
+    model_name: str,
+    optimizer: str,
+    rank: int,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    device: str,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One mode's figures, in this process (call it in a fresh one: the CPU peak only grows)."""
     from ..models.llama import Llama, get_config
     from ..optim.factory import build_optimizer
@@ -42,12 +51,12 @@ def measure(mode: str, model_name: str, optimizer: str, rank: int, batch_size: i
     torch.manual_seed(seed)
     cfg = get_config(model_name)
     model = Llama(cfg).to(dev)
-    opt = build_optimizer(optimizer, model, lr=1e-3, rank=rank, update_proj_gap=200,
-                          layerwise=(mode == "layerwise"))
+    opt = build_optimizer(optimizer, model, lr=1e-3, rank=rank, update_proj_gap=200, layerwise=(mode == "layerwise"))
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     largest_grad = max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1),
-                           generator=torch.Generator().manual_seed(seed)).to(dev)
+    tokens = torch.randint(
+        0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed)
+    ).to(dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -60,20 +69,46 @@ def measure(mode: str, model_name: str, optimizer: str, rank: int, batch_size: i
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return {
-        "mode": mode, "model": model_name, "optimizer": optimizer, "rank": rank,
-        "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "device": str(dev),
-        "peak_bytes": _peak_bytes(dev), "before_steps_bytes": before,
+        "mode": mode,
+        "model": model_name,
+        "optimizer": optimizer,
+        "rank": rank,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "steps": steps,
+        "device": str(dev),
+        "peak_bytes": _peak_bytes(dev),
+        "before_steps_bytes": before,
         "peak_kind": "cuda_max_allocated" if dev.type == "cuda" else "cpu_max_rss",
-        "gradient_bytes": grad_bytes, "largest_gradient_bytes": largest_grad,
+        "gradient_bytes": grad_bytes,
+        "largest_gradient_bytes": largest_grad,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
 def run_fresh(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """``measure`` in a new interpreter, so that one mode's peak cannot hide the other's."""
-    cmd = [sys.executable, "-m", "galorex.bench.layerwise", "--mode", mode, "--model", args.model,
-           "--optimizer", args.optimizer, "--rank", str(args.rank), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--device", str(args.device)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "galorex.bench.layerwise",
+        "--mode",
+        mode,
+        "--model",
+        args.model,
+        "--optimizer",
+        args.optimizer,
+        "--rank",
+        str(args.rank),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--device",
+        str(args.device),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"layerwise-memory: the {mode} measurement failed:\n{done.stderr[-2000:]}")
@@ -105,8 +140,12 @@ def bench_layerwise_memory(args: argparse.Namespace) -> dict[str, Any]:
         f"(largest single gradient {normal['largest_gradient_bytes'] / mib:.1f} MiB); "
         f"saving / gradients = {saving / normal['gradient_bytes']:.2f}",
     ]
-    data = {"rows": rows, "saving_bytes": saving, "saving_over_gradient_bytes": saving / normal["gradient_bytes"],
-            "env": _env()}
+    data = {
+        "rows": rows,
+        "saving_bytes": saving,
+        "saving_over_gradient_bytes": saving / normal["gradient_bytes"],
+        "env": _env(),
+    }
     _write(Path(args.out), "layerwise_memory", "\n".join(lines), data)
     return data
 

@@ -196,10 +196,12 @@ class HaloLinear(nn.Linear):
         self.random_signs = bool(random_signs)
         self.seed = int(seed)
         signs_device = None if device is None or torch.device(device).type == "meta" else device
-        self.register_buffer("signs_in", random_signs_or_none(random_signs, in_features, seed, signs_device),
-                             persistent=False)
-        self.register_buffer("signs_out", random_signs_or_none(random_signs, out_features, seed + 1, signs_device),
-                             persistent=False)
+        self.register_buffer(
+            "signs_in", random_signs_or_none(random_signs, in_features, seed, signs_device), persistent=False
+        )
+        self.register_buffer(
+            "signs_out", random_signs_or_none(random_signs, out_features, seed + 1, signs_device), persistent=False
+        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return halo_linear(input, self.weight, self.bias, self.halo, self.signs_in, self.signs_out)
@@ -207,8 +209,10 @@ class HaloLinear(nn.Linear):
     def extra_repr(self) -> str:
         c = self.halo
         fmt = c.fmt if c.fmt == "int8" else f"fp8 (e4m3, grad {c.grad_fp8})"
-        return (f"{super().extra_repr()}, level={c.level}, fmt={fmt}, granularity={c.granularity}, "
-                f"blocks=({c.block_in}, {c.block_out}), random_signs={self.random_signs}")
+        return (
+            f"{super().extra_repr()}, level={c.level}, fmt={fmt}, granularity={c.granularity}, "
+            f"blocks=({c.block_in}, {c.block_out}), random_signs={self.random_signs}"
+        )
 
 
 def random_signs_or_none(enabled: bool, dim: int, seed: int, device) -> torch.Tensor | None:
@@ -230,8 +234,13 @@ def convert_to_halo(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
-    _check_settings(level, fmt, kwargs.get("granularity", DEFAULT_GRANULARITY),
-                    kwargs.get("grad_fp8", DEFAULT_GRAD_FP8), kwargs.get("backend", "auto"))
+    _check_settings(
+        level,
+        fmt,
+        kwargs.get("granularity", DEFAULT_GRANULARITY),
+        kwargs.get("grad_fp8", DEFAULT_GRAD_FP8),
+        kwargs.get("backend", "auto"),
+    )
     targets = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or any(part in skip for part in name.split(".")):
@@ -240,8 +249,15 @@ def convert_to_halo(
     for name, module in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         try:
-            new = HaloLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                             level=level, fmt=fmt, device="meta", **kwargs)
+            new = HaloLinear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                level=level,
+                fmt=fmt,
+                device="meta",
+                **kwargs,
+            )
         except ValueError as e:
             raise ValueError(f"convert_to_halo: module {name!r}: {e}") from None
         new.weight = module.weight

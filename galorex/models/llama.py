@@ -21,7 +21,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -85,25 +85,18 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be finite, got {value!r}")
             setattr(self, name, float(value))
         if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(
-                f"LlamaConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}"
-            )
+            raise ValueError(f"LlamaConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
-                f"LlamaConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_heads ({self.num_heads})"
+                f"LlamaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.head_dim % 2 != 0:
             # Rotary embeddings rotate pairs of channels.
             raise ValueError(
-                f"LlamaConfig.hidden_size / num_heads (head_dim = {self.head_dim}) must be even "
-                "for rotary embeddings"
+                f"LlamaConfig.hidden_size / num_heads (head_dim = {self.head_dim}) must be even for rotary embeddings"
             )
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"LlamaConfig.num_kv_heads ({self.num_kv_heads}) must divide "
-                f"num_heads ({self.num_heads})"
-            )
+            raise ValueError(f"LlamaConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
 
     @property
     def head_dim(self) -> int:
@@ -113,7 +106,7 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
         if not isinstance(d, dict):
             raise ValueError(f"LlamaConfig.from_dict expects a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -121,9 +114,7 @@ class LlamaConfig:
         # default, or surface as an opaque TypeError.
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
-                f"unknown LlamaConfig keys: {unknown}; known keys: {sorted(known)}"
-            )
+            raise ValueError(f"unknown LlamaConfig keys: {unknown}; known keys: {sorted(known)}")
         required = {
             f.name
             for f in dataclasses.fields(cls)
@@ -135,7 +126,7 @@ class LlamaConfig:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
+    def from_json(cls, path: str | os.PathLike) -> LlamaConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -188,7 +179,7 @@ MODEL_CONFIGS: dict[str, LlamaConfig] = {
 }
 
 
-def get_config(name_or_path: str | os.PathLike, vocab_size: Optional[int] = None) -> LlamaConfig:
+def get_config(name_or_path: str | os.PathLike, vocab_size: int | None = None) -> LlamaConfig:
     """A named config from MODEL_CONFIGS, or one loaded from a .json file.
 
     ``vocab_size`` overrides the vocabulary, e.g. to match a tokenizer.
@@ -201,8 +192,7 @@ def get_config(name_or_path: str | os.PathLike, vocab_size: Optional[int] = None
         cfg = LlamaConfig.from_json(key)
     else:
         raise ValueError(
-            f"unknown model config {key!r}: expected one of {sorted(MODEL_CONFIGS)} "
-            "or a path to a .json file"
+            f"unknown model config {key!r}: expected one of {sorted(MODEL_CONFIGS)} or a path to a .json file"
         )
     if vocab_size is not None:
         # replace() re-runs __post_init__, so a bad override is caught here.
@@ -234,7 +224,7 @@ def rotary_tables(
     seq_len: int,
     theta: float = 10000.0,
     dtype: torch.dtype = torch.float32,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (seq_len, head_dim), rotate-half layout.
 
@@ -243,9 +233,7 @@ def rotary_tables(
     """
     # The angles grow to seq_len radians; build them in float64 so the tables
     # are exact to the precision they are stored in.
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-    )
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     t = torch.arange(seq_len, dtype=torch.float64, device=device)
     freqs = torch.outer(t, inv_freq)
     angles = torch.cat([freqs, freqs], dim=-1)
@@ -284,9 +272,7 @@ class Rotary(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        cos, sin = rotary_tables(
-            self.head_dim, self.max_seq_len, self.theta, device=self.cos.device
-        )
+        cos, sin = rotary_tables(self.head_dim, self.max_seq_len, self.theta, device=self.cos.device)
         self.cos, self.sin = cos, sin
 
     def _apply(self, fn, recurse=True):
@@ -411,13 +397,11 @@ class Llama(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         T = idx.shape[-1]
-        if T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}"
-            )
+        if self.config.max_seq_len < T:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rotary(T)
         x = self.embed(idx)
         for block in self.layers:
@@ -427,9 +411,7 @@ class Llama(nn.Module):
         if targets is not None:
             # Softmax over 32k classes in bf16 gives a visibly wrong loss;
             # upcast just for the cross-entropy.
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
-            )
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
@@ -438,8 +420,8 @@ class Llama(nn.Module):
         idx: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` of shape (B, T).
 

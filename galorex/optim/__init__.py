@@ -4,8 +4,8 @@ from .adafactor import GaLoreAdafactor
 from .base import LowRankOptimizer
 from .galore import GaLoreAdamW, adam_directions
 from .gradnorm_lorp import GradNormLoRPAdamW, weight_norm_gradients
-from .natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
 from .groups import galore_param_groups, select_galore_parameters
+from .natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
 
 __all__ = [
     "GaLoreAdafactor",

@@ -200,8 +200,14 @@ class GaLoreAdafactor(LowRankOptimizer):
             "refresh_seed": refresh_seed,
             "basis_bits": basis_bits,
         }
-        super().__init__(params, defaults, compile=compile, layerwise=layerwise,
-                         accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
+        super().__init__(
+            params,
+            defaults,
+            compile=compile,
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            per_param_grad_clip=per_param_grad_clip,
+        )
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -214,8 +220,11 @@ class GaLoreAdafactor(LowRankOptimizer):
         lr = group["lr"]
         if group[RELATIVE_STEP]:
             if lr is not None:
-                raise bad("lr", "must be None with relative_step=True (the step size is then relative); "
-                          "pass relative_step=False to use a manual lr")
+                raise bad(
+                    "lr",
+                    "must be None with relative_step=True (the step size is then relative); "
+                    "pass relative_step=False to use a manual lr",
+                )
         elif lr is None or not _is_real(lr) or not math.isfinite(float(lr)) or float(lr) < 0:
             raise bad("lr", "must be a finite number >= 0 with relative_step=False")
         if group[WARMUP_INIT] and not group[RELATIVE_STEP]:
@@ -248,14 +257,21 @@ class GaLoreAdafactor(LowRankOptimizer):
 
     # ------------------------------------------------------------------ state
     def _init_lowrank_state(
-        self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], shape: tuple[int, ...],
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        state: dict[str, Any],
+        shape: tuple[int, ...],
         dtype: torch.dtype,
     ) -> None:
         self._init_statistics(group, state, tuple(shape), dtype, p.device)
 
     @staticmethod
     def _init_statistics(
-        group: dict[str, Any], state: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         if len(shape) >= 2:
@@ -273,8 +289,12 @@ class GaLoreAdafactor(LowRankOptimizer):
                 state[key].zero_()
 
     def _reproject_state(
-        self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any],
-        transitions: list[torch.Tensor], side: str,
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        state: dict[str, Any],
+        transitions: list[torch.Tensor],
+        side: str,
     ) -> None:
         """m ← R m; the factored second moment is expanded to V̂ = r cᵀ/mean(r), carried by R∘R
         (exact when the coordinates are uncorrelated) and factored again by its row and column means."""
@@ -299,12 +319,23 @@ class GaLoreAdafactor(LowRankOptimizer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         eps1, eps2 = group["eps"]
         alpha = adafactor_step_size(
-            state[STEP], weight, lr=group["lr"], eps2=eps2, relative_step=group[RELATIVE_STEP],
-            warmup_init=group[WARMUP_INIT], scale_parameter=group[SCALE_PARAMETER],
+            state[STEP],
+            weight,
+            lr=group["lr"],
+            eps2=eps2,
+            relative_step=group[RELATIVE_STEP],
+            warmup_init=group[WARMUP_INIT],
+            scale_parameter=group[SCALE_PARAMETER],
         )
         update = adafactor_direction(
-            grad, state, self._moment_step(group, state), alpha, eps1=eps1,
-            clip_threshold=group[CLIP_THRESHOLD], decay_rate=group[DECAY_RATE], beta1=group[BETA1],
+            grad,
+            state,
+            self._moment_step(group, state),
+            alpha,
+            eps1=eps1,
+            clip_threshold=group[CLIP_THRESHOLD],
+            decay_rate=group[DECAY_RATE],
+            beta1=group[BETA1],
         )
         return update, alpha
 
@@ -348,7 +379,10 @@ class GaLoreAdafactor(LowRankOptimizer):
         self._compiled("_dense_update")(group, params, [p.grad for p in params], states)
 
     def _dense_update(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
         states: list[dict[str, Any]],
     ) -> None:
         wd = group["weight_decay"]

@@ -384,8 +384,10 @@ class LowRankOptimizer(Optimizer):
         side = item["side"]
         if group[BASIS_BITS] == 4:
             # Work with the basis as it will be stored, so moments carried into it match it.
-            new = [state8bit.dequantize_int4_blockwise(*state8bit.quantize_int4_blockwise(b), b.shape).to(b.dtype)
-                   for b in new]
+            new = [
+                state8bit.dequantize_int4_blockwise(*state8bit.quantize_int4_blockwise(b), b.shape).to(b.dtype)
+                for b in new
+            ]
         if not state:
             state[STEP] = torch.zeros((), dtype=torch.float32)
             state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
@@ -401,9 +403,7 @@ class LowRankOptimizer(Optimizer):
         item["new_bases"] = None
 
     # -------------------------------------------------------- hooks for the inner rule
-    def _init_lowrank_state(
-        self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], shape, dtype
-    ) -> None:
+    def _init_lowrank_state(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], shape, dtype) -> None:
         for key in ADAM_MOMENTS:
             store_moment(state, key, torch.zeros(shape, dtype=dtype, device=p.device), _eight_bit(group))
 
@@ -793,7 +793,4 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
         devices = set(_get_fused_kernels_supported_devices())
     except Exception:  # pragma: no cover - very old torch
         return False
-    return all(
-        p.device.type in devices and p.is_floating_point() and not p.is_sparse
-        for p in params
-    )
+    return all(p.device.type in devices and p.is_floating_point() and not p.is_sparse for p in params)

@@ -45,7 +45,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
     and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
-    the same groups on NaturalGaLoreAdamW; ``gradnorm-lorp`` on GradNormLoRPAdamW. ``optim_bits=8`` keeps Adam's moments in 8 bits (for
+    the same groups on NaturalGaLoreAdamW; ``gradnorm-lorp`` on GradNormLoRPAdamW. ``optim_bits=8``
+    keeps Adam's moments in 8 bits (for
     ``adamw`` too, through a galorex optimizer with no rank group). ``galore-adafactor``: the same
     groups on GaLoreAdafactor with the external ``lr`` (``relative_step=False``,
     ``scale_parameter=False``, as the GaLore paper's scripts run it), ``beta1`` = betas[0] (0 means
@@ -54,18 +55,19 @@ def build_optimizer(
     ``per_param_grad_clip`` are the layer-wise options every galorex optimizer takes (for ``adamw``
     too, the same way)."""
     if name == "galore-adafactor" and optim_bits != 32:
-        raise ValueError("optim_bits=8 is not available for galore-adafactor (its factored second "
-                         "moment is already a + b numbers per matrix); use optim_bits=32")
+        raise ValueError(
+            "optim_bits=8 is not available for galore-adafactor (its factored second "
+            "moment is already a + b numbers per matrix); use optim_bits=32"
+        )
     lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
     if name == "adamw" and (optim_bits == 8 or layerwise):
         # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
         # and with layer-wise updates.
-        return GaLoreAdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           optim_bits=optim_bits, **lw)
-    if name == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+        return GaLoreAdamW(
+            model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw
         )
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name in ("galore", "natural-galore", "gradnorm-lorp", "galore-adafactor"):
         groups = galore_param_groups(
             model,
@@ -80,17 +82,31 @@ def build_optimizer(
             **extra,
         )
         if name == "galore-adafactor":
-            return GaLoreAdafactor(groups, lr=lr, beta1=betas[0] if betas[0] > 0 else None,
-                                   weight_decay=weight_decay, relative_step=False, scale_parameter=False, **lw)
+            return GaLoreAdafactor(
+                groups,
+                lr=lr,
+                beta1=betas[0] if betas[0] > 0 else None,
+                weight_decay=weight_decay,
+                relative_step=False,
+                scale_parameter=False,
+                **lw,
+            )
         if name == "natural-galore":
-            return NaturalGaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      natural_history=natural_history, natural_damping=natural_damping,
-                                      optim_bits=optim_bits, **lw)
+            return NaturalGaLoreAdamW(
+                groups,
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                natural_history=natural_history,
+                natural_damping=natural_damping,
+                optim_bits=optim_bits,
+                **lw,
+            )
         cls = GradNormLoRPAdamW if name == "gradnorm-lorp" else GaLoreAdamW
         return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
     if name in PLANNED:
         raise ValueError(
-            f"optimizer {name!r} is not available in this version of galorex yet; "
-            f"available: {', '.join(AVAILABLE)}"
+            f"optimizer {name!r} is not available in this version of galorex yet; available: {', '.join(AVAILABLE)}"
         )
     raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(AVAILABLE)}")

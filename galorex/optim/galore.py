@@ -215,8 +215,14 @@ class GaLoreAdamW(LowRankOptimizer):
         )
         # Subclasses add their own group keys (set before calling this constructor).
         defaults.update(getattr(self, "_extra_defaults", {}))
-        super().__init__(params, defaults, compile=compile, layerwise=layerwise,
-                         accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
+        super().__init__(
+            params,
+            defaults,
+            compile=compile,
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            per_param_grad_clip=per_param_grad_clip,
+        )
 
     def _lowrank_directions(self, group, params, lows, states):
         beta1, beta2 = group["betas"]
@@ -259,9 +265,18 @@ class GaLoreAdamW(LowRankOptimizer):
             low = proj.project(self._gradient_matrix(group, p, it.get("grad")), [basis], it["side"])
             state[STEP] += 1
             fused_galore_adam_step(
-                proj.as_matrix(p), low, state[EXP_AVG], state[EXP_AVG_SQ], basis, it["side"],
-                step=self._bias_step(group, state), lr=float(group["lr"]), beta1=float(beta1),
-                beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                proj.as_matrix(p),
+                low,
+                state[EXP_AVG],
+                state[EXP_AVG_SQ],
+                basis,
+                it["side"],
+                step=self._bias_step(group, state),
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
                 scale=float(group["scale"]),
             )
 

@@ -40,9 +40,7 @@ MAG_EXP_AVG = "mag_exp_avg"
 MAG_EXP_AVG_SQ = "mag_exp_avg_sq"
 
 
-def weight_norm_gradients(
-    g: torch.Tensor, v: torch.Tensor, grad_w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_norm_gradients(g: torch.Tensor, v: torch.Tensor, grad_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂L/∂g, ∂L/∂v) for W = g ⊙ v/‖v‖ (row-wise, g of shape (m,), v and ∂L/∂W of shape (m, n)).
 
     Rows with ‖v‖ below the dtype's smallest normal number get a zero ∂L/∂v (autograd divides by
@@ -106,8 +104,14 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         # Inside a compiled step the counter stays a tensor (reading it would break the graph).
         step = state[STEP] if torch.compiler.is_compiling() else int(state[STEP].item())
         (mag_direction,) = adam_directions(
-            [radial], [m], [v], [step], hyperparameter(beta1), hyperparameter(beta2),
-            hyperparameter(group["eps"]), group["eps_mode"],
+            [radial],
+            [m],
+            [v],
+            [step],
+            hyperparameter(beta1),
+            hyperparameter(beta2),
+            hyperparameter(group["eps"]),
+            group["eps_mode"],
         )
         store_moment(state, MAG_EXP_AVG, m, _eight_bit(group))
         store_moment(state, MAG_EXP_AVG_SQ, v, _eight_bit(group))

@@ -17,9 +17,7 @@ def _is_head(module_name: str) -> bool:
     return module_name.split(".")[-1] in _HEAD_NAMES
 
 
-def select_galore_parameters(
-    model: nn.Module, target_modules: str | Sequence[str] = ("attn", "mlp")
-) -> list[str]:
+def select_galore_parameters(model: nn.Module, target_modules: str | Sequence[str] = ("attn", "mlp")) -> list[str]:
     """Names of the parameters GaLore should project.
 
     ``target_modules`` is a sequence of substrings of module names (galore-torch's convention), a
@@ -33,14 +31,14 @@ def select_galore_parameters(
             pattern = re.compile(target_modules)
         except re.error as e:
             raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {e}") from e
-        matches = lambda name: pattern.search(name) is not None  # noqa: E731
+        matches = lambda name: pattern.search(name) is not None
     elif isinstance(target_modules, str):
         matches = None
     else:
         keys = list(target_modules)
         if not keys or not all(isinstance(k, str) for k in keys):
             raise ValueError(f"target_modules must be non-empty strings, got {target_modules!r}")
-        matches = lambda name: any(k in name for k in keys)  # noqa: E731
+        matches = lambda name: any(k in name for k in keys)
 
     excluded: set[int] = set()
     for module_name, module in model.named_modules():

@@ -64,8 +64,10 @@ def check_group(opt: LowRankOptimizer, group: dict[str, Any], index: int) -> Non
     if isinstance(opt, GradNormLoRPAdamW) and group.get(RANK) is not None:
         raise ValueError(f"{where}: GradNormLoRPAdamW does not support FSDP2 (DTensor) parameters yet")
     if group.get("natural_history", 0):
-        raise ValueError(f"{where}: NaturalGaLoreAdamW with FSDP2 (DTensor) parameters needs "
-                         "natural_history=0 (the sharded Fisher window is not implemented)")
+        raise ValueError(
+            f"{where}: NaturalGaLoreAdamW with FSDP2 (DTensor) parameters needs "
+            "natural_history=0 (the sharded Fisher window is not implemented)"
+        )
     if group.get(OPTIM_BITS, 32) != 32 or group.get(BASIS_BITS, 32) != 32:
         raise ValueError(f"{where}: optim_bits=8 / basis_bits=4 are not supported with FSDP2 (DTensor) parameters")
     if group.get(RANK) is not None and group[PROJ_TYPE] == "full":
@@ -113,8 +115,14 @@ def _shard(full: torch.Tensor, mesh, placement: Shard) -> DTensor:
         shape = list(full.shape)
         shape[placement.dim] = 0
         mine = full.new_empty(shape)
-    return DTensor.from_local(mine.contiguous().clone(), mesh, [placement], run_check=False,
-                              shape=full.shape, stride=full.contiguous().stride())
+    return DTensor.from_local(
+        mine.contiguous().clone(),
+        mesh,
+        [placement],
+        run_check=False,
+        shape=full.shape,
+        stride=full.contiguous().stride(),
+    )
 
 
 @torch.no_grad()
@@ -134,11 +142,12 @@ def sharded_step(opt: LowRankOptimizer, closure: Callable[[], Any] | None = None
             opt._check_grad(p, gi, pi)
             if opt.is_projected(group, p):
                 if not isinstance(p, DTensor):
-                    raise ValueError(f"{opt._param_label(gi, pi)}: mixing DTensor and plain projected "
-                                     "parameters in one optimizer is not supported")
+                    raise ValueError(
+                        f"{opt._param_label(gi, pi)}: mixing DTensor and plain projected "
+                        "parameters in one optimizer is not supported"
+                    )
                 _check_placement(opt, p, gi, pi)
-                projected.append({"param": p, "group_index": gi, "param_index": pi,
-                                  "index": global_index + pi})
+                projected.append({"param": p, "group_index": gi, "param_index": pi, "index": global_index + pi})
             else:
                 dense.append(p)
         global_index += len(group["params"])
@@ -181,8 +190,13 @@ def _prepare(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any])
     if group[REFRESH_METHOD] == "randomized":
         generator = opt._refresh_generator(g.device, group[REFRESH_SEED], item["index"], step)
     item["new_bases"] = proj.compute_bases(
-        g, group[RANK], side, group[REFRESH_METHOD],
-        oversample=group["oversample"], power_iters=group["power_iters"], generator=generator,
+        g,
+        group[RANK],
+        side,
+        group[REFRESH_METHOD],
+        oversample=group["oversample"],
+        power_iters=group["power_iters"],
+        generator=generator,
     )
 
 
@@ -198,8 +212,9 @@ def _commit(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) 
         state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
         m, n = proj.matrix_shape(p.shape)
         fresh: dict[str, Any] = {}
-        opt._init_lowrank_state(group, p.to_local(), fresh, proj.lowrank_shape(side, m, n, group[RANK]),
-                                compute_dtype(p.dtype))
+        opt._init_lowrank_state(
+            group, p.to_local(), fresh, proj.lowrank_shape(side, m, n, group[RANK]), compute_dtype(p.dtype)
+        )
         for key, value in fresh.items():
             state[key] = _shard(value, mesh, _moment_placement(side))
     else:
@@ -228,8 +243,9 @@ def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[dict
         else:
             local_p = state["basis"].to_local()  # the rows of P matching this rank's rows of G
             r, n = state["basis"].shape[1], g.shape[1]
-            partial = DTensor.from_local(local_p.mT @ g, p.device_mesh, [Partial()], run_check=False,
-                                         shape=(r, n), stride=(n, 1))
+            partial = DTensor.from_local(
+                local_p.mT @ g, p.device_mesh, [Partial()], run_check=False, shape=(r, n), stride=(n, 1)
+            )
             low = partial.redistribute(p.device_mesh, [Replicate()]).redistribute(p.device_mesh, [Shard(1)])
             lows.append(low.to_local())
             bases.append([local_p])
@@ -246,8 +262,9 @@ def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[dict
     for p, state, view, it, d, b in zip(params, states, views, items, directions, bases):
         if it["side"] == "left":
             r, n = state["basis"].shape[1], proj.matrix_shape(p.shape)[1]
-            d = DTensor.from_local(d.contiguous(), p.device_mesh, [Shard(1)], run_check=False,
-                                   shape=(r, n), stride=(n, 1)).full_tensor()
+            d = DTensor.from_local(
+                d.contiguous(), p.device_mesh, [Shard(1)], run_check=False, shape=(r, n), stride=(n, 1)
+            ).full_tensor()
         opt._apply_lowrank_update(group, p.to_local(), view, d, b, it["side"], decay=decay, alpha=alpha)
 
 

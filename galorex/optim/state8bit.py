@@ -256,9 +256,7 @@ def dequantize_blockwise(
     _check_code(code, q.device)
     numel = q.numel()
     if absmax.shape != (_num_blocks(numel, block_size),):
-        raise ValueError(
-            f"absmax has shape {tuple(absmax.shape)}, expected ({_num_blocks(numel, block_size)},)"
-        )
+        raise ValueError(f"absmax has shape {tuple(absmax.shape)}, expected ({_num_blocks(numel, block_size)},)")
     out = code.index_select(0, q.reshape(-1).to(torch.int32))
     scale = absmax.to(torch.float32)
     full = numel // block_size  # scale in place, whole blocks then the tail: no padded copy
@@ -268,9 +266,7 @@ def dequantize_blockwise(
     return out.view(q.shape)
 
 
-def quantize_second_moment(
-    v: torch.Tensor, block_size: int = BLOCK_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_second_moment(v: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, absmax of √v): √v in the unsigned code, a positive √v never as 0; v < 0 counts as 0.
 
     Adam divides by √v, so √v is what must be accurate: the code's relative error lands on the
@@ -283,9 +279,7 @@ def quantize_second_moment(
     return quantize_blockwise(s, unsigned_code(v.device), block_size, keep_positive=True)
 
 
-def dequantize_second_moment(
-    q: torch.Tensor, absmax: torch.Tensor, block_size: int = BLOCK_SIZE
-) -> torch.Tensor:
+def dequantize_second_moment(q: torch.Tensor, absmax: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """v̂ = (code[q] · a_b)², float32, ≥ 0: relative error about twice √v̂'s."""
     return dequantize_blockwise(q, absmax, unsigned_code(q.device), block_size).square_()
 
@@ -353,9 +347,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def pack_moment(
-    x: torch.Tensor, kind: str, block_size: int = BLOCK_SIZE
-) -> dict[str, torch.Tensor]:
+def pack_moment(x: torch.Tensor, kind: str, block_size: int = BLOCK_SIZE) -> dict[str, torch.Tensor]:
     """A moment as a dict of tensors: {"q", "absmax"} in 8 bits, or {"value"} (a float32 copy).
 
     ``kind`` "signed" for Adam's m, "unsigned_sqrt" for v (stored as √v, see
@@ -383,9 +375,7 @@ def unpack_moment(
     shape = torch.Size(shape)
     stored = d["value"] if "value" in d else d["q"]
     if stored.numel() != shape.numel():
-        raise ValueError(
-            f"packed moment has {stored.numel()} elements, shape {tuple(shape)} has {shape.numel()}"
-        )
+        raise ValueError(f"packed moment has {stored.numel()} elements, shape {tuple(shape)} has {shape.numel()}")
     if "value" in d:
         return stored.to(torch.float32, copy=True).reshape(shape)
     q, absmax = stored.reshape(shape), d["absmax"]
@@ -410,9 +400,7 @@ def packed_nbytes(numel: int, kind: str, block_size: int = BLOCK_SIZE) -> int:
 INT4_BLOCK_SIZE = 64
 
 
-def quantize_int4_blockwise(
-    x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 4-bit codes for a projection basis (Q-GaLore keeps its projections in 4 bits):
     s_b = max|x_b|/7, q = round(x/s_b) ∈ [−7, 7], two codes per byte. Returns (packed uint8 of
     ⌈numel/2⌉ bytes, float32 scales of ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise."""
@@ -430,7 +418,9 @@ def quantize_int4_blockwise(
 
 
 def dequantize_int4_blockwise(
-    packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tuple[int, ...],
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
     block_size: int = INT4_BLOCK_SIZE,
 ) -> torch.Tensor:
     """The float32 tensor of ``shape`` that :func:`quantize_int4_blockwise` stored."""

@@ -53,8 +53,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-
-
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``directory`` as ``(step, path)``, by increasing step."""
     d = Path(directory)
@@ -136,9 +134,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
                 f"{p}: checkpoint holds objects that weights_only loading refuses "
                 "(store only tensors, numbers, strings, lists and dicts)"
             ) from None
-        raise CheckpointError(
-            f"{p}: corrupt or truncated checkpoint ({_one_line(exc)})"
-        ) from None
+        raise CheckpointError(f"{p}: corrupt or truncated checkpoint ({_one_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------

@@ -21,23 +21,39 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    a("--model", default=d.model,
-      help="llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, or a JSON config file")
-    a("--optimizer", default=d.optimizer,
-      help="adamw | galore | natural-galore | gradnorm-lorp | galore-adafactor")
+    a(
+        "--model",
+        default=d.model,
+        help="llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, or a JSON config file",
+    )
+    a("--optimizer", default=d.optimizer, help="adamw | galore | natural-galore | gradnorm-lorp | galore-adafactor")
     a("--rank", type=int, default=d.rank, help="GaLore rank")
     a("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between basis refreshes")
     a("--scale", type=float, default=d.scale, help="GaLore scale of the projected-back update")
     a("--proj-type", default=d.proj_type, help="std | reverse_std | left | right | full")
     a("--refresh-method", default=d.refresh_method, help="svd | randomized")
     a("--moment-policy", default=d.moment_policy, help="keep | reset | reproject")
-    a("--natural-history", type=int, default=d.natural_history,
-      help="natural-galore: recent low-rank gradients in the empirical Fisher (s)")
+    a(
+        "--natural-history",
+        type=int,
+        default=d.natural_history,
+        help="natural-galore: recent low-rank gradients in the empirical Fisher (s)",
+    )
     a("--natural-damping", type=float, default=d.natural_damping, help="natural-galore: Fisher damping (lambda)")
-    a("--optim-bits", type=int, default=d.optim_bits, choices=(8, 32),
-      help="bits of Adam's moments (8: block-wise quantised)")
-    a("--basis-bits", type=int, default=d.basis_bits, choices=(4, 32),
-      help="bits of the stored projection bases (4: block-wise int4)")
+    a(
+        "--optim-bits",
+        type=int,
+        default=d.optim_bits,
+        choices=(8, 32),
+        help="bits of Adam's moments (8: block-wise quantised)",
+    )
+    a(
+        "--basis-bits",
+        type=int,
+        default=d.basis_bits,
+        choices=(4, 32),
+        help="bits of the stored projection bases (4: block-wise int4)",
+    )
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
     a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
@@ -56,29 +72,50 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: none)")
     a("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept")
     a("--out", default=d.out, help="output folder (default: runs/galorex-<date>-<time>)")
-    a("--resume", nargs="?", const="latest", default=None,
-      help="continue the run in --out from its latest checkpoint, or from the checkpoint file given")
+    a(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue the run in --out from its latest checkpoint, or from the checkpoint file given",
+    )
     a("--seed", type=int, default=d.seed)
     a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     a("--data", default=d.data, help="a text file or a folder of .txt files (default: embedded Shakespeare)")
     a("--cache-dir", default=d.cache_dir, help="token cache folder (default: $XDG_CACHE_HOME/galorex/tokens)")
     a("--dataset", default=d.dataset, help="a Hugging Face dataset name, streamed (needs `datasets` and a network)")
     a("--dataset-max-chars", type=int, default=d.dataset_max_chars)
-    a("--init-from", default=d.init_from,
-      help="start from these weights (a .safetensors file such as an earlier run's model.safetensors, or a .pt)")
+    a(
+        "--init-from",
+        default=d.init_from,
+        help="start from these weights (a .safetensors file such as an earlier run's model.safetensors, or a .pt)",
+    )
     a("--tokenizer", default=d.tokenizer, help="byte (default) or a tokenizer.json")
-    a("--halo", type=int, default=d.halo, choices=(0, 1, 2),
-      help="HALO: linear layers (not the head) with FP8/INT8 GEMMs; Hadamard rotations at level 1 (forward) and 2 (+ input gradient)")
+    a(
+        "--halo",
+        type=int,
+        default=d.halo,
+        choices=(0, 1, 2),
+        help="HALO: linear layers (not the head) with FP8/INT8 GEMMs; Hadamard rotations at level 1 "
+        "(forward) and 2 (+ input gradient)",
+    )
     a("--halo-format", default=d.halo_format, choices=("fp8", "int8"), help="--halo's format (default fp8)")
     a("--sample-tokens", type=int, default=d.sample_tokens, help="tokens generated at the end")
     a("--threads", type=int, default=d.threads, help="torch CPU threads")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    a("--layerwise", action="store_true",
-      help="step each parameter as soon as its gradient is ready and free it (saves the gradients' memory); "
-           "--grad-clip then clips each parameter's gradient on its own")
-    a("--distributed", default=d.distributed, choices=("none", "ddp", "fsdp2"),
-      help="data parallel under torchrun: ddp (replicated) or fsdp2 (sharded weights and optimizer state); "
-           "--batch-size is the global batch")
+    a(
+        "--layerwise",
+        action="store_true",
+        help="step each parameter as soon as its gradient is ready and free it (saves the gradients' memory); "
+        "--grad-clip then clips each parameter's gradient on its own",
+    )
+    a(
+        "--distributed",
+        default=d.distributed,
+        choices=("none", "ddp", "fsdp2"),
+        help="data parallel under torchrun: ddp (replicated) or fsdp2 (sharded weights and optimizer state); "
+        "--batch-size is the global batch",
+    )
     return p
 
 
@@ -91,17 +128,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"galorex-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("galorex-train: interrupted; every checkpoint written so far is complete "
-              "(continue with --resume)", file=sys.stderr)
+        print(
+            "galorex-train: interrupted; every checkpoint written so far is complete (continue with --resume)",
+            file=sys.stderr,
+        )
         return 130
     if s.get("rank", 0) != 0:
         return 0  # under torchrun, rank 0 reports
     gib = 1024**3
-    print(f"validation loss {s['final_val_loss']:.4f} nats/token, perplexity {s['val_perplexity']:.2f} "
-          f"(unigram entropy of the corpus: {s['unigram_entropy']:.3f})")
-    print(f"{s['steps']} steps, {s['tokens']:,} tokens in {s['wall_s']:.1f} s "
-          f"({s['tokens_per_s']:,.0f} tokens/s); optimizer state {s['optimizer_state_bytes'] / 2**20:.2f} MiB, "
-          f"peak memory {s['peak_memory_bytes'] / gib:.2f} GiB")
+    print(
+        f"validation loss {s['final_val_loss']:.4f} nats/token, perplexity {s['val_perplexity']:.2f} "
+        f"(unigram entropy of the corpus: {s['unigram_entropy']:.3f})"
+    )
+    print(
+        f"{s['steps']} steps, {s['tokens']:,} tokens in {s['wall_s']:.1f} s "
+        f"({s['tokens_per_s']:,.0f} tokens/s); optimizer state {s['optimizer_state_bytes'] / 2**20:.2f} MiB, "
+        f"peak memory {s['peak_memory_bytes'] / gib:.2f} GiB"
+    )
     if s["sample"]:
         print("sample:\n" + s["sample"].strip() + "\n")
     outputs = ["metrics.jsonl", "summary.json"] + (["model.safetensors"] if s.get("model_file") else [])

@@ -17,9 +17,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -67,14 +68,12 @@ _RESOURCE_STACK = contextlib.ExitStack()
 atexit.register(_RESOURCE_STACK.close)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_corpus_path() -> Path:
     """Path of the embedded tinyshakespeare corpus (package data)."""
     ref = resources.files("galorex") / "data" / "tinyshakespeare.txt"
     if not ref.is_file():
-        raise DataError(
-            f"{ref}: embedded corpus is missing (broken galorex installation?)"
-        )
+        raise DataError(f"{ref}: embedded corpus is missing (broken galorex installation?)")
     if isinstance(ref, Path):
         return ref
     return Path(_RESOURCE_STACK.enter_context(resources.as_file(ref)))
@@ -127,16 +126,13 @@ class HFTokenizer:
             import tokenizers
         except ImportError:
             raise DataError(
-                f"{self.path}: loading a tokenizer.json needs the `tokenizers` "
-                "package (pip install tokenizers)"
+                f"{self.path}: loading a tokenizer.json needs the `tokenizers` package (pip install tokenizers)"
             ) from None
         raw = self.path.read_bytes()
         try:
             self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:
-            raise DataError(
-                f"{self.path}: not a valid tokenizer.json ({_one_line(exc)})"
-            ) from None
+            raise DataError(f"{self.path}: not a valid tokenizer.json ({_one_line(exc)})") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         # Content hash, not path: the token cache must change when the file does.
         self.name = "hf:" + hashlib.sha256(raw).hexdigest()[:16]
@@ -165,9 +161,7 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
             raise DataError(f"{path}: folder has no tokenizer.json")
         path = path / "tokenizer.json"
     if not path.exists():
-        raise DataError(
-            f"{path}: tokenizer not found (expected 'byte' or a path to a tokenizer.json)"
-        )
+        raise DataError(f"{path}: tokenizer not found (expected 'byte' or a path to a tokenizer.json)")
     return HFTokenizer(path)
 
 
@@ -189,9 +183,7 @@ def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise DataError(f"{root}: data path is neither a file nor a folder")
-    files = [
-        p for p in root.rglob("*") if p.suffix.lower() == ".txt" and p.is_file()
-    ]
+    files = [p for p in root.rglob("*") if p.suffix.lower() == ".txt" and p.is_file()]
     if not files:
         raise DataError(f"{root}: folder contains no .txt files")
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -203,8 +195,7 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"{path}: not valid UTF-8 (bad byte at offset {exc.start}); "
-            "re-encode the file as UTF-8"
+            f"{path}: not valid UTF-8 (bad byte at offset {exc.start}); re-encode the file as UTF-8"
         ) from None
 
 
@@ -236,14 +227,8 @@ def read_corpus_texts(path: str | os.PathLike[str]) -> str:
 
 
 def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "galorex" / "tokens"
-
-
-
-
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -333,9 +318,7 @@ def prepare_tokens(
         try:
             # Tokens before sidecar: a sidecar only ever describes a complete file.
             atomic_write(bin_path, lambda f: f.write(tokens.tobytes()))
-            atomic_write(
-                meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8"))
-            )
+            atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
         except OSError as exc:
             raise DataError(f"{cache}: cannot write token cache ({_one_line(exc)})") from None
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
@@ -522,9 +505,7 @@ def load_hf_dataset_stream(
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            "--dataset needs the `datasets` package (pip install datasets) and network access"
-        ) from None
+        raise DataError("--dataset needs the `datasets` package (pip install datasets) and network access") from None
     if int(max_chars) < 1:
         raise DataError(f"max_chars must be >= 1, got {max_chars}")
 
@@ -543,8 +524,7 @@ def load_hf_dataset_stream(
         for record in stream:
             if text_field not in record:
                 raise DataError(
-                    f"dataset {name}: records have no {text_field!r} field "
-                    f"(fields: {', '.join(sorted(record))})"
+                    f"dataset {name}: records have no {text_field!r} field (fields: {', '.join(sorted(record))})"
                 )
             text = record[text_field]
             if not isinstance(text, str) or not text.strip():

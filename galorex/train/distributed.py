@@ -58,7 +58,7 @@ class Context:
         if not self.active:
             return x
         per_rank = x.shape[0] // self.world_size
-        return x[self.rank * per_rank: (self.rank + 1) * per_rank]
+        return x[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -199,8 +199,13 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
 
 
 def save_sharded(
-    ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any],
-    directory: Path, step: int, keep_last: int,
+    ctx: Context,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    directory: Path,
+    step: int,
+    keep_last: int,
 ) -> Path:
     """Write ``directory/ckpt-<step>.dcp/`` atomically: every rank writes its shards into a hidden
     ``.ckpt-<step>.dcp.tmp/`` folder, rank 0 adds ``extra.pt``, and only once all of it is on disk

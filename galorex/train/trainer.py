@@ -48,11 +48,27 @@ CHECKPOINT_FORMAT = 1
 # Settings a resumed run may change; every other one defines the model, the optimizer, the
 # schedule or the data order and must match the checkpoint's. (--steps may grow: the cosine then
 # stretches to the new length. The data itself is compared by content, not by path.)
-RESUME_MAY_CHANGE = frozenset({
-    "steps", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints", "out",
-    "resume", "device", "threads", "progress", "sample_tokens", "cache_dir", "data", "dataset",
-    "dataset_max_chars", "init_from",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "eval_every",
+        "eval_batches",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "out",
+        "resume",
+        "device",
+        "threads",
+        "progress",
+        "sample_tokens",
+        "cache_dir",
+        "data",
+        "dataset",
+        "dataset_max_chars",
+        "init_from",
+    }
+)
 
 
 class TrainError(ValueError):
@@ -134,8 +150,16 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    positive = ("rank", "update_proj_gap", "batch_size", "grad_accum", "seq_len", "eval_batches",
-                "log_every", "keep_checkpoints")
+    positive = (
+        "rank",
+        "update_proj_gap",
+        "batch_size",
+        "grad_accum",
+        "seq_len",
+        "eval_batches",
+        "log_every",
+        "keep_checkpoints",
+    )
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise TrainError(f"--{key.replace('_', '-')} must be > 0, got {getattr(cfg, key)}")
@@ -224,16 +248,26 @@ def _load_resume(cfg: TrainConfig, out: Path, ctx: distributed.Context | None = 
         ckpt = distributed.load_extra(ctx, path)
     except CheckpointError as e:
         raise TrainError(f"--resume: {e}") from None
-    needed = ("config", "model_config", "model", "optimizer", "scheduler", "data", "rng", "step",
-              "tokens_seen", "wall_s", "data_fingerprint")
+    needed = (
+        "config",
+        "model_config",
+        "model",
+        "optimizer",
+        "scheduler",
+        "data",
+        "rng",
+        "step",
+        "tokens_seen",
+        "wall_s",
+        "data_fingerprint",
+    )
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or any(k not in ckpt for k in needed):
         raise TrainError(f"--resume: {path} is not a galorex-train checkpoint (format {CHECKPOINT_FORMAT})")
     saved = ckpt["config"]
     for key, value in cfg.to_dict().items():
         if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
             raise TrainError(
-                f"--resume: {path} was trained with {key}={saved.get(key)!r}, "
-                f"this run asks for {key}={value!r}"
+                f"--resume: {path} was trained with {key}={saved.get(key)!r}, this run asks for {key}={value!r}"
             )
     ckpt["path"] = str(path)
     return ckpt
@@ -312,12 +346,14 @@ def _load_initial_weights(model: Llama, path: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise TrainError(f"--init-from {path}: keys do not match the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise TrainError(
+            f"--init-from {path}: keys do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise TrainError(f"--init-from {path}: {key} has shape {tuple(value.shape)}, "
-                             f"the model needs {tuple(own[key].shape)}")
+            raise TrainError(
+                f"--init-from {path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}"
+            )
     model.load_state_dict(state)
 
 
@@ -426,15 +462,29 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     if cfg.layerwise:
         # Global-norm clipping is impossible when each parameter steps as soon as its gradient is
         # ready: --grad-clip then clips each parameter's gradient on its own.
-        layerwise = dict(layerwise=True, accumulation_steps=cfg.grad_accum,
-                         per_param_grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None)
+        layerwise = dict(
+            layerwise=True,
+            accumulation_steps=cfg.grad_accum,
+            per_param_grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None,
+        )
     try:
         optimizer = (make_optimizer or build_optimizer)(
-            cfg.optimizer, model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-            weight_decay=cfg.weight_decay, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
-            scale=cfg.scale, proj_type=cfg.proj_type, refresh_method=cfg.refresh_method,
-            moment_policy=cfg.moment_policy, natural_history=cfg.natural_history,
-            natural_damping=cfg.natural_damping, optim_bits=cfg.optim_bits, basis_bits=cfg.basis_bits, **layerwise,
+            cfg.optimizer,
+            model,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+            rank=cfg.rank,
+            update_proj_gap=cfg.update_proj_gap,
+            scale=cfg.scale,
+            proj_type=cfg.proj_type,
+            refresh_method=cfg.refresh_method,
+            moment_policy=cfg.moment_policy,
+            natural_history=cfg.natural_history,
+            natural_damping=cfg.natural_damping,
+            optim_bits=cfg.optim_bits,
+            basis_bits=cfg.basis_bits,
+            **layerwise,
         )
     except (ValueError, TypeError) as e:
         raise TrainError(f"--optimizer {cfg.optimizer}: {e}") from None
@@ -477,21 +527,22 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
 
     def checkpoint() -> Path | None:
         extra = {
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "wall_s": wall_before + (time.perf_counter() - t_start),
-                "config": cfg.to_dict(),
-                "model_config": model_cfg.to_dict(),
-                "scheduler": scheduler.state_dict(),
-                "data": batcher.state_dict(),
-                "rng": rng_state(),
-                "data_fingerprint": fingerprint,
-                "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "wall_s": wall_before + (time.perf_counter() - t_start),
+            "config": cfg.to_dict(),
+            "model_config": model_cfg.to_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data": batcher.state_dict(),
+            "rng": rng_state(),
+            "data_fingerprint": fingerprint,
+            "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
         }
         if cfg.distributed == "fsdp2":
-            return distributed.save_sharded(ctx, model, optimizer, extra, out / "checkpoints", step,
-                                            cfg.keep_checkpoints)
+            return distributed.save_sharded(
+                ctx, model, optimizer, extra, out / "checkpoints", step, cfg.keep_checkpoints
+            )
         path = None
         if ctx.is_main:  # DDP: every rank holds the same model and optimizer state
             extra.update(model=model.state_dict(), optimizer=optimizer.state_dict())
@@ -505,8 +556,14 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.optimizer} {cfg.model}",
-                        unit="step", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(
+            total=cfg.steps,
+            initial=step,
+            desc=f"{cfg.optimizer} {cfg.model}",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     val_loss = None
     t_start = time.perf_counter()
     t_window, tokens_window = time.perf_counter(), 0
@@ -544,8 +601,12 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
                 mean_loss = ctx.mean_over_ranks(loss_sum)
-                record = {"step": step, "train_loss": float(mean_loss) / window_steps, "lr": lr,
-                          "tokens_per_s": tokens_window / max(elapsed, 1e-9)}
+                record = {
+                    "step": step,
+                    "train_loss": float(mean_loss) / window_steps,
+                    "lr": lr,
+                    "tokens_per_s": tokens_window / max(elapsed, 1e-9),
+                }
                 loss_sum.zero_()
                 window_steps = 0
                 t_window, tokens_window = time.perf_counter(), 0
@@ -588,8 +649,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         "wall_s": wall_s,
         "tokens_per_s": tokens_seen / max(wall_s, 1e-9),
         "optimizer": cfg.optimizer,
-        "optimizer_state_bytes": (local_state_bytes(optimizer) if cfg.distributed == "fsdp2"
-                                  else optimizer_state_bytes(optimizer)),
+        "optimizer_state_bytes": (
+            local_state_bytes(optimizer) if cfg.distributed == "fsdp2" else optimizer_state_bytes(optimizer)
+        ),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         "parameters": model.num_parameters(),
