@@ -343,7 +343,15 @@ class LowRankOptimizer(Optimizer):
                 self._lowrank_step(group, projected)
         return loss
 
-    def _prepare_projection(self, group: dict[str, Any], item: dict[str, Any]) -> None:
+    def _prepare_projection(
+        self,
+        group: dict[str, Any],
+        item: dict[str, Any],
+        full_gradient: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """At a refresh step, compute the parameter's new bases into ``item["new_bases"]`` (nothing
+        changes yet). ``full_gradient(p)`` gives the matrix to decompose where the gradient is not
+        whole on this process (FSDP2 all-gathers its shards); by default ``_gradient_matrix``."""
         p = item["param"]
         state = self.state[p]
         side = self.side_of(group, p)
@@ -355,7 +363,7 @@ class LowRankOptimizer(Optimizer):
             return
         # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
         # every bf16 gradient at once would cost as much memory as AdamW's moments.
-        g = self._gradient_matrix(group, p)
+        g = self._gradient_matrix(group, p) if full_gradient is None else full_gradient(p)
         if not bool(torch.isfinite(g).all()):
             raise FloatingPointError(
                 f"{self._param_label(item['group_index'], item['param_index'])} has a non-finite "

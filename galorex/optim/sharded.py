@@ -46,11 +46,8 @@ from .base import (
     PROJ_STEP,
     PROJ_TYPE,
     RANK,
-    REFRESH_METHOD,
-    REFRESH_SEED,
     SCALE,
     STEP,
-    UPDATE_PROJ_GAP,
     LowRankOptimizer,
     compute_dtype,
 )
@@ -168,35 +165,10 @@ def sharded_step(opt: LowRankOptimizer, closure: Callable[[], Any] | None = None
 
 
 def _prepare(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) -> None:
-    p = item["param"]
-    state = opt.state[p]
-    m, n = proj.matrix_shape(p.shape)
-    item["side"] = side = proj.projection_side(group[PROJ_TYPE], m, n)
-    step = int(state[STEP].item()) if STEP in state else 0
-    item["step"] = step
-    item["new_bases"] = None
-    if state and step % group[UPDATE_PROJ_GAP] != 0:
-        return
-    # Every rank reaches this point at the same steps for the same parameters, in the same order,
-    # so the all-gathers pair up.
-    g = proj.as_matrix(p.grad.full_tensor()).to(compute_dtype(p.dtype))
-    if not bool(torch.isfinite(g).all()):
-        raise FloatingPointError(
-            f"{opt._param_label(item['group_index'], item['param_index'])} has a non-finite gradient "
-            f"at step {step}, where its projection basis is refreshed; the previous basis and the "
-            "optimizer state are kept unchanged"
-        )
-    generator = None
-    if group[REFRESH_METHOD] == "randomized":
-        generator = opt._refresh_generator(g.device, group[REFRESH_SEED], item["index"], step)
-    item["new_bases"] = proj.compute_bases(
-        g,
-        group[RANK],
-        side,
-        group[REFRESH_METHOD],
-        oversample=group["oversample"],
-        power_iters=group["power_iters"],
-        generator=generator,
+    # Every rank reaches a refresh at the same steps for the same parameters, in the same order, so
+    # the all-gathers of the gradient shards pair up; each rank then computes the same bases.
+    opt._prepare_projection(
+        group, item, full_gradient=lambda p: proj.as_matrix(p.grad.full_tensor()).to(compute_dtype(p.dtype))
     )
 
 
