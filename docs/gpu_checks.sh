@@ -17,4 +17,10 @@ cp /tmp/h1/halo_gpu.md $OUT/halo.md 2>/dev/null
 echo "=== bench step llama-60m" >>$L
 timeout 60 python -m galorex.bench --out /tmp/st step --model llama-60m --repeats 10 --natural-history 0 >>$L 2>&1; echo "rc=$?" >>$L
 cp /tmp/st/step.md $OUT/step.md 2>/dev/null
+echo "=== layer-wise peak memory (CUDA max allocated)" >>$L
+timeout 90 python -m galorex.bench --out /tmp/lw layerwise-memory --model llama-60m --batch-size 4 --seq-len 256 >>$L 2>&1; echo "rc=$?" >>$L
+cp /tmp/lw/layerwise_memory.md $OUT/layerwise.md 2>/dev/null
+echo "=== refresh: exact vs randomized" >>$L
+timeout 60 python -m galorex.bench --out /tmp/rf refresh --m 4096 --n 11008 --rank 512 >>$L 2>&1; echo "rc=$?" >>$L
+cp /tmp/rf/refresh.md $OUT/refresh.md 2>/dev/null
 date -u >>$L
