@@ -428,3 +428,40 @@ def test_a_converted_llama_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize(
+    "dim,block", [(8, 1), (16, 2), (96, 32), (128, 64), (192, 64), (256, 128), (4096, 4096), (8192, 512)]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_kronecker_hadamard_equals_the_butterfly(dim, block, dtype):
+    from galorex.halo.hadamard import fwht, fwht_kron
+
+    g = torch.Generator().manual_seed(dim + block)
+    x = torch.randn(3, 5, dim, generator=g, dtype=torch.float64).to(dtype)
+    fast = fwht_kron(x, block)
+    assert fast.dtype == dtype and fast.shape == x.shape
+    if dtype == torch.bfloat16:
+        # Computed in float32 and rounded once: within half a bf16 step of the exact transform
+        # (the bf16 butterfly rounds at every stage, so it is not the yardstick here).
+        exact = fwht(x.double(), block)
+        assert ((fast.double() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-5).all()  # + float32 sums
+    else:
+        tol = {torch.float64: 1e-12, torch.float32: 2e-6}[dtype]
+        torch.testing.assert_close(fast, fwht(x, block), rtol=tol, atol=tol)
+    if dtype == torch.float64:  # and both are x·diag(H_b, …) exactly
+        from galorex.halo.hadamard import block_hadamard_matrix
+
+        dense = x @ block_hadamard_matrix(dim, block, dtype=torch.float64)
+        torch.testing.assert_close(fast, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_hadamard_transform_takes_the_kronecker_path_on_the_cpu():
+    from galorex.halo.hadamard import fwht_kron, hadamard_transform
+
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hadamard_transform(x, 64), fwht_kron(x, 64))
+    with pytest.raises(ValueError, match="power of two"):
+        fwht_kron(torch.randn(2, 96))
+    with pytest.raises(TypeError, match="floating"):
+        fwht_kron(torch.ones(2, 8, dtype=torch.int32))

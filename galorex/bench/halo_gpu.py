@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     a32 = a16.float()
     s = _time(lambda: fwht(a32, k if (k & (k - 1)) == 0 else None), args.warmup, args.iters)
     rows.append({"what": f"torch FWHT fp32 {t}x{k}", "s": s, "GB/s": 2 * a32.numel() * 4 / s / 1e9})
+    from ..halo.hadamard import fwht_kron
+
+    s = _time(lambda: fwht_kron(a32, k if (k & (k - 1)) == 0 else None), args.warmup, args.iters)
+    rows.append({"what": f"torch Kronecker-GEMM Hadamard fp32 {t}x{k}", "s": s, "GB/s": 2 * a32.numel() * 4 / s / 1e9})
     s = _time(lambda: quantize(a32, "e4m3", "row"), args.warmup, args.iters)
     rows.append({"what": f"quantize e4m3 row {t}x{k}", "s": s, "GB/s": a32.numel() * 5 / s / 1e9})
 
