@@ -59,7 +59,7 @@ def parameter_state_bytes(
 
     ``optimizer="gradnorm_lorp"`` adds the row magnitudes' Adam moments (2·m entries).
     ``natural_history`` (NaturalGaLoreAdamW's s) adds its window, s·(low-rank size) entries, an
-    s×s float64 Gram matrix and two float32 counters. ``basis_bits=4`` stores bases in half a byte
+    s×s float64 Gram matrix and two float32 counters. ``basis_bits=4`` (8) stores bases in half a byte (one byte)
     per entry plus a float32 scale per 64. ``optim_bits=8`` stores each Adam moment of
     4096 or more entries as one byte per entry plus a float32 scale per 256 (smaller ones float32).
     ``optimizer="adafactor"`` (GaLoreAdafactor): a factored second moment — for an (a×b) update
@@ -87,8 +87,8 @@ def parameter_state_bytes(
     lm, ln = proj.lowrank_shape(side, m, n, rank)
     basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
     cbytes = _bytes_of(compute_dtype(dtype))
-    if basis_bits == 4:
-        basis_bytes = sum(state8bit.int4_nbytes(a * b) for a, b in proj.basis_shapes(side, m, n, rank))
+    if basis_bits in state8bit.BASIS_CODECS:
+        basis_bytes = sum(state8bit.basis_nbytes(a * b, basis_bits) for a, b in proj.basis_shapes(side, m, n, rank))
     else:
         basis_bytes = basis * cbytes
     total = moments(lm * ln, cbytes) + basis_bytes + 2 * _SCALAR_BYTES
@@ -122,8 +122,8 @@ def _adafactor_bytes(
     m, n = proj.matrix_shape(shape)
     side = proj.projection_side(proj_type, m, n)
     shapes = proj.basis_shapes(side, m, n, rank)
-    if basis_bits == 4:
-        basis_bytes = sum(state8bit.int4_nbytes(a * b) for a, b in shapes)
+    if basis_bits in state8bit.BASIS_CODECS:
+        basis_bytes = sum(state8bit.basis_nbytes(a * b, basis_bits) for a, b in shapes)
     else:
         basis_bytes = sum(a * b for a, b in shapes) * cbytes
     return statistics(proj.lowrank_shape(side, m, n, rank)) + basis_bytes + 2 * _SCALAR_BYTES

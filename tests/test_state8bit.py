@@ -486,3 +486,37 @@ def test_cuda_roundtrip_equals_cpu_bit_for_bit():
         d, dg = s8.pack_moment(data, kind), s8.pack_moment(data.to(dev), kind)
         assert all(torch.equal(d[k], dg[k].cpu()) for k in d)
         assert torch.equal(s8.unpack_moment(dg, data.shape, kind).cpu(), s8.unpack_moment(d, data.shape, kind))
+
+
+# ----------------------------------------------------------------------------- 4- and 8-bit bases
+@pytest.mark.parametrize("bits", [4, 8])
+@given(
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+    exps=st.integers(-20, 20),
+)
+def test_basis_codes_roundtrip_within_half_a_step(bits, rows, cols, seed, exps):
+    _, quantize, dequantize, nbytes = s8.BASIS_CODECS[bits]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 2.0**exps
+    codes, scale = quantize(x)
+    assert codes.dtype == (torch.uint8 if bits == 4 else torch.int8) and scale.dtype == torch.float32
+    assert codes.numel() + 4 * scale.numel() == nbytes(x.numel()) == s8.basis_nbytes(x.numel(), bits)
+    back = dequantize(codes, scale, x.shape)
+    # |x̂ − x| ≤ s_b/2 in every 64-entry block, s_b = max|x_b| / (2^(bits−1) − 1)
+    flat_err = (back - x).reshape(-1)
+    pad = (-flat_err.numel()) % 64
+    err = torch.cat([flat_err, flat_err.new_zeros(pad)]).view(-1, 64).abs().amax(dim=1)
+    assert (err <= scale / 2 * (1 + 1e-6) + 1e-30).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_basis_codes_of_zeros_and_exact_grid_values(bits):
+    _, quantize, dequantize, _ = s8.BASIS_CODECS[bits]
+    zeros = torch.zeros(5, 13)
+    assert torch.equal(dequantize(*quantize(zeros), zeros.shape), zeros)
+    top = 2 ** (bits - 1) - 1
+    grid = torch.arange(-top, top + 1, dtype=torch.float32).repeat(8)[:64].reshape(8, 8) * 0.25
+    grid[0, 0] = top * 0.25  # the block's max sets s = 0.25 exactly
+    assert torch.equal(dequantize(*quantize(grid), grid.shape), grid)

@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-history", type=int, default=8)
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
-    c.add_argument("--basis-bits", type=int, default=32, choices=(4, 32))
+    c.add_argument("--basis-bits", type=int, default=32, choices=(4, 8, 32))
     add_layerwise_arguments(
         sub.add_parser("layerwise-memory", help="peak memory of training steps with and without layer-wise updates")
     )

@@ -93,23 +93,27 @@ def basis_keys(side: str) -> list[str]:
 
 
 def store_bases(state: dict[str, Any], side: str, bases: list[torch.Tensor], bits: int) -> None:
-    """Keep the bases as they are (32 bits) or as 4-bit codes with per-64 scales (``basis_bits=4``)."""
+    """Keep the bases as they are (32 bits) or as 4- or 8-bit codes with per-64 scales
+    (``basis_bits=4|8``, ``state8bit.BASIS_CODECS``)."""
     for key, basis in zip(basis_keys(side), bases):
-        if bits == 4:
-            state[key + "_q4"], state[key + "_scale"] = state8bit.quantize_int4_blockwise(basis)
+        if bits in state8bit.BASIS_CODECS:
+            suffix, quantize, _, _ = state8bit.BASIS_CODECS[bits]
+            state[key + suffix], state[key + "_scale"] = quantize(basis)
         else:
             state[key] = basis
 
 
 def load_bases(state: dict[str, Any], side: str, p: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    """The bases as float tensors (4-bit ones dequantised; their shapes follow from p and the rank)."""
+    """The bases as float tensors (4- and 8-bit ones dequantised; their shapes follow from p and
+    the rank)."""
     keys = basis_keys(side)
     if keys[0] in state:
         return [state[k] for k in keys]
     m, n = proj.matrix_shape(p.shape)
     dtype = compute_dtype(p.dtype)
+    suffix, _, dequantize, _ = next(c for c in state8bit.BASIS_CODECS.values() if keys[0] + c[0] in state)
     return [
-        state8bit.dequantize_int4_blockwise(state[k + "_q4"], state[k + "_scale"], shape).to(dtype)
+        dequantize(state[k + suffix], state[k + "_scale"], shape).to(dtype)
         for k, shape in zip(keys, proj.basis_shapes(side, m, n, rank))
     ]
 
@@ -249,8 +253,8 @@ class LowRankOptimizer(Optimizer):
         if not _is_int(group[REFRESH_SEED]):
             raise bad(REFRESH_SEED, "must be an integer")
         bits = group.get(BASIS_BITS, 32)
-        if not _is_int(bits) or bits not in (4, 32):
-            raise bad(BASIS_BITS, "must be 4 or 32")
+        if not _is_int(bits) or bits not in (4, 8, 32):
+            raise bad(BASIS_BITS, "must be 4, 8 or 32")
         if group.get(PROJ_PRECISION) not in (None,) + PROJ_PRECISIONS:
             raise bad(PROJ_PRECISION, f"must be None or one of {PROJ_PRECISIONS}")
 
@@ -390,12 +394,10 @@ class LowRankOptimizer(Optimizer):
         p = item["param"]
         state = self.state[p]
         side = item["side"]
-        if group[BASIS_BITS] == 4:
+        if group[BASIS_BITS] in state8bit.BASIS_CODECS:
             # Work with the basis as it will be stored, so moments carried into it match it.
-            new = [
-                state8bit.dequantize_int4_blockwise(*state8bit.quantize_int4_blockwise(b), b.shape).to(b.dtype)
-                for b in new
-            ]
+            _, quantize, dequantize, _ = state8bit.BASIS_CODECS[group[BASIS_BITS]]
+            new = [dequantize(*quantize(b), b.shape).to(b.dtype) for b in new]
         if not state:
             state[STEP] = torch.zeros((), dtype=torch.float32)
             state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
@@ -754,7 +756,7 @@ class LowRankOptimizer(Optimizer):
                 continue
             p, group = id_to_param[pid]
             restored = {}
-            projected = any(k in values for k in ("basis", "basis_left", "basis_q4", "basis_left_q4"))
+            projected = any(k + suffix in values for k in ("basis", "basis_left") for suffix in ("", "_q4", "_q8"))
             for key, value in values.items():
                 if not isinstance(value, torch.Tensor):
                     restored[key] = value

@@ -126,9 +126,9 @@ class GaLoreAdamW(LowRankOptimizer):
       float32), for projected and unprojected parameters alike. Unprojected parameters then use a
       foreach AdamW instead of torch's fused kernel.
 
-    - ``basis_bits`` (32): 4 stores each basis in 4 bits (symmetric codes, one float32 scale per 64
-      entries, as Q-GaLore does) and dequantises it on use; the basis is then only approximately
-      orthonormal (entries within half a code step).
+    - ``basis_bits`` (32): 4 or 8 stores each basis in 4 or 8 bits (symmetric codes, one float32
+      scale per 64 entries; Q-GaLore keeps its projections in 4 bits) and dequantises it on use; the
+      basis is then only approximately orthonormal (entries within half a code step).
 
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
       ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a

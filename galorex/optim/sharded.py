@@ -66,7 +66,7 @@ def check_group(opt: LowRankOptimizer, group: dict[str, Any], index: int) -> Non
             "natural_history=0 (the sharded Fisher window is not implemented)"
         )
     if group.get(OPTIM_BITS, 32) != 32 or group.get(BASIS_BITS, 32) != 32:
-        raise ValueError(f"{where}: optim_bits=8 / basis_bits=4 are not supported with FSDP2 (DTensor) parameters")
+        raise ValueError(f"{where}: optim_bits=8 / basis_bits=4 or 8 are not supported with FSDP2 (DTensor) parameters")
     if group.get(RANK) is not None and group[PROJ_TYPE] == "full":
         raise ValueError(f"{where}: proj_type='full' is not supported with FSDP2 (DTensor) parameters")
 

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--basis-bits",
         type=int,
         default=d.basis_bits,
-        choices=(4, 32),
-        help="bits of the stored projection bases (4: block-wise int4)",
+        choices=(4, 8, 32),
+        help="bits of the stored projection bases (4/8: block-wise int4/int8)",
     )
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
