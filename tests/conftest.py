@@ -49,3 +49,16 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """galorex-train sets torch's thread count and global RNG; give the next test its own back.
+    Used by the training-command test modules with ``pytestmark``."""
+    threads = torch.get_num_threads()
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)

@@ -26,6 +26,26 @@ def make_conv_net(seed=0, dtype=torch.float32):
     return ConvNet().to(dtype)
 
 
+def conv_net_groups(model, gap, policy="keep", proj_type="std", method="svd"):
+    """The checkpoint tests' groups: biases on AdamW without decay, every weight projected at rank 3
+    (scale 0.5, a fixed refresh seed)."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [
+        {"params": biases, "weight_decay": 0.0},
+        {
+            "params": weights,
+            "rank": 3,
+            "update_proj_gap": gap,
+            "scale": 0.5,
+            "proj_type": proj_type,
+            "refresh_method": method,
+            "moment_policy": policy,
+            "refresh_seed": 17,
+        },
+    ]
+
+
 # ---------------------------------------------------------------- a small regression problem
 def make_regression_model(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
@@ -57,3 +77,11 @@ def train_regression(model, opt, steps):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def tiny_train_args(sample_tokens: int = 8) -> list[str]:
+    """galorex-train flags for a seconds-long llama-tiny run (one thread, fixed seed, no progress bar)."""
+    return [
+        "--model", "llama-tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2",
+        "--sample-tokens", str(sample_tokens), "--no-progress", "--threads", "1", "--seed", "0",
+    ]  # fmt: skip

@@ -5,39 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from problems import tiny_train_args
 
 from galorex.train.cli import main
 
-TINY = [
-    "--model",
-    "llama-tiny",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "32",
-    "--eval-batches",
-    "2",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--seed",
-    "0",
-    "--eval-every",
-    "0",
-]
+TINY = tiny_train_args(sample_tokens=0) + ["--eval-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_rng_state(rng)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 @pytest.mark.parametrize("level,fmt", [(1, "fp8"), (2, "int8")])

@@ -374,26 +374,13 @@ TOTAL = 13  # refreshes at steps 0, 5, 10
 S = 3  # the window wraps after 3 steps
 
 
+from problems import conv_net_groups
 from problems import make_conv_net as make_model
 
 
 def make_opt(model, policy="keep", proj_type="std", method="svd"):
-    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     return NaturalGaLoreAdamW(
-        [
-            {"params": biases, "weight_decay": 0.0},
-            {
-                "params": weights,
-                "rank": 3,
-                "update_proj_gap": GAP,
-                "scale": 0.5,
-                "proj_type": proj_type,
-                "refresh_method": method,
-                "moment_policy": policy,
-                "refresh_seed": 17,
-            },
-        ],
+        conv_net_groups(model, GAP, policy=policy, proj_type=proj_type, method=method),
         lr=1e-2,
         weight_decay=0.05,
         natural_history=S,

@@ -21,40 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from problems import tiny_train_args
 
 from galorex.train.checkpoint import list_checkpoints, load_checkpoint
 from galorex.train.cli import main
 
-TINY = [
-    "--model",
-    "llama-tiny",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "32",
-    "--eval-batches",
-    "2",
-    "--sample-tokens",
-    "8",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--seed",
-    "0",
-]
+TINY = tiny_train_args()
 ERROR_PREFIX = "galorex-train: error:"
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """The command sets torch's thread count and global RNGs; give other test modules theirs back."""
-    threads = torch.get_num_threads()
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_rng_state(rng)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def run_quiet(argv: list[str]) -> tuple[int, str, str]:

@@ -86,9 +86,8 @@ def random_signs(dim: int, seed: int, device: torch.device | str | None = None) 
     return s.to(device) if device is not None else s
 
 
-def fwht(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
-    """Orthonormal fast Walsh–Hadamard transform of each block of the last dimension, x ↦ x·H_b:
-    log₂(b) butterfly stages (a, b) ↦ (a + b, a − b), O(d log b), then one scale by 1/√b."""
+def _transform_block(x: torch.Tensor, block_size: int | None) -> tuple[int, int]:
+    """(last dimension, block) for a transform of x, or a clear error for what cannot be rotated."""
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     dim = x.shape[-1]
@@ -96,6 +95,13 @@ def fwht(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     if block_size is None and not is_power_of_two(dim):
         raise ValueError(f"the last dimension ({dim}) is not a power of two: give a block_size that divides it")
     _check_block(dim, b)
+    return dim, b
+
+
+def fwht(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Orthonormal fast Walsh–Hadamard transform of each block of the last dimension, x ↦ x·H_b:
+    log₂(b) butterfly stages (a, b) ↦ (a + b, a − b), O(d log b), then one scale by 1/√b."""
+    dim, b = _transform_block(x, block_size)
     lead = x.shape[:-1]
     y = x.reshape(-1, dim // b, b)
     h = 1
@@ -125,13 +131,7 @@ def fwht_kron(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     elementwise passes: 4–7× faster than the butterfly on this CPU (2048×4096, blocks 128 and
     4096), and the butterfly's passes were most of HaloLinear's time on an H200. Computed in
     float32 (float64 for float64 input); equal to :func:`fwht` to float32 rounding (tested)."""
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    dim = x.shape[-1]
-    b = dim if block_size is None else block_size
-    if block_size is None and not is_power_of_two(dim):
-        raise ValueError(f"the last dimension ({dim}) is not a power of two: give a block_size that divides it")
-    _check_block(dim, b)
+    dim, b = _transform_block(x, block_size)
     factors, rest = [], b
     while rest > KRON_FACTOR:
         factors.append(KRON_FACTOR)

@@ -315,37 +315,48 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._run_plans(self._step_plans(), self._prepare_projection, self._commit_refresh, self._lowrank_step)
+        return loss
 
-        plans = []  # (group, dense params, projected params with their per-param context)
+    def _step_plans(
+        self, check_projected: Callable[[torch.Tensor, int, int], None] | None = None
+    ) -> list[tuple[dict[str, Any], list[torch.Tensor], list[dict[str, Any]]]]:
+        """Per group: (group, unprojected params with a gradient, projected ones with their context).
+        ``check_projected(p, group_index, param_index)`` may refuse a projected parameter."""
+        plans = []
         global_index = 0
         for gi, group in enumerate(self.param_groups):
             dense: list[torch.Tensor] = []
             projected: list[dict[str, Any]] = []
             for pi, p in enumerate(group["params"]):
-                index = global_index + pi
                 if p.grad is None:
                     continue
                 self._check_grad(p, gi, pi)
                 if self.is_projected(group, p):
-                    projected.append({"param": p, "group_index": gi, "param_index": pi, "index": index})
+                    if check_projected is not None:
+                        check_projected(p, gi, pi)
+                    projected.append({"param": p, "group_index": gi, "param_index": pi, "index": global_index + pi})
                 else:
                     dense.append(p)
             global_index += len(group["params"])
             plans.append((group, dense, projected))
+        return plans
 
-        # Every new basis is computed before any parameter changes, so a non-finite gradient at a
-        # refresh raises with the optimizer and the model exactly as they were.
+    def _run_plans(self, plans, prepare, commit, lowrank_step) -> None:
+        """Every new basis is computed (``prepare``) before any parameter changes, so a non-finite
+        gradient at a refresh raises with the optimizer and the model exactly as they were; then
+        per group the refreshes are committed, unprojected parameters take AdamW and projected
+        ones ``lowrank_step``."""
         for group, _, projected in plans:
             for item in projected:
-                self._prepare_projection(group, item)
+                prepare(group, item)
         for group, dense, projected in plans:
             for item in projected:
-                self._commit_refresh(group, item)
+                commit(group, item)
             if dense:
                 self._dense_adamw(group, dense)
             if projected:
-                self._lowrank_step(group, projected)
-        return loss
+                lowrank_step(group, projected)
 
     def _prepare_projection(
         self,

@@ -129,38 +129,21 @@ def sharded_step(opt: LowRankOptimizer, closure: Callable[[], Any] | None = None
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
-    plans = []
-    global_index = 0
-    for gi, group in enumerate(opt.param_groups):
-        dense, projected = [], []
-        for pi, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            opt._check_grad(p, gi, pi)
-            if opt.is_projected(group, p):
-                if not isinstance(p, DTensor):
-                    raise ValueError(
-                        f"{opt._param_label(gi, pi)}: mixing DTensor and plain projected "
-                        "parameters in one optimizer is not supported"
-                    )
-                _check_placement(opt, p, gi, pi)
-                projected.append({"param": p, "group_index": gi, "param_index": pi, "index": global_index + pi})
-            else:
-                dense.append(p)
-        global_index += len(group["params"])
-        plans.append((group, dense, projected))
 
-    # As in the single-process step: every new basis before any parameter changes.
-    for group, _, projected in plans:
-        for item in projected:
-            _prepare(opt, group, item)
-    for group, dense, projected in plans:
-        for item in projected:
-            _commit(opt, group, item)
-        if dense:
-            opt._dense_adamw(group, dense)
-        if projected:
-            _lowrank_step(opt, group, projected)
+    def check(p: torch.Tensor, gi: int, pi: int) -> None:
+        if not isinstance(p, DTensor):
+            raise ValueError(
+                f"{opt._param_label(gi, pi)}: mixing DTensor and plain projected parameters in one "
+                "optimizer is not supported"
+            )
+        _check_placement(opt, p, gi, pi)
+
+    opt._run_plans(
+        opt._step_plans(check),
+        lambda group, item: _prepare(opt, group, item),
+        lambda group, item: _commit(opt, group, item),
+        lambda group, items: _lowrank_step(opt, group, items),
+    )
     return loss
 
 

@@ -400,18 +400,35 @@ def packed_nbytes(numel: int, kind: str, block_size: int = BLOCK_SIZE) -> int:
 INT4_BLOCK_SIZE = 64
 
 
+def _symmetric_codes(x: torch.Tensor, top: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise symmetric integer codes of x (flattened): s_b = max|x_b|/top, q = round(x/s_b) ∈
+    [−top, top] as int16 (numel of them), float32 scales (1 per block; an all-zero block gets s = 0
+    and codes 0, so it round-trips exactly)."""
+    _check_block_size(block_size)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    blocks = _blocks(flat, block_size)
+    scale = blocks.abs().amax(dim=1) / float(top)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(blocks / safe[:, None]).clamp_(-top, top).to(torch.int16).reshape(-1)[: flat.numel()]
+    return q, scale
+
+
+def _apply_scales(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size, block_size: int) -> torch.Tensor:
+    """codes (float32, numel of ``shape``) times their block's scale, as a tensor of ``shape``."""
+    n = shape.numel()
+    pad = (-n) % block_size
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    return (codes.view(-1, block_size) * scale[:, None]).reshape(-1)[:n].reshape(shape)
+
+
 def quantize_int4_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 4-bit codes for a projection basis (Q-GaLore keeps its projections in 4 bits):
     s_b = max|x_b|/7, q = round(x/s_b) ∈ [−7, 7], two codes per byte. Returns (packed uint8 of
     ⌈numel/2⌉ bytes, float32 scales of ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise."""
-    _check_block_size(block_size)
-    flat = x.detach().reshape(-1).to(torch.float32)
-    n = flat.numel()
-    blocks = _blocks(flat, block_size)
-    scale = blocks.abs().amax(dim=1) / 7.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / safe[:, None]).clamp_(-7, 7).to(torch.int16).reshape(-1)[:n] + 8
-    if n % 2:
+    q, scale = _symmetric_codes(x, 7, block_size)
+    q = q + 8
+    if q.numel() % 2:
         q = torch.cat([q, q.new_full((1,), 8)])
     packed = (q[0::2] | (q[1::2] << 4)).to(torch.uint8)
     return packed, scale
@@ -425,13 +442,9 @@ def dequantize_int4_blockwise(
 ) -> torch.Tensor:
     """The float32 tensor of ``shape`` that :func:`quantize_int4_blockwise` stored."""
     shape = torch.Size(shape)
-    n = shape.numel()
     wide = packed.to(torch.int16)
-    q = torch.stack([wide & 0xF, wide >> 4], dim=1).reshape(-1)[:n].to(torch.float32) - 8.0
-    pad = (-n) % block_size
-    if pad:
-        q = torch.cat([q, q.new_zeros(pad)])
-    return (q.view(-1, block_size) * scale[:, None]).reshape(-1)[:n].reshape(shape)
+    q = torch.stack([wide & 0xF, wide >> 4], dim=1).reshape(-1)[: shape.numel()].to(torch.float32) - 8.0
+    return _apply_scales(q, scale, shape, block_size)
 
 
 def int4_nbytes(numel: int, block_size: int = INT4_BLOCK_SIZE) -> int:
@@ -444,14 +457,8 @@ def quantize_int8_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) 
     """Symmetric 8-bit codes for a projection basis: s_b = max|x_b|/127, q = round(x/s_b) ∈
     [−127, 127] (int8, one per entry). Returns (int8 codes of numel, float32 scales of
     ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise — 18× finer than the 4-bit codes' s_b = max/7."""
-    _check_block_size(block_size)
-    flat = x.detach().reshape(-1).to(torch.float32)
-    n = flat.numel()
-    blocks = _blocks(flat, block_size)
-    scale = blocks.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-    return q, scale
+    q, scale = _symmetric_codes(x, 127, block_size)
+    return q.to(torch.int8), scale
 
 
 def dequantize_int8_blockwise(
@@ -461,13 +468,7 @@ def dequantize_int8_blockwise(
     block_size: int = INT4_BLOCK_SIZE,
 ) -> torch.Tensor:
     """The float32 tensor of ``shape`` that :func:`quantize_int8_blockwise` stored."""
-    shape = torch.Size(shape)
-    n = shape.numel()
-    codes = q.reshape(-1).to(torch.float32)
-    pad = (-n) % block_size
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad)])
-    return (codes.view(-1, block_size) * scale[:, None]).reshape(-1)[:n].reshape(shape)
+    return _apply_scales(q.reshape(-1).to(torch.float32), scale, torch.Size(shape), block_size)
 
 
 def int8_nbytes(numel: int, block_size: int = INT4_BLOCK_SIZE) -> int:
