@@ -128,8 +128,9 @@ def fwht_kron(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     """The same x·H_b as :func:`fwht`, through GEMMs: H_{b₁b₂} = H_{b₁} ⊗ H_{b₂} (Sylvester), so a
     block of b entries viewed as a b₁×b₂×… array is multiplied by a small ±1 matrix along each axis
     (factors ≤ 64). O(d·Σbᵢ) work instead of O(d log b), but a handful of GEMMs instead of log₂ b
-    elementwise passes: 4–7× faster than the butterfly on this CPU (2048×4096, blocks 128 and
-    4096), and the butterfly's passes were most of HaloLinear's time on an H200. Computed in
+    elementwise passes: 2.6× faster than the butterfly on the development CPU (2048×1024, one
+    1024-block; ``python -m galorex.bench.halo_gpu --device cpu``), and the butterfly's passes were
+    most of HaloLinear's time on an H200. Computed in
     float32 (float64 for float64 input); equal to :func:`fwht` to float32 rounding (tested)."""
     dim, b = _transform_block(x, block_size)
     factors, rest = [], b
