@@ -158,3 +158,9 @@ def test_all_quick_writes_every_table(tmp_path):
     for name in ("step", "refresh", "memory", "convergence", "train_reference"):
         assert (tmp_path / f"{name}.md").read_text().strip()
         assert json.loads((tmp_path / f"{name}.json").read_text())["results"]
+    basis = json.loads((tmp_path / "basis.json").read_text())
+    assert [r["data"] for r in basis["summary"]][:2] == ["gaussian", "gaussian, 8 rows ×100"]
+    for row in basis["summary"]:
+        # 8-bit codes are far finer than 4-bit ones, rotated or not; a Gaussian basis sits near 3.
+        assert row["basis_8"] < row["basis_4"] / 10 and row["basis_8h"] < row["basis_4h"] / 10
+    assert basis["summary"][0]["kurtosis"] == pytest.approx(3.0, abs=0.5)

@@ -130,16 +130,18 @@ def test_compile_option_is_validated():
         galorex.GaLoreAdamW([w], compile="inductor")
 
 
-@pytest.mark.parametrize("cls", [galorex.GaLoreAdamW, galorex.GradNormLoRPAdamW])
-def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls):
-    """optim_bits=8 and basis_bits=4 trace into the same single graph. Against eager the match is
-    to the quantisation step, not to float32 rounding: a rounding difference can move a value to
-    the next 8-bit code (1/256 of its block's range), as a 1e-7 perturbation does in eager too."""
+@pytest.mark.parametrize(
+    "cls,rotation", [(galorex.GaLoreAdamW, False), (galorex.GradNormLoRPAdamW, False), (galorex.GaLoreAdamW, True)]
+)
+def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls, rotation):
+    """optim_bits=8 and basis_bits=4 (rotated or not) trace into the same single graph. Against eager
+    the match is to the quantisation step, not to float32 rounding: a rounding difference can move a
+    value to the next 8-bit code (1/256 of its block's range), as a 1e-7 perturbation does in eager."""
     backend = CountingBackend()
     eager_model = make_regression_model()
     compiled_model = copy.deepcopy(eager_model)
     # rank 48: the 128×48 low-rank moments (6144 entries) are past the 4096 that stay float32
-    opts = {"rank": 48, "gap": 3, "basis_bits": 4}
+    opts = {"rank": 48, "gap": 3, "basis_bits": 4, "basis_rotation": rotation}
     eager = cls(regression_groups(eager_model, **opts), lr=torch.tensor(1e-3), optim_bits=8)
     compiled = cls(
         regression_groups(compiled_model, **opts), lr=torch.tensor(1e-3), optim_bits=8, compile={"backend": backend}
@@ -149,7 +151,7 @@ def test_8bit_moments_and_4bit_bases_compile_without_graph_breaks(cls):
         train_regression(eager_model, eager, 1)
         train_regression(compiled_model, compiled, 1)
     assert "exp_avg_q" in compiled.state[compiled_model[0].weight]
-    assert "basis_q4" in compiled.state[compiled_model[0].weight]
+    assert ("basis_q4h" if rotation else "basis_q4") in compiled.state[compiled_model[0].weight]
     for a, b, b0 in zip(compiled_model.parameters(), eager_model.parameters(), before):
         moved = (b - b0).abs().max().item()
         assert moved > 1e-4

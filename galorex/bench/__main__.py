@@ -7,6 +7,7 @@
     python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2]
     python -m galorex.bench layerwise-memory [--model llama-60m --batch-size 4 --seq-len 256]
     python -m galorex.bench halo [--tokens 2048 --in-features 512 --out-features 512]
+    python -m galorex.bench basis [--model llama-60m --rank 128 --steps 20]
     python -m galorex.bench hf-trainer [--steps 300 --seed 0]
     python -m galorex.bench all [--quick]
 
@@ -30,6 +31,7 @@ from .. import projection as proj
 from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from ..models.llama import MODEL_CONFIGS, Llama, get_config
 from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
+from . import basis as basis_bench
 from . import halo as halo_bench
 from . import hf_trainer as hf_trainer_bench
 from .layerwise import add_arguments as add_layerwise_arguments
@@ -457,6 +459,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
                 natural_damping=args.natural_damping,
                 optim_bits=args.optim_bits,
                 basis_bits=args.basis_bits,
+                basis_rotation=getattr(args, "basis_rotation", False),
                 **_train_overrides(args),
             )
             summary = train(cfg, log=lambda *a: None)
@@ -506,7 +509,8 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
             f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
             f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
             f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
-            f"{args.optim_bits}-bit moments, {args.basis_bits}-bit bases; "
+            f"{args.optim_bits}-bit moments, {args.basis_bits}-bit bases"
+            f"{' (Hadamard-rotated)' if getattr(args, 'basis_rotation', False) else ''}; "
             f"unigram entropy {entropy:.3f}",
             "",
             f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
@@ -561,6 +565,7 @@ COMMANDS = {
     "layerwise-memory": bench_layerwise_memory,
 }
 QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
+QUICK["basis"], COMMANDS["basis"] = basis_bench.QUICK, basis_bench.bench_basis
 QUICK["hf-trainer"], COMMANDS["hf-trainer"] = hf_trainer_bench.QUICK, hf_trainer_bench.bench_hf_trainer
 
 
@@ -609,10 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--natural-damping", type=float, default=1e-3)
     c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
     c.add_argument("--basis-bits", type=int, default=32, choices=(4, 8, 32))
+    c.add_argument("--basis-rotation", action="store_true", help="Hadamard-rotate 4/8-bit bases before quantising")
     add_layerwise_arguments(
         sub.add_parser("layerwise-memory", help="peak memory of training steps with and without layer-wise updates")
     )
     halo_bench.add_parser(sub)
+    basis_bench.add_parser(sub)
     hf_trainer_bench.add_parser(sub)
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]

@@ -143,7 +143,9 @@ def fwht_kron(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     for axis, n in enumerate(factors, start=2):
         if n == 1:
             continue
-        h = _signs_matrix(n, y.device).to(work)
+        # Under torch.compile the matrix is built in the graph (dynamo would bypass the cache anyway).
+        make = _signs_matrix.__wrapped__ if torch.compiler.is_compiling() else _signs_matrix
+        h = make(n, y.device).to(work)
         y = torch.movedim(torch.movedim(y, axis, -1) @ h, -1, axis)
     return (y.reshape(x.shape) * (1.0 / math.sqrt(b))).to(x.dtype)
 

@@ -137,7 +137,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``refresh_method``,
     ``moment_policy`` (``keep`` as galore-torch; ``reset`` zeroes the statistics and restarts β̂_t;
     ``reproject`` carries m by R = P_newᵀP_old and the factored V̂ by R∘R, then re-factors it),
-    ``oversample``, ``power_iters``, ``refresh_seed``, ``basis_bits``.
+    ``oversample``, ``power_iters``, ``refresh_seed``, ``basis_bits``, ``basis_rotation``.
 
     Statistics are float32 (float64 for float64 weights) whatever the weight's dtype, as
     galore-torch keeps them, and stay so through ``load_state_dict``. ``compile=True`` compiles
@@ -175,6 +175,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         power_iters: int = 2,
         refresh_seed: int = 0,
         basis_bits: int = 32,
+        basis_rotation: bool = False,
         compile: CompileOption = False,
         layerwise: bool = False,
         accumulation_steps: int = 1,
@@ -199,6 +200,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             "power_iters": power_iters,
             "refresh_seed": refresh_seed,
             "basis_bits": basis_bits,
+            "basis_rotation": basis_rotation,
         }
         super().__init__(
             params,

@@ -44,6 +44,7 @@ EPS_MODE = "eps_mode"
 EPS_MODES = ("torch", "galore_torch")
 OPTIM_BITS = "optim_bits"
 BASIS_BITS = "basis_bits"
+BASIS_ROTATION = "basis_rotation"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
@@ -92,28 +93,40 @@ def basis_keys(side: str) -> list[str]:
     return ["basis_left", "basis_right"] if side == "full" else ["basis"]
 
 
-def store_bases(state: dict[str, Any], side: str, bases: list[torch.Tensor], bits: int) -> None:
+def store_bases(state: dict[str, Any], side: str, bases: list[torch.Tensor], bits: int, rotated: bool = False) -> None:
     """Keep the bases as they are (32 bits) or as 4- or 8-bit codes with per-64 scales
-    (``basis_bits=4|8``, ``state8bit.BASIS_CODECS``)."""
+    (``basis_bits=4|8``, ``state8bit.BASIS_CODECS``), Hadamard-rotated first when ``rotated``
+    (``basis_rotation``; the state keys say which, so a checkpoint decodes itself)."""
     for key, basis in zip(basis_keys(side), bases):
         if bits in state8bit.BASIS_CODECS:
-            suffix, quantize, _, _ = state8bit.BASIS_CODECS[bits]
-            state[key + suffix], state[key + "_scale"] = quantize(basis)
+            for suffix in state8bit.BASIS_SUFFIXES[1:]:  # a refresh may change the format
+                state.pop(key + suffix, None)
+            codes, scale = state8bit.encode_basis(basis, bits, rotated)
+            state[key + state8bit.basis_code_suffix(bits, rotated)], state[key + "_scale"] = codes, scale
         else:
             state[key] = basis
 
 
+def _stored_format(state: dict[str, Any], key: str) -> tuple[int, bool]:
+    for bits in state8bit.BASIS_CODECS:
+        for rotated in (False, True):
+            if key + state8bit.basis_code_suffix(bits, rotated) in state:
+                return bits, rotated
+    raise KeyError(f"no stored basis {key!r} in this state (keys: {sorted(state)})")
+
+
 def load_bases(state: dict[str, Any], side: str, p: torch.Tensor, rank: int) -> list[torch.Tensor]:
-    """The bases as float tensors (4- and 8-bit ones dequantised; their shapes follow from p and
-    the rank)."""
+    """The bases as float tensors (4- and 8-bit ones decoded, and un-rotated if they were stored
+    rotated; their shapes follow from p and the rank)."""
     keys = basis_keys(side)
     if keys[0] in state:
         return [state[k] for k in keys]
     m, n = proj.matrix_shape(p.shape)
     dtype = compute_dtype(p.dtype)
-    suffix, _, dequantize, _ = next(c for c in state8bit.BASIS_CODECS.values() if keys[0] + c[0] in state)
+    bits, rotated = _stored_format(state, keys[0])
+    suffix = state8bit.basis_code_suffix(bits, rotated)
     return [
-        dequantize(state[k + suffix], state[k + "_scale"], shape).to(dtype)
+        state8bit.decode_basis(state[k + suffix], state[k + "_scale"], shape, bits, rotated).to(dtype)
         for k, shape in zip(keys, proj.basis_shapes(side, m, n, rank))
     ]
 
@@ -255,6 +268,11 @@ class LowRankOptimizer(Optimizer):
         bits = group.get(BASIS_BITS, 32)
         if not _is_int(bits) or bits not in (4, 8, 32):
             raise bad(BASIS_BITS, "must be 4, 8 or 32")
+        rotation = group.get(BASIS_ROTATION, False)
+        if not isinstance(rotation, bool):
+            raise bad(BASIS_ROTATION, "must be True or False")
+        if rotation and bits == 32:
+            raise bad(BASIS_ROTATION, "rotates a quantised basis: it needs basis_bits=4 or 8")
         if group.get(PROJ_PRECISION) not in (None,) + PROJ_PRECISIONS:
             raise bad(PROJ_PRECISION, f"must be None or one of {PROJ_PRECISIONS}")
 
@@ -405,21 +423,21 @@ class LowRankOptimizer(Optimizer):
         p = item["param"]
         state = self.state[p]
         side = item["side"]
-        if group[BASIS_BITS] in state8bit.BASIS_CODECS:
+        bits, rotated = group[BASIS_BITS], group.get(BASIS_ROTATION, False)
+        if bits in state8bit.BASIS_CODECS:
             # Work with the basis as it will be stored, so moments carried into it match it.
-            _, quantize, dequantize, _ = state8bit.BASIS_CODECS[group[BASIS_BITS]]
-            new = [dequantize(*quantize(b), b.shape).to(b.dtype) for b in new]
+            new = [state8bit.roundtrip_basis(b, bits, rotated) for b in new]
         if not state:
             state[STEP] = torch.zeros((), dtype=torch.float32)
             state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
-            store_bases(state, side, new, group[BASIS_BITS])
+            store_bases(state, side, new, bits, rotated)
             m, n = proj.matrix_shape(p.shape)
             shape = proj.lowrank_shape(item["side"], m, n, group[RANK])
             self._init_lowrank_state(group, p, state, shape, compute_dtype(p.dtype))
         else:
             old = load_bases(state, side, p, group[RANK])
             self._on_refresh(group, p, state, old, new, side)
-            store_bases(state, side, new, group[BASIS_BITS])
+            store_bases(state, side, new, bits, rotated)
             state[PROJ_STEP].fill_(item["step"])
         item["new_bases"] = None
 
@@ -767,7 +785,9 @@ class LowRankOptimizer(Optimizer):
                 continue
             p, group = id_to_param[pid]
             restored = {}
-            projected = any(k + suffix in values for k in ("basis", "basis_left") for suffix in ("", "_q4", "_q8"))
+            projected = any(
+                k + suffix in values for k in ("basis", "basis_left") for suffix in state8bit.BASIS_SUFFIXES
+            )
             for key, value in values.items():
                 if not isinstance(value, torch.Tensor):
                     restored[key] = value

@@ -38,6 +38,7 @@ def build_optimizer(
     natural_damping: float = 1e-3,
     optim_bits: int = 32,
     basis_bits: int = 32,
+    basis_rotation: bool = False,
     layerwise: bool = False,
     accumulation_steps: int = 1,
     per_param_grad_clip: float | None = None,
@@ -79,6 +80,7 @@ def build_optimizer(
             refresh_method=refresh_method,
             moment_policy=moment_policy,
             basis_bits=basis_bits,
+            basis_rotation=basis_rotation,
             **extra,
         )
         if name == "galore-adafactor":

@@ -130,6 +130,14 @@ class GaLoreAdamW(LowRankOptimizer):
       scale per 64 entries; Q-GaLore keeps its projections in 4 bits) and dequantises it on use; the
       basis is then only approximately orthonormal (entries within half a code step).
 
+    - ``basis_rotation`` (False): with ``basis_bits`` 4 or 8, quantise the basis after a block
+      Hadamard rotation of its last dimension (blocks ≤ 64) and rotate back on use, so a spiky
+      block does not set a coarse code step for the rest (``state8bit.rotate_basis``). Measured
+      (``python -m galorex.bench basis``, docs/benchmarks.md): it brings spiky bases down to the
+      Gaussian floor (4-bit error 0.108–0.120 → 0.107 on Llama-60M's heavy-tailed ones) but the
+      error of the projected gradient moves either way, and llama-tiny training was no better, so
+      it is off by default.
+
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
       ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
       Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.halo.projection``).
@@ -187,6 +195,7 @@ class GaLoreAdamW(LowRankOptimizer):
         eps_mode: str = "torch",
         optim_bits: int = 32,
         basis_bits: int = 32,
+        basis_rotation: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
         compile: CompileOption = False,
@@ -210,6 +219,7 @@ class GaLoreAdamW(LowRankOptimizer):
             eps_mode=eps_mode,
             optim_bits=optim_bits,
             basis_bits=basis_bits,
+            basis_rotation=basis_rotation,
             foreach=foreach,
             fused=fused,
         )

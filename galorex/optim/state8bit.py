@@ -65,6 +65,16 @@ __all__ = [
     "pack_moment",
     "unpack_moment",
     "packed_nbytes",
+    "quantize_int4_blockwise",
+    "dequantize_int4_blockwise",
+    "quantize_int8_blockwise",
+    "dequantize_int8_blockwise",
+    "basis_nbytes",
+    "rotate_basis",
+    "unrotate_basis",
+    "encode_basis",
+    "decode_basis",
+    "roundtrip_basis",
 ]
 
 BLOCK_SIZE = 256
@@ -484,5 +494,67 @@ BASIS_CODECS = {
 
 
 def basis_nbytes(numel: int, bits: int) -> int:
-    """Bytes of one stored basis of ``numel`` entries at ``basis_bits`` = 4, 8 or 32."""
+    """Bytes of one stored basis of ``numel`` entries at ``basis_bits`` = 4, 8 or 32 (a rotated
+    basis costs the same: the rotation is fixed, nothing of it is stored)."""
     return 4 * numel if bits == 32 else BASIS_CODECS[bits][3](numel)
+
+
+# --------------------------------------------------------------------------- rotated bases
+# ``basis_rotation=True`` stores Q(B·H) instead of Q(B), B the basis as stored (rows × last dim,
+# row-major, so the 64-entry code blocks run along the last dimension) and H = diag(H_b, …) a block
+# Walsh–Hadamard rotation of the last dimension: a block whose entries are spiky (a few large, the
+# rest small: the bases of attention projections are) is spread evenly before its absmax sets the
+# code step. Decoding undoes it: B̂ = deq(Q(B·H))·H (H is symmetric and orthogonal), so
+# ‖B̂ − B‖_F = ‖deq(Q(B·H)) − B·H‖_F, the error of quantising B·H. b = the largest power of two
+# dividing the last dimension, at most the code block (64), so each rotation block lies inside one
+# code block when the last dimension is a multiple of 64; an odd last dimension has b = 1 and
+# nothing is rotated. No random signs: on Llama-60M gradients they changed the error by < 2 %
+# either way (docs/benchmarks.md). Rotated codes are stored under their own state keys (suffix +
+# "h"), so a checkpoint says how to decode itself.
+ROTATED = "h"
+
+
+def basis_rotation_block(dim: int) -> int:
+    """The Hadamard block of a rotated basis whose last dimension is ``dim``."""
+    return min(INT4_BLOCK_SIZE, dim & -dim)
+
+
+def rotate_basis(x: torch.Tensor) -> torch.Tensor:
+    """x·H along the last dimension, float32 (see the comment above :func:`basis_rotation_block`).
+    H is symmetric and orthogonal, so this is also its own inverse."""
+    from ..halo.hadamard import hadamard_transform
+
+    x = x.to(torch.float32)
+    block = basis_rotation_block(x.shape[-1])
+    return x if block == 1 else hadamard_transform(x, block)
+
+
+unrotate_basis = rotate_basis
+
+
+def basis_code_suffix(bits: int, rotated: bool) -> str:
+    """State-key suffix of a basis stored at ``bits`` (4 or 8), rotated or not: "_q4", "_q8h", …"""
+    return BASIS_CODECS[bits][0] + (ROTATED if rotated else "")
+
+
+# Every suffix a basis may be stored under ("" is the float basis itself).
+BASIS_SUFFIXES = ("",) + tuple(basis_code_suffix(b, r) for b in BASIS_CODECS for r in (False, True))
+
+
+def encode_basis(basis: torch.Tensor, bits: int, rotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, float32 scales) of a basis at ``bits`` = 4 or 8, rotated first if asked."""
+    quantize = BASIS_CODECS[bits][1]
+    return quantize(rotate_basis(basis) if rotated else basis)
+
+
+def decode_basis(
+    codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int, rotated: bool
+) -> torch.Tensor:
+    """The float32 basis of ``shape`` that :func:`encode_basis` stored."""
+    x = BASIS_CODECS[bits][2](codes, scale, shape)
+    return unrotate_basis(x) if rotated else x
+
+
+def roundtrip_basis(basis: torch.Tensor, bits: int, rotated: bool) -> torch.Tensor:
+    """decode(encode(basis)) in the basis's dtype: the basis as the optimizer will see it."""
+    return decode_basis(*encode_basis(basis, bits, rotated), basis.shape, bits, rotated).to(basis.dtype)

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(4, 8, 32),
         help="bits of the stored projection bases (4/8: block-wise int4/int8)",
     )
+    a(
+        "--basis-rotation",
+        action="store_true",
+        default=d.basis_rotation,
+        help="Hadamard-rotate 4/8-bit bases before quantising them (needs --basis-bits 4 or 8)",
+    )
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
     a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")

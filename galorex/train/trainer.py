@@ -89,6 +89,7 @@ class TrainConfig:
     natural_damping: float = 1e-3
     optim_bits: int = 32
     basis_bits: int = 32
+    basis_rotation: bool = False
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
@@ -484,6 +485,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             natural_damping=cfg.natural_damping,
             optim_bits=cfg.optim_bits,
             basis_bits=cfg.basis_bits,
+            basis_rotation=cfg.basis_rotation,
             **layerwise,
         )
     except (ValueError, TypeError) as e:
