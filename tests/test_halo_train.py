@@ -44,3 +44,28 @@ def test_halo_changes_the_run(tmp_path):
     # Same seed and data: a different number shows the quantised layers were in the loop, a close
     # one that they compute the same function.
     assert losses["plain"] != losses["halo"] and abs(losses["plain"] - losses["halo"]) < 0.05, losses
+
+
+def test_train_with_halo_save_quantized(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    plain = ["--halo", "1", "--halo-format", "int8", "--optimizer", "adamw"]
+    saving = plain + ["--halo-save-quantized"]
+    assert main(TINY + saving + ["--steps", "2", "--save-every", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_val_loss"] < 6.0
+    # It changes the gradients, so a resume must ask for it too.
+    assert main(TINY + plain + ["--steps", "3", "--out", str(out), "--resume"]) == 2
+    assert "halo_save_quantized" in capsys.readouterr().err
+    assert main(TINY + saving + ["--steps", "3", "--out", str(out), "--resume"]) == 0
+    assert main(TINY + ["--halo-save-quantized", "--steps", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--halo-save-quantized needs --halo" in capsys.readouterr().err
+    # A checkpoint written before the flag existed has no such key: it resumes as the default (off).
+    old = tmp_path / "old"
+    assert main(TINY + plain + ["--steps", "2", "--save-every", "2", "--out", str(old)]) == 0
+    (ckpt,) = (old / "checkpoints").iterdir()
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["halo_save_quantized"]
+    torch.save(state, ckpt)
+    assert main(TINY + plain + ["--steps", "3", "--out", str(old), "--resume"]) == 0

@@ -3,10 +3,12 @@
 For each data source — Gaussian X, W, E_Y; the same with outlier channels (a few input channels of
 X and output channels of E_Y scaled ×20…×200); activations, weights and output gradients captured
 from a real ``llama-tiny`` training step — and each of levels 0/1/2 × FP8/INT8 × per-tensor/per-row
-scales, it reports the relative error ‖Ŷ − Y‖/‖Y‖ of Y = XWᵀ, E_X = E_Y W and G = E_Yᵀ X against
-float64, on all entries and on the normal channels only (outlier channels left out). A second table
-compares e4m3 and e5m2 for the gradient operand; a third the ``proj_precision`` settings of the
-GaLore projection on the same gradients.
+scales, plus the quantise-once pipeline (``save_quantized=True``, per tensor), it reports the
+relative error ‖Ŷ − Y‖/‖Y‖ of Y = XWᵀ, E_X = E_Y W and G = E_Yᵀ X against float64, on all entries
+and on the normal channels only (outlier channels left out). A second table compares e4m3 and
+e5m2 for the gradient operand; a third the ``proj_precision`` settings of the GaLore projection on
+the same gradients; a fourth the bytes one layer saves for backward, with and without
+``save_quantized``.
 """
 
 from __future__ import annotations
@@ -138,11 +140,25 @@ def _keep(n: int, drop: torch.Tensor) -> torch.Tensor:
 
 
 def layer_errors(
-    case: dict[str, Any], level: int, fmt: str, granularity: str, grad_fp8: str = "e4m3"
+    case: dict[str, Any],
+    level: int,
+    fmt: str,
+    granularity: str,
+    grad_fp8: str = "e4m3",
+    save_quantized: bool = False,
 ) -> dict[str, float]:
     x, w, ey = case["x"], case["w"], case["ey"]
     n, k = w.shape
-    layer = HaloLinear(k, n, bias=False, level=level, fmt=fmt, granularity=granularity, grad_fp8=grad_fp8)
+    layer = HaloLinear(
+        k,
+        n,
+        bias=False,
+        level=level,
+        fmt=fmt,
+        granularity=granularity,
+        grad_fp8=grad_fp8,
+        save_quantized=save_quantized,
+    )
     with torch.no_grad():
         layer.weight.copy_(w)
     xr = x.clone().requires_grad_(True)
@@ -159,6 +175,60 @@ def layer_errors(
         "E_X normal": _rel(xr.grad[:, keep_in], ex64[:, keep_in]),
         "G normal": _rel(layer.weight.grad[keep_out][:, keep_in], g64[keep_out][:, keep_in]),
     }
+
+
+def saved_bytes(module: torch.nn.Module, *inputs: Any) -> int:
+    """Bytes of the tensors one forward of ``module`` saves for backward, beyond its own parameters
+    and buffers (which exist anyway): distinct storages, counted once."""
+    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(seen.values())
+
+
+def memory_rows(tokens: int, k: int, n: int, llama_batch: int, seed: int) -> list[dict[str, Any]]:
+    """Saved-for-backward bytes, default pipeline (per tensor) against ``save_quantized``, INT8 (FP8
+    stores as many bytes), float32 and bfloat16 input and weights: of one HaloLinear at each level,
+    and of a whole llama-tiny forward (every linear layer but the head converted) at levels 0 and 2."""
+    from ..halo import convert_to_halo
+    from ..models.llama import Llama, get_config
+
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    tokens_in = torch.randint(0, 256, (llama_batch, 128), generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(tokens, k, generator=g).to(dtype).requires_grad_(True)
+        for what, levels in (("one layer", LEVELS), ("llama-tiny", (0, 2))):
+            for level in levels:
+                got = {}
+                for saved in (False, True):
+                    kw = {"level": level, "fmt": "int8", "granularity": "tensor", "save_quantized": saved}
+                    if what == "one layer":
+                        got[saved] = saved_bytes(HaloLinear(k, n, dtype=dtype, **kw), x)
+                    else:
+                        torch.manual_seed(seed)
+                        model = Llama(get_config("llama-tiny")).to(dtype)
+                        convert_to_halo(model, **kw)
+                        got[saved] = saved_bytes(model, tokens_in, tokens_in)
+                rows.append(
+                    {
+                        "what": what,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "level": level,
+                        "default": got[False],
+                        "save_quantized": got[True],
+                        "ratio": got[True] / got[False],
+                    }
+                )
+    return rows
 
 
 def projection_errors(g: torch.Tensor, rank: int) -> dict[str, float]:
@@ -183,13 +253,24 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
     }
     cols = ("Y", "E_X", "G", "Y normal", "E_X normal", "G normal")
     results: list[dict[str, Any]] = []
+    # (granularity, save_quantized): the quantise-once pipeline exists per tensor only.
+    scales = [(gran, False) for gran in GRANULARITIES] + [("tensor", True)]
     for source, cases in sources.items():
         for fmt in FORMATS:
-            for gran in GRANULARITIES:
+            for gran, saved in scales:
                 for level in LEVELS:
-                    errs = [layer_errors(c, level, fmt, gran) for c in cases]
+                    errs = [layer_errors(c, level, fmt, gran, save_quantized=saved) for c in cases]
                     mean = {col: sum(e[col] for e in errs) / len(errs) for col in cols}
-                    results.append({"data": source, "fmt": fmt, "granularity": gran, "level": level, **mean})
+                    results.append(
+                        {
+                            "data": source,
+                            "fmt": fmt,
+                            "granularity": gran,
+                            "save_quantized": saved,
+                            "level": level,
+                            **mean,
+                        }
+                    )
     grad_rows: list[dict[str, Any]] = []
     for source, cases in sources.items():
         for gran in GRANULARITIES:
@@ -219,13 +300,15 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
         f"channels in X and E_Y (×{', ×'.join(f'{s:g}' for s in OUTLIER_SCALES)}); llama-tiny: {llama_names} "
         f"after {args.llama_steps} AdamW steps, batch {args.llama_batch} × 128; FP8 = e4m3 everywhere; "
         f"'normal' leaves the "
-        "outlier channels out (llama: channels whose RMS > 6× the median).",
+        "outlier channels out (llama: channels whose RMS > 6× the median). Scale 'tensor, saved': "
+        "save_quantized=True (X, W, E_Y quantised once per tensor, the 8-bit X R_K and W R_K reused "
+        "transposed in backward).",
         "",
         "| data | format | scale | level | Y | E_X | G | Y normal | E_X normal | G normal |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = [
-        f"| {r['data']} | {r['fmt']} | {r['granularity']} | {r['level']} | "
+        f"| {r['data']} | {r['fmt']} | {r['granularity']}{', saved' if r['save_quantized'] else ''} | {r['level']} | "
         + " | ".join(f"{r[c]:.4f}" for c in cols)
         + " |"
         for r in results
@@ -250,13 +333,29 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
             for r in proj_rows
         ],
     ]
-    table = "\n".join(head + rows + grad_table + proj_table)
+    mem_rows = memory_rows(args.tokens, args.in_features, args.out_features, args.llama_batch, args.seed)
+    mem_table = [
+        "",
+        f"Bytes saved for backward beyond the parameters, default pipeline against save_quantized (INT8, "
+        f"per tensor; FP8 the same): one layer, {args.tokens} tokens × {args.in_features} → {args.out_features}; "
+        f"a llama-tiny forward (every linear layer but the head converted), batch {args.llama_batch} × 128:",
+        "",
+        "| what | input and weights | level | default | save_quantized | ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *[
+            f"| {r['what']} | {r['dtype']} | {r['level']} | {r['default']:,} | {r['save_quantized']:,} "
+            f"| {r['ratio']:.3f} |"
+            for r in mem_rows
+        ],
+    ]
+    table = "\n".join(head + rows + grad_table + proj_table + mem_table)
     data = {
         "env": bench_main._env(),
         "args": {k: v for k, v in vars(args).items() if not callable(v)},
         "layer": results,
         "grad_format": grad_rows,
         "projection": proj_rows,
+        "saved_bytes": mem_rows,
     }
     bench_main._write(Path(args.out), "halo", table, data)
     return data

@@ -3,11 +3,13 @@
     python -m galorex.bench.halo_gpu [--tokens 8192 --in-features 4096 --out-features 4096] [--out bench-out]
 
 Times (CUDA events, median of --iters after --warmup) one forward+backward of a bf16 ``nn.Linear``
-and of ``HaloLinear`` at every level and format (bf16 input and master weight), the bare scaled
-GEMMs (``torch._scaled_mm`` e4m3, ``torch._int_mm``) and bf16 matmul at the same shape, and the
-Hadamard transform and quantiser alone; checks HaloLinear's error against float64 on a slice; and
-writes halo_gpu.md / halo_gpu.json. Well under five minutes on one H200. Exits with status 2 and a
-message when there is no CUDA device.
+and of ``HaloLinear`` at every level and format (bf16 input and master weight), also with
+``save_quantized=True`` (per tensor, levels 0 and 1), with the bytes each layer saves for backward;
+the bare scaled GEMMs (``torch._scaled_mm`` e4m3, ``torch._int_mm``) and bf16 matmul at the same
+shape, and the Hadamard transform and quantiser alone; checks HaloLinear's error against float64
+on a slice; and writes halo_gpu.md / halo_gpu.json. Well under five minutes on one H200 (estimated
+from the torch-path run in docs/benchmarks.md). Exits with status 2 and a message when there is
+no CUDA device.
 """
 
 from __future__ import annotations
@@ -88,30 +90,44 @@ def main(argv: list[str] | None = None) -> int:
     base_s = _time(fwd_bwd(base), args.warmup, args.iters)
     rows.append({"what": "nn.Linear bf16 fwd+bwd", "s": base_s, "tflops": flops / base_s / 1e12, "vs_bf16": 1.0})
 
-    # Error on a slice against float64, to see the GPU path computes what the CPU tests check.
+    # Error on a slice against float64, to see the GPU path computes what the CPU tests check; and
+    # the bytes each layer keeps for backward (save_quantized: 8-bit X R_K and W R_K instead of X).
+    from .halo import saved_bytes
+
     xs = x.detach()[:1024].float()
-    for fmt in ("fp8", "int8"):
-        for level in (0, 1, 2):
-            for gran in ("row", "tensor"):
-                layer = HaloLinear(
-                    k, n, bias=False, level=level, fmt=fmt, granularity=gran, device=dev, dtype=torch.bfloat16
-                )
-                with torch.no_grad():
-                    layer.weight.copy_(base.weight)
-                s = _time(fwd_bwd(layer), args.warmup, args.iters)
-                with torch.no_grad():
-                    y = layer(xs).double()
-                    ref = xs.double() @ base.weight.double().T
-                    err = float((y - ref).norm() / ref.norm())
-                rows.append(
-                    {
-                        "what": f"HaloLinear {fmt} level {level} {gran} fwd+bwd",
-                        "s": s,
-                        "tflops": flops / s / 1e12,
-                        "vs_bf16": base_s / s,
-                        "rel_err_Y": err,
-                    }
-                )
+    variants = [
+        (fmt, level, gran, False) for fmt in ("fp8", "int8") for level in (0, 1, 2) for gran in ("row", "tensor")
+    ]
+    variants += [(fmt, level, "tensor", True) for fmt in ("fp8", "int8") for level in (0, 1)]
+    for fmt, level, gran, saved in variants:
+        layer = HaloLinear(
+            k,
+            n,
+            bias=False,
+            level=level,
+            fmt=fmt,
+            granularity=gran,
+            save_quantized=saved,
+            device=dev,
+            dtype=torch.bfloat16,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(base.weight)
+        s = _time(fwd_bwd(layer), args.warmup, args.iters)
+        with torch.no_grad():
+            y = layer(xs).double()
+            ref = xs.double() @ base.weight.double().T
+            err = float((y - ref).norm() / ref.norm())
+        rows.append(
+            {
+                "what": f"HaloLinear {fmt} level {level} {gran}{' save_quantized' if saved else ''} fwd+bwd",
+                "s": s,
+                "tflops": flops / s / 1e12,
+                "vs_bf16": base_s / s,
+                "rel_err_Y": err,
+                "saved_MiB": saved_bytes(layer, x) / 2**20,
+            }
+        )
 
     a16, b16 = torch.randn(t, k, device=dev, dtype=torch.bfloat16), torch.randn(n, k, device=dev, dtype=torch.bfloat16)
     s = _time(lambda: a16 @ b16.T, args.warmup, args.iters)
@@ -163,17 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         f"HaloLinear vs bf16 nn.Linear, {t} tokens × {k} → {n}, {env['gpu']}, torch {env['torch']}, "
         f"median of {args.iters}; GEMM backends that failed and fell back: {failed or 'none'}",
         "",
-        "| what | ms | TFLOP/s | speed vs bf16 | rel. error of Y |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| what | ms | TFLOP/s | speed vs bf16 | rel. error of Y | saved for backward (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['what']} | {r['error']} | | | |")
+            lines.append(f"| {r['what']} | {r['error']} | | | | |")
             continue
         tf = f"{r['tflops']:.0f}" if "tflops" in r else f"{r['GB/s']:.0f} GB/s"
         vs = f"{r['vs_bf16']:.2f}×" if "vs_bf16" in r else ""
         err = f"{r['rel_err_Y']:.4f}" if "rel_err_Y" in r else ""
-        lines.append(f"| {r['what']} | {r['s'] * 1e3:.2f} | {tf} | {vs} | {err} |")
+        mib = f"{r['saved_MiB']:.2f}" if "saved_MiB" in r else ""
+        lines.append(f"| {r['what']} | {r['s'] * 1e3:.2f} | {tf} | {vs} | {err} | {mib} |")
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

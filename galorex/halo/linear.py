@@ -30,6 +30,29 @@ of the normal channels under INT8 (1.00 → 0.012: a per-tensor scale set by the
 them all to zero), hence ``granularity="row"`` by default; e4m3 beat e5m2 for E_Y everywhere
 (scaled, the range of e5m2 is not needed: 0.037 vs 0.059 on E_X), hence ``grad_fp8="e4m3"``.
 Recommended: ``level=2, fmt="int8"``, or ``level=0, fmt="fp8"`` (rotation buys FP8 nothing here).
+
+Quantise once (``save_quantized=True``, needs ``granularity="tensor"``), as HALO's
+``HaloFnLevel1WithQFSDPBackwardXH``: with A = X R_K, B = W R_K, Ẽ = E_Y R_N (R_K = I at level 0,
+R_N = I below level 2), A, B and Ẽ are each quantised once, per tensor, and the backward GEMMs reuse
+the saved Q(A), Q(B) transposed, un-rotating their outputs:
+
+    Y = Q(A) Q(B)ᵀ        E_X = (Q(Ẽ) Q(B)) R_Kᵀ  (levels 0-1)        G = R_N (Q(Ẽ)ᵀ Q(A)) R_Kᵀ
+                          E_X = Q(Ẽ) Q(Wᵀ R_N)ᵀ   (level 2, from the master weight, as above)
+
+Saved for backward: Q(A) (1 byte per element of X instead of its 2 or 4) and, at levels 0-1, Q(B)
+— T·K + N·K bytes and two scales against the T·K·2 (bf16) or T·K·4 of X: 0.63 / 0.31 of the
+default at 2048 tokens × 512 → 512, 0.50 / 0.25 at level 2 (which keeps the master weight, a
+parameter, instead of Q(B)); but layers that share one input (q, k, v; gate, up) each keep their
+own copy, so a whole llama-tiny forward saves only 1.4 % (bf16) / 11.5 % (fp32). A per-row scale of
+X would lie along the tokens, the inner dimension of the G GEMM, hence per tensor only. At level 0
+this is exactly the default per-tensor pipeline (same numbers, less memory). With rotation Y is
+that of the default per-tensor pipeline and E_X nearly so (llama-tiny, INT8 level 1: 0.0120 →
+0.0133), but G changes: un-rotating spreads each quantisation error over all channels. INT8 gains
+(G 0.097 → 0.014 on outlier data at level 2, 0.028 → 0.015 on llama-tiny; per-row scales, 0.013
+and 0.006, remain better); FP8 loses its normal channels (G normal 0.038 → 0.38 at level 1 on
+outlier data; 0.056 → 0.058 / 0.061 at levels 1 / 2 on llama-tiny). Use ``level=2, fmt="int8"``
+or ``level=0, fmt="fp8"`` with it, when activation memory matters more than the last digit of G
+(``python -m galorex.bench halo``).
 """
 
 from __future__ import annotations
@@ -41,7 +64,7 @@ import torch
 from torch import nn
 
 from .gemm import BACKENDS, scaled_gemm
-from .hadamard import _check_block, default_block_size, random_signs, rotate
+from .hadamard import _check_block, default_block_size, random_signs, rotate, unrotate
 from .quant import GRANULARITIES, quantize
 
 __all__ = ["HALO_FORMATS", "HALO_LEVELS", "HaloConfig", "HaloLinear", "convert_to_halo", "halo_linear"]
@@ -65,6 +88,7 @@ class HaloConfig:
     block_in: int = 1
     block_out: int = 1
     backend: str = "auto"
+    save_quantized: bool = False
 
     @property
     def fwd_format(self) -> str:
@@ -75,7 +99,9 @@ class HaloConfig:
         return "int8" if self.fmt == "int8" else self.grad_fp8
 
 
-def _check_settings(level: Any, fmt: Any, granularity: Any, grad_fp8: Any, backend: Any) -> None:
+def _check_settings(
+    level: Any, fmt: Any, granularity: Any, grad_fp8: Any, backend: Any, save_quantized: Any = False
+) -> None:
     if isinstance(level, bool) or level not in HALO_LEVELS:
         raise ValueError(f"level must be one of {HALO_LEVELS}, got {level!r}")
     if fmt not in HALO_FORMATS:
@@ -86,6 +112,14 @@ def _check_settings(level: Any, fmt: Any, granularity: Any, grad_fp8: Any, backe
         raise ValueError(f"grad_fp8 must be one of {GRAD_FP8_FORMATS}, got {grad_fp8!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(save_quantized, bool):
+        raise ValueError(f"save_quantized must be True or False, got {save_quantized!r}")
+    if save_quantized and granularity != "tensor":
+        raise ValueError(
+            f"save_quantized=True needs granularity='tensor', got granularity={granularity!r}: a per-row scale "
+            "of X runs along the tokens, the inner dimension of the weight-gradient GEMM, so the forward's "
+            "quantised X could not be reused there"
+        )
 
 
 class _HaloFunction(torch.autograd.Function):
@@ -93,6 +127,8 @@ class _HaloFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: HaloConfig, signs_in, signs_out):  # type: ignore[override]
+        if cfg.save_quantized:
+            return _forward_saving_quantized(ctx, x, weight, bias, cfg, signs_in, signs_out)
         a = x.to(torch.float32)
         w = weight.to(torch.float32)
         if cfg.level >= 1:
@@ -111,6 +147,8 @@ class _HaloFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.cfg.save_quantized:
+            return _backward_from_quantized(ctx, grad_out)
         x, weight, signs_out = ctx.saved_tensors
         cfg: HaloConfig = ctx.cfg
         e = grad_out.to(torch.float32)
@@ -131,6 +169,84 @@ class _HaloFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = e.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _t(q: torch.Tensor) -> torch.Tensor:
+    """The transpose of a 2-D quantised tensor, contiguous (FP8 and INT8 alike)."""
+    return q.t().contiguous()
+
+
+def _forward_saving_quantized(ctx, x, weight, bias, cfg: HaloConfig, signs_in, signs_out):
+    """Y = Q(X R_K) Q(W R_K)ᵀ (+ b) with per-tensor scales, saving the quantised operands (not X)
+    for :func:`_backward_from_quantized`; R_K is the identity at level 0."""
+    a = x.to(torch.float32)
+    w = weight.to(torch.float32)
+    if cfg.level >= 1:
+        a = rotate(a, cfg.block_in, signs_in)
+        w = rotate(w, cfg.block_in, signs_in)
+    qa, sa = quantize(a, cfg.fwd_format, "tensor")
+    qw, sw = quantize(w, cfg.fwd_format, "tensor")
+    y = scaled_gemm(qa, sa, qw, sw, cfg.backend)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    # Keep only what the gradients asked for need: Q(A) for G; Q(B) for E_X at levels 0-1, the
+    # master weight (a parameter: no new memory) for E_X at level 2, whose operand is rotated along N.
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    keep_a = need_w
+    keep_b = need_x and cfg.level <= 1
+    keep_master = need_x and cfg.level >= 2
+    ctx.save_for_backward(
+        qa if keep_a else None,
+        sa if keep_a else None,
+        qw if keep_b else None,
+        sw if keep_b else None,
+        weight if keep_master else None,
+        signs_in if cfg.level >= 1 else None,
+        signs_out if cfg.level >= 2 else None,
+    )
+    ctx.cfg = cfg
+    ctx.has_bias = bias is not None
+    ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+    return y.to(x.dtype)
+
+
+def _backward_from_quantized(ctx, grad_out):
+    """E_X and G from the saved Q(A), Q(B) (A = X R_K, B = W R_K) and one quantisation of Ẽ = E_Y R_N,
+    with R_N = I below level 2 and R_K = I at level 0 (≈ marks the quantised operands):
+
+        levels 0-1   E_X = (Ẽ B) R_Kᵀ = E_Y W R_K R_Kᵀ                 (Bᵀ: the saved Q(B) transposed)
+        level 2      E_X = Ẽ (Wᵀ R_N)ᵀ = E_Y R_N R_Nᵀ W                (Wᵀ R_N quantised here)
+        all          G   = R_N (Ẽᵀ A) R_Kᵀ = R_N R_Nᵀ E_Yᵀ X R_K R_Kᵀ   (R_N M = (Mᵀ R_Nᵀ)ᵀ)
+    """
+    qa, sa, qw, sw, weight, signs_in, signs_out = ctx.saved_tensors
+    cfg: HaloConfig = ctx.cfg
+    e = grad_out.to(torch.float32)
+    grad_x = grad_w = grad_b = None
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if need_x or need_w:
+        et = rotate(e, cfg.block_out, signs_out) if cfg.level >= 2 else e
+        qe, se = quantize(et.contiguous(), cfg.grad_format, "tensor")  # once, for both GEMMs
+    if need_x:
+        if cfg.level <= 1:
+            z = scaled_gemm(qe, se, _t(qw), sw, cfg.backend)  # E_Y B = E_Y W R_K  (T×K)
+            grad_x = unrotate(z, cfg.block_in, signs_in) if cfg.level == 1 else z
+        else:
+            # Wᵀ R_N, not Bᵀ R_N = R_Kᵀ Wᵀ R_N: equally accurate (measured) and E_X then needs no
+            # inverse rotation of a T×K output.
+            wt = rotate(weight.to(torch.float32).t().contiguous(), cfg.block_out, signs_out)
+            qwt, swt = quantize(wt, cfg.fwd_format, "tensor")
+            grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend)
+        grad_x = grad_x.to(ctx.x_dtype)
+    if need_w:
+        z = scaled_gemm(_t(qe), se, _t(qa), sa, cfg.backend)  # Ẽᵀ A  (N×K)
+        if cfg.level >= 1:
+            z = unrotate(z, cfg.block_in, signs_in)  # · R_Kᵀ
+        if cfg.level >= 2:
+            z = unrotate(z.t().contiguous(), cfg.block_out, signs_out).t()  # R_N · = (· ᵀ R_Nᵀ)ᵀ
+        grad_w = z.contiguous().to(ctx.w_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = e.sum(0).to(ctx.w_dtype)
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 def halo_linear(
@@ -164,6 +280,8 @@ class HaloLinear(nn.Linear):
     power-of-two factor up to 256. ``random_signs`` multiplies the Hadamard blocks by a fixed
     random ±1 diagonal (seeded; not saved in the state dict, so checkpoints are those of
     ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y; ``backend`` forces a GEMM backend.
+    ``save_quantized=True`` (needs ``granularity="tensor"``) quantises X, W and E_Y once and keeps
+    the 8-bit X R_K (and W R_K) for backward instead of X (module docstring, "Quantise once").
     """
 
     def __init__(
@@ -179,10 +297,11 @@ class HaloLinear(nn.Linear):
         random_signs: bool = False,
         seed: int = 0,
         backend: str = "auto",
+        save_quantized: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_settings(level, fmt, granularity, grad_fp8, backend)
+        _check_settings(level, fmt, granularity, grad_fp8, backend, save_quantized)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if block_size is None:
             block_in, block_out = default_block_size(in_features), default_block_size(out_features)
@@ -192,7 +311,7 @@ class HaloLinear(nn.Linear):
                 _check_block(in_features, block_size, "in_features")
             if level >= 2:
                 _check_block(out_features, block_size, "out_features")
-        self.halo = HaloConfig(level, fmt, granularity, grad_fp8, block_in, block_out, backend)
+        self.halo = HaloConfig(level, fmt, granularity, grad_fp8, block_in, block_out, backend, save_quantized)
         self.random_signs = bool(random_signs)
         self.seed = int(seed)
         signs_device = None if device is None or torch.device(device).type == "meta" else device
@@ -211,7 +330,8 @@ class HaloLinear(nn.Linear):
         fmt = c.fmt if c.fmt == "int8" else f"fp8 (e4m3, grad {c.grad_fp8})"
         return (
             f"{super().extra_repr()}, level={c.level}, fmt={fmt}, granularity={c.granularity}, "
-            f"blocks=({c.block_in}, {c.block_out}), random_signs={self.random_signs}"
+            f"blocks=({c.block_in}, {c.block_out}), random_signs={self.random_signs}, "
+            f"save_quantized={c.save_quantized}"
         )
 
 
@@ -229,7 +349,7 @@ def convert_to_halo(
     """Swap every plain ``nn.Linear`` of ``model`` for a :class:`HaloLinear` in place, keeping the
     same weight and bias ``Parameter`` objects (an optimizer built before still holds them), and
     return how many were swapped. A module is skipped when a component of its dotted name is in
-    ``skip``; ``kwargs`` go to :class:`HaloLinear` (granularity, block_size, grad_fp8, …)."""
+    ``skip``; ``kwargs`` go to :class:`HaloLinear` (granularity, block_size, grad_fp8, save_quantized, …)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
@@ -240,6 +360,7 @@ def convert_to_halo(
         kwargs.get("granularity", DEFAULT_GRANULARITY),
         kwargs.get("grad_fp8", DEFAULT_GRAD_FP8),
         kwargs.get("backend", "auto"),
+        kwargs.get("save_quantized", False),
     )
     targets = []
     for name, module in model.named_modules():

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(forward) and 2 (+ input gradient)",
     )
     a("--halo-format", default=d.halo_format, choices=("fp8", "int8"), help="--halo's format (default fp8)")
+    a(
+        "--halo-save-quantized",
+        action="store_true",
+        help="--halo with per-tensor scales, quantising X, W and E_Y once and keeping the 8-bit X (1 byte an "
+        "element) for backward instead of X itself (save_quantized=True)",
+    )
     a("--sample-tokens", type=int, default=d.sample_tokens, help="tokens generated at the end")
     a("--threads", type=int, default=d.threads, help="torch CPU threads")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")

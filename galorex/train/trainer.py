@@ -119,6 +119,7 @@ class TrainConfig:
     init_from: str | None = None
     halo: int | None = None
     halo_format: str | None = None  # fp8 (the default with --halo) or int8
+    halo_save_quantized: bool = False  # per-tensor scales, 8-bit X kept for backward
     sample_tokens: int = 200
     threads: int | None = None
     progress: bool = True
@@ -175,6 +176,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--halo-format must be fp8 or int8, got {cfg.halo_format!r}")
     if cfg.halo_format is not None and cfg.halo is None:
         raise TrainError("--halo-format needs --halo 0|1|2")
+    if cfg.halo_save_quantized and cfg.halo is None:
+        raise TrainError("--halo-save-quantized needs --halo 0|1|2")
     if cfg.data is not None and cfg.dataset is not None:
         raise TrainError("give either --data or --dataset, not both")
     if cfg.layerwise and cfg.distributed == "fsdp2":
@@ -265,11 +268,12 @@ def _load_resume(cfg: TrainConfig, out: Path, ctx: distributed.Context | None = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or any(k not in ckpt for k in needed):
         raise TrainError(f"--resume: {path} is not a galorex-train checkpoint (format {CHECKPOINT_FORMAT})")
     saved = ckpt["config"]
+    # A setting newer than the checkpoint (absent from its config) had its default value then.
+    defaults = TrainConfig().to_dict()
     for key, value in cfg.to_dict().items():
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != value:
-            raise TrainError(
-                f"--resume: {path} was trained with {key}={saved.get(key)!r}, this run asks for {key}={value!r}"
-            )
+        before = saved.get(key, defaults[key])
+        if key not in RESUME_MAY_CHANGE and before != value:
+            raise TrainError(f"--resume: {path} was trained with {key}={before!r}, this run asks for {key}={value!r}")
     ckpt["path"] = str(path)
     return ckpt
 
@@ -448,7 +452,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         # HALO: every linear layer but the head runs its GEMMs in FP8/INT8; weights stay as they are.
         from ..halo import convert_to_halo
 
-        convert_to_halo(model, level=cfg.halo, fmt=cfg.halo_format or "fp8")
+        # --halo-save-quantized: per-tensor scales are what lets backward reuse the forward's 8-bit X.
+        saving = {"granularity": "tensor", "save_quantized": True} if cfg.halo_save_quantized else {}
+        convert_to_halo(model, level=cfg.halo, fmt=cfg.halo_format or "fp8", **saving)
     if ckpt is not None and cfg.distributed != "fsdp2" and ckpt["model_config"] == model_cfg.to_dict():
         # Before DDP sees the weights (a checkpoint of another shape is reported further down).
         try:
