@@ -201,6 +201,56 @@ def test_saves_8_bit_operands_instead_of_x(dtype, fmt):
         x.grad = None
 
 
+class _SharedInput(nn.Module):
+    """Three layers reading one input, as q, k and v do."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_layers_reading_one_input_share_its_quantised_copy(level):
+    """q/k/v-like layers on the same X keep one Q(X R_K) between them (T·K bytes once, not thrice)
+    and compute bit for bit what they compute on separate copies of X."""
+    t, k, n = 96, 64, 32
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, t // 2, k, generator=g).requires_grad_(True)  # leading dims: each layer reshapes
+    ey = torch.randn(2, t // 2, 3 * n, generator=g)
+    shared = _SharedInput([_layer(level, "int8", k=k, n=n, seed=s) for s in range(3)])
+    got, _, y = _saved(shared, x)
+    per_layer = n * k + 4 if level <= 1 else 0  # Q(W R_K) and its scale (level 2 keeps the master weight)
+    assert got == t * k + 4 + 3 * per_layer, got  # one Q(X R_K) and its scale between the three
+    y.backward(ey)
+    xs = [x.detach().clone().requires_grad_(True) for _ in range(3)]
+    ref_layers = [_layer(level, "int8", k=k, n=n, seed=s) for s in range(3)]
+    ys = [layer(xi) for layer, xi in zip(ref_layers, xs)]
+    assert torch.equal(y, torch.cat(ys, dim=-1))
+    torch.cat(ys, dim=-1).backward(ey)
+    # Each layer's E_X is the same; only the order autograd adds the three up may differ.
+    torch.testing.assert_close(x.grad, sum(xi.grad for xi in xs), rtol=1e-6, atol=1e-6)
+    for a, b in zip(shared.layers, ref_layers):
+        assert torch.equal(a.weight.grad, b.weight.grad)
+
+
+def test_an_input_changed_in_place_is_quantised_again():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 64, generator=g)
+    first, second = _layer(1, "int8"), _layer(1, "int8", seed=1)
+    y1 = first(x)  # kept: its graph holds the cached codes
+    x.mul_(3.0)  # same storage and shape, new version: the cached codes are stale
+    assert torch.equal(second(x), second(x.clone()))
+    # Another rotation (random signs) or format must not reuse the codes either.
+    other = _layer(1, "int8", seed=2, random_signs=True)
+    fp8 = _layer(1, "fp8", seed=1)
+    y2 = second(x)
+    assert torch.equal(other(x), other(x.clone())) and torch.equal(fp8(x), fp8(x.clone()))
+    assert y1.grad_fn is not None and y2.grad_fn is not None
+
+
 def test_saves_only_what_the_requested_gradients_need():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 64, generator=g)  # an input that needs no gradient (a first layer's tokens)
