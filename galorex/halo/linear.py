@@ -67,8 +67,8 @@ import torch
 from torch import nn
 
 from .gemm import BACKENDS, scaled_gemm
-from .hadamard import _check_block, default_block_size, random_signs, rotate, unrotate
-from .quant import GRANULARITIES, quantize
+from .hadamard import _check_block, _triton_op, default_block_size, random_signs, rotate, unrotate
+from .quant import FP8, GRANULARITIES, quantize
 
 __all__ = ["HALO_FORMATS", "HALO_LEVELS", "HaloConfig", "HaloLinear", "convert_to_halo", "halo_linear"]
 
@@ -125,6 +125,26 @@ def _check_settings(
         )
 
 
+def rotate_quantize(
+    t: torch.Tensor, block: int | None, signs: torch.Tensor | None, fmt: str, granularity: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q(t R) with R = diag(signs)·blockdiag(H_block) along the last dimension, or Q(t) when
+    ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. On CUDA
+    with the Triton backend an FP8 rotation runs as one fused kernel (``hadamard_quantize_fp8``: one
+    read of t, one write of q, no float32 copy of t); elsewhere t is rotated in float32, then
+    quantised. Unrotated tensors go to :func:`quantize` as they are (it reads any float dtype)."""
+    if block is None:
+        return quantize(t, fmt, granularity)
+    if fmt != "int8" and block > 1:
+        fused = _triton_op("hadamard_quantize_fp8", t.device)
+        if fused is not None:
+            src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
+            if src.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                q, s = fused(src.reshape(-1, src.shape[-1]), block, dtype=FP8[fmt], granularity=granularity)
+                return q.view(t.shape), s
+    return quantize(rotate(t.to(torch.float32), block, signs), fmt, granularity)
+
+
 class _HaloFunction(torch.autograd.Function):
     """Forward and backward of :class:`HaloLinear` on 2-D inputs (the module flattens the rest)."""
 
@@ -132,13 +152,9 @@ class _HaloFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: HaloConfig, signs_in, signs_out):  # type: ignore[override]
         if cfg.save_quantized:
             return _forward_saving_quantized(ctx, x, weight, bias, cfg, signs_in, signs_out)
-        a = x.to(torch.float32)
-        w = weight.to(torch.float32)
-        if cfg.level >= 1:
-            a = rotate(a, cfg.block_in, signs_in)
-            w = rotate(w, cfg.block_in, signs_in)
-        qa, sa = quantize(a, cfg.fwd_format, cfg.granularity)
-        qw, sw = quantize(w, cfg.fwd_format, cfg.granularity)
+        block = cfg.block_in if cfg.level >= 1 else None
+        qa, sa = rotate_quantize(x, block, signs_in, cfg.fwd_format, cfg.granularity)
+        qw, sw = rotate_quantize(weight, block, signs_in, cfg.fwd_format, cfg.granularity)
         y = scaled_gemm(qa, sa, qw, sw, cfg.backend)
         if bias is not None:
             y = y + bias.to(torch.float32)
@@ -154,23 +170,20 @@ class _HaloFunction(torch.autograd.Function):
             return _backward_from_quantized(ctx, grad_out)
         x, weight, signs_out = ctx.saved_tensors
         cfg: HaloConfig = ctx.cfg
-        e = grad_out.to(torch.float32)
+        e = grad_out
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            wt = weight.to(torch.float32).t()
-            ey = e
-            if cfg.level >= 2:
-                ey = rotate(ey, cfg.block_out, signs_out)
-                wt = rotate(wt, cfg.block_out, signs_out)
-            qe, se = quantize(ey.contiguous(), cfg.grad_format, cfg.granularity)
-            qwt, swt = quantize(wt.contiguous(), cfg.fwd_format, cfg.granularity)
+            block = cfg.block_out if cfg.level >= 2 else None
+            qe, se = rotate_quantize(e.contiguous(), block, signs_out, cfg.grad_format, cfg.granularity)
+            qwt, swt = rotate_quantize(weight.t().contiguous(), block, signs_out, cfg.fwd_format, cfg.granularity)
             grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend).to(x.dtype)
         if ctx.needs_input_grad[1]:
+            # Transposed in the input's own dtype (exact, and half the bytes of float32 for bf16).
             qet, set_ = quantize(e.t().contiguous(), cfg.grad_format, cfg.granularity)
-            qxt, sxt = quantize(x.to(torch.float32).t().contiguous(), cfg.fwd_format, cfg.granularity)
+            qxt, sxt = quantize(x.t().contiguous(), cfg.fwd_format, cfg.granularity)
             grad_w = scaled_gemm(qet, set_, qxt, sxt, cfg.backend).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = e.sum(0).to(weight.dtype)
+            grad_b = e.to(torch.float32).sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -212,10 +225,7 @@ def _quantized_input(x: torch.Tensor, cfg: HaloConfig, signs_in) -> tuple[torch.
         qa, sa = qa_ref(), sa_ref()
         if owner_ref() is _input_owner(x) and last_key == key and qa is not None and sa is not None:
             return qa, sa
-    a = x.to(torch.float32)
-    if cfg.level >= 1:
-        a = rotate(a, cfg.block_in, signs_in)
-    qa, sa = quantize(a, cfg.fwd_format, "tensor")
+    qa, sa = rotate_quantize(x, cfg.block_in if cfg.level >= 1 else None, signs_in, cfg.fwd_format, "tensor")
     _LAST_INPUT[:] = [(weakref.ref(_input_owner(x)), key, weakref.ref(qa), weakref.ref(sa))]
     return qa, sa
 
@@ -224,10 +234,7 @@ def _forward_saving_quantized(ctx, x, weight, bias, cfg: HaloConfig, signs_in, s
     """Y = Q(X R_K) Q(W R_K)ᵀ (+ b) with per-tensor scales, saving the quantised operands (not X)
     for :func:`_backward_from_quantized`; R_K is the identity at level 0."""
     qa, sa = _quantized_input(x, cfg, signs_in)
-    w = weight.to(torch.float32)
-    if cfg.level >= 1:
-        w = rotate(w, cfg.block_in, signs_in)
-    qw, sw = quantize(w, cfg.fwd_format, "tensor")
+    qw, sw = rotate_quantize(weight, cfg.block_in if cfg.level >= 1 else None, signs_in, cfg.fwd_format, "tensor")
     y = scaled_gemm(qa, sa, qw, sw, cfg.backend)
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -262,12 +269,12 @@ def _backward_from_quantized(ctx, grad_out):
     """
     qa, sa, qw, sw, weight, signs_in, signs_out = ctx.saved_tensors
     cfg: HaloConfig = ctx.cfg
-    e = grad_out.to(torch.float32)
+    e = grad_out
     grad_x = grad_w = grad_b = None
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if need_x or need_w:
-        et = rotate(e, cfg.block_out, signs_out) if cfg.level >= 2 else e
-        qe, se = quantize(et.contiguous(), cfg.grad_format, "tensor")  # once, for both GEMMs
+        block = cfg.block_out if cfg.level >= 2 else None
+        qe, se = rotate_quantize(e.contiguous(), block, signs_out, cfg.grad_format, "tensor")  # once, for both
     if need_x:
         if cfg.level <= 1:
             z = scaled_gemm(qe, se, _t(qw), sw, cfg.backend)  # E_Y B = E_Y W R_K  (T×K)
@@ -275,8 +282,7 @@ def _backward_from_quantized(ctx, grad_out):
         else:
             # Wᵀ R_N, not Bᵀ R_N = R_Kᵀ Wᵀ R_N: equally accurate (measured) and E_X then needs no
             # inverse rotation of a T×K output.
-            wt = rotate(weight.to(torch.float32).t().contiguous(), cfg.block_out, signs_out)
-            qwt, swt = quantize(wt, cfg.fwd_format, "tensor")
+            qwt, swt = rotate_quantize(weight.t().contiguous(), cfg.block_out, signs_out, cfg.fwd_format, "tensor")
             grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend)
         grad_x = grad_x.to(ctx.x_dtype)
     if need_w:
@@ -287,7 +293,7 @@ def _backward_from_quantized(ctx, grad_out):
             z = unrotate(z.t().contiguous(), cfg.block_out, signs_out).t()  # R_N · = (· ᵀ R_Nᵀ)ᵀ
         grad_w = z.contiguous().to(ctx.w_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = e.sum(0).to(ctx.w_dtype)
+        grad_b = e.to(torch.float32).sum(0).to(ctx.w_dtype)
     return grad_x, grad_w, grad_b, None, None, None
 
 
