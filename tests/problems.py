@@ -3,6 +3,9 @@ conftest.py puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -77,6 +80,37 @@ def train_regression(model, opt, steps):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_resume_is_bit_for_bit(
+    fresh: Callable[[nn.Module], torch.optim.Optimizer],
+    before: int = 12,
+    after: int = 8,
+    dtype: torch.dtype = torch.float32,
+    on_load: Callable[[nn.Module, torch.optim.Optimizer], None] | None = None,
+) -> None:
+    """Train the regression model ``before + after`` steps straight; and ``before`` steps, then a
+    checkpoint (torch.save, torch.load(weights_only=True)) into a fresh model (another seed) and a
+    fresh optimizer (``fresh(model)``), ``on_load(model, optimizer)`` to inspect the loaded state,
+    then ``after`` more steps. The two runs' parameters must be equal bit for bit."""
+    straight = make_regression_model(dtype=dtype)
+    train_regression(straight, fresh(straight), before + after)
+    first = make_regression_model(dtype=dtype)
+    opt1 = fresh(first)
+    train_regression(first, opt1, before)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = make_regression_model(seed=5, dtype=dtype)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = fresh(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    if on_load is not None:
+        on_load(resumed, opt2)
+    train_regression(resumed, opt2, after)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
 
 
 def tiny_train_args(sample_tokens: int = 8) -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from hypothesis import given
@@ -17,6 +15,7 @@ from galorex.optim.base import load_bases
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+from problems import assert_resume_is_bit_for_bit
 from problems import make_regression_model as make_model
 from problems import regression_groups as make_groups
 from problems import train_regression as train
@@ -125,22 +124,7 @@ def test_rotated_basis_checkpoint_continues_bit_for_bit(bits):
         groups = make_groups(model, gap=7, moment_policy="reproject", basis_bits=bits, basis_rotation=True)
         return GaLoreAdamW(groups, lr=3e-3)
 
-    straight = make_model()
-    train(straight, fresh(straight), 20)
-    first = make_model()
-    opt1 = fresh(first)
-    train(first, opt1, 12)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = make_model(seed=5)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = fresh(resumed)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 8)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_bit_for_bit(fresh)
 
 
 def test_a_checkpoint_decodes_itself_when_the_setting_changes():

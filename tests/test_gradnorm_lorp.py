@@ -3,7 +3,6 @@ module docstring, row norms, zero / tiny rows, state size, checkpoints, 8-bit st
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -248,6 +247,7 @@ def test_zero_row_stays_zero_and_tiny_rows_stay_finite(dtype, proj_type):
 
 
 # --------------------------------------------------------------------------- the regression problem
+from problems import assert_resume_is_bit_for_bit
 from problems import make_regression_model as make_model
 from problems import regression_groups as make_groups
 from problems import train_regression as train
@@ -284,24 +284,10 @@ def test_checkpoint_round_trip_continues_bit_for_bit(bits):
             make_groups(model, gap=7, moment_policy="reproject"), lr=2e-2, weight_decay=0.05, optim_bits=bits
         )
 
-    straight = make_model()
-    train(straight, fresh(straight), 20)
+    def check(resumed, opt2):
+        assert opt2.state[resumed[0].weight]["mag_exp_avg"].dtype == torch.float32
 
-    first = make_model()
-    opt1 = fresh(first)
-    train(first, opt1, 12)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = make_model(seed=5)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = fresh(resumed)
-    opt2.load_state_dict(ckpt["opt"])
-    assert opt2.state[resumed[0].weight]["mag_exp_avg"].dtype == torch.float32
-    train(resumed, opt2, 8)  # crosses the refresh at step 14
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_bit_for_bit(fresh, on_load=check)  # the 8 steps after cross the refresh at 14
 
 
 # --------------------------------------------------------------------------- 7./9. training

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from galorex import GaLoreAdamW, NaturalGaLoreAdamW
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+from problems import assert_resume_is_bit_for_bit
 from problems import make_regression_model as make_model
 from problems import regression_groups as make_groups
 from problems import train_regression as train
@@ -82,27 +82,12 @@ def test_checkpoint_round_trip_continues_bit_for_bit(cls, dtype):
     def fresh(model):
         return cls(make_groups(model, gap=7, moment_policy="reproject"), lr=3e-3, optim_bits=8)
 
-    straight = make_model(dtype=dtype)
-    opt = fresh(straight)
-    train(straight, opt, 20)
+    def check(resumed, opt2):
+        st = opt2.state[resumed[0].weight]
+        assert st["exp_avg_q"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
+        assert opt2.state[resumed[0].bias]["exp_avg"].dtype == torch.float32  # small: float32, even for bf16
 
-    first = make_model(dtype=dtype)
-    opt1 = fresh(first)
-    train(first, opt1, 12)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = make_model(seed=5, dtype=dtype)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = fresh(resumed)
-    opt2.load_state_dict(ckpt["opt"])
-    st = opt2.state[resumed[0].weight]
-    assert st["exp_avg_q"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
-    assert opt2.state[resumed[0].bias]["exp_avg"].dtype == torch.float32  # small: float32, even for bf16
-    train(resumed, opt2, 8)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_bit_for_bit(fresh, dtype=dtype, on_load=check)
 
 
 def test_reset_policy_with_eight_bits_zeroes_the_moments():
@@ -166,19 +151,4 @@ def test_compact_basis_checkpoint_continues_bit_for_bit(policy, bits):
     def fresh(model):
         return GaLoreAdamW(make_groups(model, gap=7, moment_policy=policy), lr=3e-3, optim_bits=8, basis_bits=bits)
 
-    straight = make_model()
-    train(straight, fresh(straight), 20)
-    first = make_model()
-    opt1 = fresh(first)
-    train(first, opt1, 12)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = make_model(seed=5)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = fresh(resumed)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, 8)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    assert_resume_is_bit_for_bit(fresh)
