@@ -144,6 +144,49 @@ def test_a_checkpoint_decodes_itself_when_the_setting_changes():
     assert "basis_q4h" in opt2.state[p] and "basis_q4" not in opt2.state[p]
 
 
+@pytest.mark.parametrize("before,after", [(32, 4), (4, 32), (8, 4)])
+def test_a_changed_basis_format_replaces_the_old_one_at_the_next_refresh(before, after):
+    """Float ↔ coded ↔ other codes: after the refresh only the new format's keys are left, and the
+    basis used is the new one (a stale float basis would shadow the codes forever)."""
+    from galorex.optim import state8bit as s8mod
+
+    model = make_model()
+    groups = make_groups(model, gap=5, basis_bits=before, basis_rotation=before != 32)
+    opt = GaLoreAdamW(groups, lr=3e-3)
+    train(model, opt, 3)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["basis_bits"] = after
+    sd["param_groups"][0]["basis_rotation"] = after != 32
+    opt2 = GaLoreAdamW(make_groups(model, gap=5, basis_bits=after, basis_rotation=after != 32), lr=3e-3)
+    opt2.load_state_dict(sd)
+    train(model, opt2, 3)  # step 6 refreshes
+    p = model[0].weight
+    state = opt2.state[p]
+    keep = "basis" + (s8mod.basis_code_suffix(after, True) if after != 32 else "")
+    assert sorted(k for k in state if k.startswith("basis")) == sorted(
+        [keep] + (["basis_scale"] if after != 32 else [])
+    )
+    # The basis in use is that of the latest gradient (refresh at step 6), in the new format.
+    (used,) = load_bases(state, "right", p, 48)
+    if after == 32:
+        assert used.dtype == torch.float32 and "basis_scale" not in state
+
+
+def test_an_old_state_dict_takes_this_optimizers_new_settings():
+    """A state dict from before basis_rotation existed (its groups lack the key) takes the value
+    this optimizer was built with, as add_param_group would have given it."""
+    model = make_model()
+    opt = GaLoreAdamW(make_groups(model, gap=5, basis_bits=4), lr=3e-3)
+    train(model, opt, 2)
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["basis_rotation"]
+    opt2 = GaLoreAdamW(make_groups(model, gap=5, basis_bits=4, basis_rotation=True), lr=3e-3)
+    opt2.load_state_dict(sd)
+    # the projected group was built with it; the AdamW group (biases) with the default
+    assert [g["basis_rotation"] for g in opt2.param_groups] == [True, False]
+
+
 def test_rotated_basis_trains_like_the_plain_one():
     """Measured (this problem, 200 steps, lr 3e-3, one thread): 32-bit basis 0.2430; 4-bit bases
     0.2443 plain, 0.2425 rotated. Stated tolerance: 2 % apart."""

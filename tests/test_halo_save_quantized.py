@@ -251,6 +251,35 @@ def test_an_input_changed_in_place_is_quantised_again():
     assert y1.grad_fn is not None and y2.grad_fn is not None
 
 
+def test_inference_mode_and_no_grad_run_and_agree():
+    """Inference tensors keep no version counter: nothing is cached for them (nothing is saved)."""
+    layers = _SharedInput([_layer(1, "int8", seed=s) for s in range(2)])
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = layers(x)
+    with torch.inference_mode():
+        assert torch.equal(layers(x), expected)
+        inference_x = x.clone()
+    assert torch.equal(layers(inference_x), expected)  # an inference tensor outside the mode too
+
+
+def test_compiles_and_matches_eager():
+    """Under torch.compile the layers skip the input cache (dynamo traces the computation itself)."""
+    torch._dynamo.reset()
+    layers = _SharedInput([_layer(1, "int8", seed=s) for s in range(2)])
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
+    ey = torch.randn(16, 64, generator=torch.Generator().manual_seed(7))
+    y = layers(x)
+    y.backward(ey)
+    eager = [y.detach()] + [layer.weight.grad.clone() for layer in layers.layers]
+    layers.zero_grad(set_to_none=True)
+    yc = torch.compile(layers, backend="aot_eager")(x)
+    yc.backward(ey)
+    got = [yc.detach()] + [layer.weight.grad for layer in layers.layers]
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
+
+
 def test_saves_only_what_the_requested_gradients_need():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 64, generator=g)  # an input that needs no gradient (a first layer's tokens)

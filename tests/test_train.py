@@ -486,6 +486,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "unknown-model": (["--model", "llama-nope"], ["llama-nope"]),
         "invalid-model-json": (["--model", str(bad_json)], [str(bad_json)]),
         "halo": (["--halo-format", "int8"], ["--halo-format", "needs --halo"]),
+        "basis-rotation": (["--basis-rotation"], ["--basis-rotation", "--basis-bits 4 or 8"]),
         "dataset-without-datasets": (["--dataset", "c4"], ["datasets"]),
     }
 
@@ -498,6 +499,7 @@ BAD = [
     "unknown-model",
     "invalid-model-json",
     "halo",
+    "basis-rotation",
     "dataset-without-datasets",
 ]
 

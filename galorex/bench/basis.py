@@ -30,6 +30,7 @@ import torch
 
 from .. import projection as proj
 from ..optim import state8bit
+from .common import rel_error, warm_llama
 
 FORMATS = [(4, False), (4, True), (8, False), (8, True)]
 QUICK = {"model": "llama-tiny", "rank": 16, "steps": 2, "batch_size": 2, "seq_len": 32, "synthetic_shape": [64, 96]}
@@ -46,10 +47,6 @@ def add_parser(sub) -> None:
     b.add_argument("--synthetic-shape", type=int, nargs=2, default=[512, 1376], help="m n of the synthetic gradients")
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def basis_errors(g: torch.Tensor, rank: int) -> dict[str, Any]:
     """Errors of every stored format for the basis of one gradient matrix ``g`` (float32)."""
     m, n = g.shape
@@ -60,30 +57,17 @@ def basis_errors(g: torch.Tensor, rank: int) -> dict[str, Any]:
     for bits, rotated in FORMATS:
         decoded = state8bit.roundtrip_basis(basis, bits, rotated)
         key = f"{bits}{'h' if rotated else ''}"
-        out[f"basis_{key}"] = _rel(decoded, basis)
-        out[f"proj_{key}"] = _rel(proj.project(g, [decoded], side), exact)
+        out[f"basis_{key}"] = rel_error(decoded, basis)
+        out[f"proj_{key}"] = rel_error(proj.project(g, [decoded], side), exact)
     return out
 
 
 def real_gradients(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The gradient of every attention/MLP weight of ``args.model`` after ``args.steps`` AdamW steps."""
-    from ..models.llama import Llama, get_config
-    from ..train.data import default_corpus_path, load_tokenizer, prepare_tokens
-
-    torch.manual_seed(args.seed)
-    cfg = get_config(args.model)
-    model = Llama(cfg)
-    tokens = prepare_tokens(default_corpus_path(), load_tokenizer(None), None)
-    gen = torch.Generator().manual_seed(args.seed)
-    starts = torch.randint(0, len(tokens) - args.seq_len - 1, (args.batch_size,), generator=gen).tolist()
-    seq = torch.stack([torch.as_tensor(tokens[s : s + args.seq_len + 1].astype("int64")) for s in starts])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step in range(args.steps + 1):
-        _, loss = model(seq[:, :-1], seq[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        if step < args.steps:
-            opt.step()
+    model, seq = warm_llama(args.model, args.batch_size, args.seq_len, args.steps, args.seed, lr=1e-3)
+    _, loss = model(seq[:, :-1], seq[:, 1:])
+    model.zero_grad()
+    loss.backward()
     return {
         name: p.grad.detach().float().clone()
         for name, p in model.named_parameters()

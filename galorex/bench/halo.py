@@ -21,6 +21,7 @@ import torch
 
 from ..halo import HaloLinear
 from ..halo.projection import PROJ_PRECISIONS, project_lowprec
+from .common import rel_error, warm_llama
 
 LEVELS = (0, 1, 2)
 FORMATS = ("fp8", "int8")
@@ -64,23 +65,8 @@ def _outlier_channels(t: torch.Tensor, ratio: float = 6.0) -> torch.Tensor:
 
 
 def capture_llama(batch: int, seed: int, steps: int = 30) -> list[dict[str, Any]]:
-    """X, W and E_Y of a few linear layers of llama-tiny at its first training step (real text)."""
-    from ..models.llama import Llama, get_config
-    from ..train.data import default_corpus_path, load_tokenizer, prepare_tokens
-
-    torch.manual_seed(seed)
-    model = Llama(get_config("llama-tiny"))
-    tokens = prepare_tokens(default_corpus_path(), load_tokenizer(None), None)
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - 129, (batch,), generator=g).tolist()
-    seq = torch.stack([torch.as_tensor(tokens[s : s + 129].astype("int64")) for s in starts])
-    # Train a few steps first: at initialisation the activations have no structure at all.
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        _, loss = model(seq[:, :-1], seq[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """X, W and E_Y of a few linear layers of llama-tiny after ``steps`` training steps (real text)."""
+    model, seq = warm_llama("llama-tiny", batch, 128, steps, seed, lr=3e-3)
     names = ["layers.0.attn.q_proj", "layers.3.attn.o_proj", "layers.1.mlp.gate_proj", "layers.3.mlp.down_proj"]
     captured: dict[str, dict[str, torch.Tensor]] = {}
     hooks = []
@@ -129,10 +115,6 @@ def _find(model: torch.nn.Module, name: str) -> torch.nn.Module:
     raise KeyError(name)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
-
-
 def _keep(n: int, drop: torch.Tensor) -> torch.Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[drop] = False
@@ -168,12 +150,12 @@ def layer_errors(
     y64, ex64, g64 = x64 @ w64.T, e64 @ w64, e64.T @ x64
     keep_in, keep_out = _keep(k, case["outlier_in"]), _keep(n, case["outlier_out"])
     return {
-        "Y": _rel(y.detach(), y64),
-        "E_X": _rel(xr.grad, ex64),
-        "G": _rel(layer.weight.grad, g64),
-        "Y normal": _rel(y.detach()[:, keep_out], y64[:, keep_out]),
-        "E_X normal": _rel(xr.grad[:, keep_in], ex64[:, keep_in]),
-        "G normal": _rel(layer.weight.grad[keep_out][:, keep_in], g64[keep_out][:, keep_in]),
+        "Y": rel_error(y.detach(), y64),
+        "E_X": rel_error(xr.grad, ex64),
+        "G": rel_error(layer.weight.grad, g64),
+        "Y normal": rel_error(y.detach()[:, keep_out], y64[:, keep_out]),
+        "E_X normal": rel_error(xr.grad[:, keep_in], ex64[:, keep_in]),
+        "G normal": rel_error(layer.weight.grad[keep_out][:, keep_in], g64[keep_out][:, keep_in]),
     }
 
 
@@ -237,7 +219,7 @@ def projection_errors(g: torch.Tensor, rank: int) -> dict[str, float]:
     side = proj.projection_side("std", *g.shape)
     bases = proj.compute_bases(g.float(), rank, side)
     exact = proj.project(g.double(), [b.double() for b in bases], side)
-    return {p: _rel(project_lowprec(g.float(), bases, side, p), exact) for p in PROJ_PRECISIONS}
+    return {p: rel_error(project_lowprec(g.float(), bases, side, p), exact) for p in PROJ_PRECISIONS}
 
 
 def bench_halo(args: argparse.Namespace) -> dict[str, Any]:

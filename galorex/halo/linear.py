@@ -130,9 +130,11 @@ def rotate_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q(t R) with R = diag(signs)·blockdiag(H_block) along the last dimension, or Q(t) when
     ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. On CUDA
-    with the Triton backend an FP8 rotation runs as one fused kernel (``hadamard_quantize_fp8``: one
-    read of t, one write of q, no float32 copy of t); elsewhere t is rotated in float32, then
-    quantised. Unrotated tensors go to :func:`quantize` as they are (it reads any float dtype)."""
+    with the Triton backend an FP8 rotation runs as one fused kernel (``hadamard_quantize_fp8``:
+    no float32 copy of t, one read of t and one write of q with per-row scales, two reads of t per
+    tensor; random signs cost one more elementwise pass, t·signs); INT8, and everything off CUDA,
+    rotates a float32 copy of t, then quantises it. Unrotated tensors go to :func:`quantize` as they
+    are (it reads any float dtype, with no float32 copy)."""
     if block is None:
         return quantize(t, fmt, granularity)
     if fmt != "int8" and block > 1:
@@ -208,7 +210,12 @@ def _input_owner(x: torch.Tensor) -> torch.Tensor:
 
 def _quantized_input(x: torch.Tensor, cfg: HaloConfig, signs_in) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q(X R_K), scale) per tensor, reused from the previous layer when it had the same input,
-    rotation and format."""
+    rotation and format. Not cached for inference tensors (they keep no version counter) nor under
+    torch.compile (which traces the computation itself); under no_grad nothing holds the codes, so
+    the weak entry dies with the call. A write through ``x.data`` is not seen (autograd does not
+    see it either). Layers with random signs hold separate sign buffers, so they never share."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return rotate_quantize(x, cfg.block_in if cfg.level >= 1 else None, signs_in, cfg.fwd_format, "tensor")
     key = (
         x.data_ptr(),
         tuple(x.shape),

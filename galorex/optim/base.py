@@ -93,17 +93,30 @@ def basis_keys(side: str) -> list[str]:
     return ["basis_left", "basis_right"] if side == "full" else ["basis"]
 
 
-def store_bases(state: dict[str, Any], side: str, bases: list[torch.Tensor], bits: int, rotated: bool = False) -> None:
+def store_bases(
+    state: dict[str, Any],
+    side: str,
+    bases: list[torch.Tensor],
+    bits: int,
+    rotated: bool = False,
+    encoded: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     """Keep the bases as they are (32 bits) or as 4- or 8-bit codes with per-64 scales
     (``basis_bits=4|8``, ``state8bit.BASIS_CODECS``), Hadamard-rotated first when ``rotated``
-    (``basis_rotation``; the state keys say which, so a checkpoint decodes itself)."""
-    for key, basis in zip(basis_keys(side), bases):
-        if bits in state8bit.BASIS_CODECS:
-            for suffix in state8bit.BASIS_SUFFIXES[1:]:  # a refresh may change the format
+    (``basis_rotation``; the state keys say which, so a checkpoint decodes itself). ``encoded``:
+    the (codes, scales) of ``bases`` already computed, stored as they are. Whatever another format
+    left under these keys is removed (the group's settings may have changed since)."""
+    for i, (key, basis) in enumerate(zip(basis_keys(side), bases)):
+        coded = bits in state8bit.BASIS_CODECS
+        keep = key + state8bit.basis_code_suffix(bits, rotated) if coded else key
+        for suffix in state8bit.BASIS_SUFFIXES:
+            if key + suffix != keep:
                 state.pop(key + suffix, None)
-            codes, scale = state8bit.encode_basis(basis, bits, rotated)
-            state[key + state8bit.basis_code_suffix(bits, rotated)], state[key + "_scale"] = codes, scale
+        if coded:
+            codes, scale = encoded[i] if encoded is not None else state8bit.encode_basis(basis, bits, rotated)
+            state[keep], state[key + "_scale"] = codes, scale
         else:
+            state.pop(key + "_scale", None)
             state[key] = basis
 
 
@@ -424,20 +437,22 @@ class LowRankOptimizer(Optimizer):
         state = self.state[p]
         side = item["side"]
         bits, rotated = group[BASIS_BITS], group.get(BASIS_ROTATION, False)
+        encoded = None
         if bits in state8bit.BASIS_CODECS:
-            # Work with the basis as it will be stored, so moments carried into it match it.
-            new = [state8bit.roundtrip_basis(b, bits, rotated) for b in new]
+            # Work with the basis as it will be stored, so moments carried into it match it exactly.
+            encoded = [state8bit.encode_basis(b, bits, rotated) for b in new]
+            new = [state8bit.decode_basis(*e, b.shape, bits, rotated).to(b.dtype) for e, b in zip(encoded, new)]
         if not state:
             state[STEP] = torch.zeros((), dtype=torch.float32)
             state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
-            store_bases(state, side, new, bits, rotated)
+            store_bases(state, side, new, bits, rotated, encoded)
             m, n = proj.matrix_shape(p.shape)
             shape = proj.lowrank_shape(item["side"], m, n, group[RANK])
             self._init_lowrank_state(group, p, state, shape, compute_dtype(p.dtype))
         else:
             old = load_bases(state, side, p, group[RANK])
             self._on_refresh(group, p, state, old, new, side)
-            store_bases(state, side, new, bits, rotated)
+            store_bases(state, side, new, bits, rotated, encoded)
             state[PROJ_STEP].fill_(item["step"])
         item["new_bases"] = None
 
@@ -775,7 +790,13 @@ class LowRankOptimizer(Optimizer):
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        built = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        # A setting newer than the checkpoint (absent from its groups, e.g. basis_rotation) keeps the
+        # value this optimizer's group was built with, rather than vanishing.
+        for group, own in zip(self.param_groups, built):
+            for key, value in own.items():
+                group.setdefault(key, value)
         id_to_param = {}
         for saved, group in zip(saved_groups, self.param_groups):
             for pid, p in zip(saved["params"], group["params"]):

@@ -136,7 +136,8 @@ class GaLoreAdamW(LowRankOptimizer):
       (``python -m galorex.bench basis``, docs/benchmarks.md): it brings spiky bases down to the
       Gaussian floor (4-bit error 0.108–0.120 → 0.107 on Llama-60M's heavy-tailed ones) but the
       error of the projected gradient moves either way, and llama-tiny training was no better, so
-      it is off by default.
+      it is off by default. The Hadamard blocks are the largest power of two dividing the rank, at
+      most 64: an odd rank is not rotated at all, rank 40 in blocks of 8.
 
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
       ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a

@@ -506,11 +506,10 @@ def basis_nbytes(numel: int, bits: int) -> int:
 # rest small: the bases of attention projections are) is spread evenly before its absmax sets the
 # code step. Decoding undoes it: B̂ = deq(Q(B·H))·H (H is symmetric and orthogonal), so
 # ‖B̂ − B‖_F = ‖deq(Q(B·H)) − B·H‖_F, the error of quantising B·H. b = the largest power of two
-# dividing the last dimension, at most the code block (64), so each rotation block lies inside one
-# code block when the last dimension is a multiple of 64; an odd last dimension has b = 1 and
-# nothing is rotated. No random signs: on Llama-60M gradients they changed the error by < 2 %
-# either way (docs/benchmarks.md). Rotated codes are stored under their own state keys (suffix +
-# "h"), so a checkpoint says how to decode itself.
+# dividing the last dimension (the rank), at most the code block (64); b divides 64 and the blocks
+# start at multiples of b, so each rotation block lies inside one code block. An odd rank has b = 1:
+# nothing is rotated. No random signs, so the one symmetric H both encodes and decodes. Rotated
+# codes are stored under their own state keys (suffix + "h"), so a checkpoint decodes itself.
 ROTATED = "h"
 
 

@@ -176,6 +176,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--halo-format must be fp8 or int8, got {cfg.halo_format!r}")
     if cfg.halo_format is not None and cfg.halo is None:
         raise TrainError("--halo-format needs --halo 0|1|2")
+    if cfg.basis_rotation and cfg.basis_bits not in (4, 8):
+        raise TrainError("--basis-rotation rotates quantised bases: it needs --basis-bits 4 or 8")
     if cfg.halo_save_quantized and cfg.halo is None:
         raise TrainError("--halo-save-quantized needs --halo 0|1|2")
     if cfg.data is not None and cfg.dataset is not None:
