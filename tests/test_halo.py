@@ -197,6 +197,20 @@ def test_scaled_gemm_backends_agree(fa, fb, gran):
         torch.testing.assert_close(forced.double(), exact, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "emulate"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scaled_gemm_adds_the_bias_in_float32_and_rounds_once(backend, out_dtype):
+    g = torch.Generator().manual_seed(2)
+    qa, sa = quantize(torch.randn(24, 48, generator=g), "e4m3", "row")
+    qb, sb = quantize(torch.randn(40, 48, generator=g), "e4m3", "row")
+    bias = torch.randn(40, generator=g).to(torch.bfloat16)
+    fp32 = scaled_gemm(qa, sa, qb, sb, backend=backend)
+    out = scaled_gemm(qa, sa, qb, sb, backend=backend, out_dtype=out_dtype, bias=bias)
+    assert out.dtype == out_dtype
+    assert torch.equal(out, (fp32 + bias.float()).to(out_dtype))
+    assert torch.equal(scaled_gemm(qa, sa, qb, sb, backend=backend, out_dtype=out_dtype), fp32.to(out_dtype))
+
+
 def test_scaled_gemm_bad_input():
     q = torch.zeros(4, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -33,24 +33,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = [
-    *[(level, fmt, "row", False) for level in (0, 1, 2) for fmt in ("fp8", "int8")],
-    *[(level, fmt, "tensor", True) for level in (1, 2) for fmt in ("fp8", "int8")],
+    *[(level, fmt, "row", False, torch.float32) for level in (0, 1, 2) for fmt in ("fp8", "int8")],
+    *[(level, fmt, "tensor", True, torch.float32) for level in (1, 2) for fmt in ("fp8", "int8")],
+    # bf16: the GEMM kernels write bf16 (and add the bias) in their epilogue
+    *[(level, "fp8", "row", False, torch.bfloat16) for level in (0, 2)],
+    *[(level, "int8", "tensor", True, torch.bfloat16) for level in (0, 1)],
 ]
+# Measured worst relative difference from the torch path: ≤ 2.6e-7 in float32 (the same 8-bit
+# operands summed in another order; a float32 rotation could also tip a value across a rounding tie
+# of the 8-bit grid, ~1e-3 here, which these seeds do not hit); ≤ 1e-9 in bf16, where one bf16
+# rounding absorbs them (a one-ulp flip in one element would be ~1e-4). A wiring mistake, a lost
+# bias or a double rounding is far outside.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
-@pytest.mark.parametrize("level,fmt,granularity,save_quantized", CASES)
-def test_halo_linear_through_the_kernels_matches_the_torch_path(monkeypatch, level, fmt, granularity, save_quantized):
+@pytest.mark.parametrize("level,fmt,granularity,save_quantized,dtype", CASES)
+def test_halo_linear_through_the_kernels_matches_the_torch_path(
+    monkeypatch, level, fmt, granularity, save_quantized, dtype
+):
     import galorex.halo.gemm as gemm_mod
     import galorex.halo.hadamard as hadamard_mod
     import galorex.halo.linear as linear_mod
     import triton_kernels
 
     torch.manual_seed(0)
-    layer = HaloLinear(64, 32, level=level, fmt=fmt, granularity=granularity, save_quantized=save_quantized)
+    layer = HaloLinear(
+        64, 32, level=level, fmt=fmt, granularity=granularity, save_quantized=save_quantized, dtype=dtype
+    )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 24, 64, generator=g)
     x[..., 5] *= 30.0  # an outlier channel, so rotation and scales matter
-    ey = torch.randn(2, 24, 32, generator=g)
+    x = x.to(dtype)
+    ey = torch.randn(2, 24, 32, generator=g).to(dtype)
     reference = _run(layer, x, ey)
 
     used: Counter[str] = Counter()
@@ -73,8 +87,5 @@ def test_halo_linear_through_the_kernels_matches_the_torch_path(monkeypatch, lev
     if fmt == "int8" and level >= 1:
         assert used["hadamard_transform"] >= 2
     for what, a, b in zip(("Y", "E_X", "G", "bias grad"), got, reference):
-        assert a.shape == b.shape and a.dtype == b.dtype and torch.isfinite(a).all(), what
-        # Measured ≤ 2.6e-7: the same 8-bit operands, summed in another order (the kernels' float32
-        # rotations could also tip a value across a rounding tie: one grid step in one element,
-        # ~1e-3 here, which these seeds do not hit). A wiring mistake is O(1).
-        assert _rel(a, b) < 1e-5, (what, _rel(a, b))
+        assert a.shape == b.shape and a.dtype == b.dtype == dtype and torch.isfinite(a).all(), what
+        assert _rel(a, b) < TOLERANCE[dtype], (what, _rel(a, b))

@@ -57,11 +57,24 @@ def _torch_scaled(qa, sa, qb, sb) -> torch.Tensor | None:
     return out.to(torch.float32)
 
 
+# What the Triton kernels write directly (their epilogue rounds once, from the fp32 accumulator).
+_KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def scaled_gemm(
-    qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, backend: str = "auto"
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    qb: torch.Tensor,
+    sb: torch.Tensor,
+    backend: str = "auto",
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(a·s_a)(b·s_b)ᵀ as float32 (M,N), a (M,K) and b (N,K) both K-major, through the first backend
-    that applies (see the module docstring); ``backend`` forces one ("emulate" is the reference)."""
+    """(a·s_a)(b·s_b)ᵀ (+ bias) as ``out_dtype`` (M,N), a (M,K) and b (N,K) both K-major, through the
+    first backend that applies (see the module docstring); ``backend`` forces one ("emulate" is the
+    reference). Every backend forms the float32 product, adds the bias in float32 and rounds once to
+    ``out_dtype``; the Triton kernels do it in their epilogue, so a bf16 output is written directly
+    (half the bytes of a float32 one, and no separate conversion pass)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if qa.dim() != 2 or qb.dim() != 2 or qa.shape[1] != qb.shape[1]:
@@ -74,7 +87,10 @@ def scaled_gemm(
         kernel = _triton_op(name, qa.device)
         if kernel is not None and ("triton",) + key_base not in _FAILED:
             try:
-                return kernel(qa.contiguous(), qb.contiguous(), sa, sb, out_dtype=torch.float32)
+                a, b = qa.contiguous(), qb.contiguous()
+                if out_dtype in _KERNEL_OUT_DTYPES:
+                    return kernel(a, b, sa, sb, out_dtype=out_dtype, bias=bias)
+                return _finish(kernel(a, b, sa, sb, out_dtype=torch.float32), out_dtype, bias)
             except Exception:
                 if backend == "triton":
                     raise
@@ -90,7 +106,14 @@ def scaled_gemm(
             _FAILED.add(("torch",) + key_base)
             out = None
         if out is not None:
-            return out
+            return _finish(out, out_dtype, bias)
         if backend == "torch":
             raise RuntimeError("backend='torch': this torch has no scaled GEMM for these operands")
-    return scaled_gemm_reference(qa, sa, qb, sb)
+    return _finish(scaled_gemm_reference(qa, sa, qb, sb), out_dtype, bias)
+
+
+def _finish(out: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """The float32 product (+ bias in float32), rounded once to ``out_dtype``."""
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)

@@ -157,14 +157,12 @@ class _HaloFunction(torch.autograd.Function):
         block = cfg.block_in if cfg.level >= 1 else None
         qa, sa = rotate_quantize(x, block, signs_in, cfg.fwd_format, cfg.granularity)
         qw, sw = rotate_quantize(weight, block, signs_in, cfg.fwd_format, cfg.granularity)
-        y = scaled_gemm(qa, sa, qw, sw, cfg.backend)
-        if bias is not None:
-            y = y + bias.to(torch.float32)
+        y = scaled_gemm(qa, sa, qw, sw, cfg.backend, out_dtype=x.dtype, bias=bias)
         # The master tensors, not their quantised copies: the backward GEMMs quantise other axes.
         ctx.save_for_backward(x, weight, signs_out)
         ctx.cfg = cfg
         ctx.has_bias = bias is not None
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -178,12 +176,12 @@ class _HaloFunction(torch.autograd.Function):
             block = cfg.block_out if cfg.level >= 2 else None
             qe, se = rotate_quantize(e.contiguous(), block, signs_out, cfg.grad_format, cfg.granularity)
             qwt, swt = rotate_quantize(weight.t().contiguous(), block, signs_out, cfg.fwd_format, cfg.granularity)
-            grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend).to(x.dtype)
+            grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend, out_dtype=x.dtype)
         if ctx.needs_input_grad[1]:
             # Transposed in the input's own dtype (exact, and half the bytes of float32 for bf16).
             qet, set_ = quantize(e.t().contiguous(), cfg.grad_format, cfg.granularity)
             qxt, sxt = quantize(x.t().contiguous(), cfg.fwd_format, cfg.granularity)
-            grad_w = scaled_gemm(qet, set_, qxt, sxt, cfg.backend).to(weight.dtype)
+            grad_w = scaled_gemm(qet, set_, qxt, sxt, cfg.backend, out_dtype=weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = e.to(torch.float32).sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -242,9 +240,7 @@ def _forward_saving_quantized(ctx, x, weight, bias, cfg: HaloConfig, signs_in, s
     for :func:`_backward_from_quantized`; R_K is the identity at level 0."""
     qa, sa = _quantized_input(x, cfg, signs_in)
     qw, sw = rotate_quantize(weight, cfg.block_in if cfg.level >= 1 else None, signs_in, cfg.fwd_format, "tensor")
-    y = scaled_gemm(qa, sa, qw, sw, cfg.backend)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
+    y = scaled_gemm(qa, sa, qw, sw, cfg.backend, out_dtype=x.dtype, bias=bias)
     # Keep only what the gradients asked for need: Q(A) for G; Q(B) for E_X at levels 0-1, the
     # master weight (a parameter: no new memory) for E_X at level 2, whose operand is rotated along N.
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -263,7 +259,7 @@ def _forward_saving_quantized(ctx, x, weight, bias, cfg: HaloConfig, signs_in, s
     ctx.cfg = cfg
     ctx.has_bias = bias is not None
     ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-    return y.to(x.dtype)
+    return y
 
 
 def _backward_from_quantized(ctx, grad_out):
@@ -283,17 +279,20 @@ def _backward_from_quantized(ctx, grad_out):
         block = cfg.block_out if cfg.level >= 2 else None
         qe, se = rotate_quantize(e.contiguous(), block, signs_out, cfg.grad_format, "tensor")  # once, for both
     if need_x:
-        if cfg.level <= 1:
-            z = scaled_gemm(qe, se, _t(qw), sw, cfg.backend)  # E_Y B = E_Y W R_K  (T×K)
-            grad_x = unrotate(z, cfg.block_in, signs_in) if cfg.level == 1 else z
+        if cfg.level == 1:
+            z = scaled_gemm(qe, se, _t(qw), sw, cfg.backend)  # E_Y B = E_Y W R_K  (T×K), float32
+            grad_x = unrotate(z, cfg.block_in, signs_in)
+        elif cfg.level == 0:
+            grad_x = scaled_gemm(qe, se, _t(qw), sw, cfg.backend, out_dtype=ctx.x_dtype)
         else:
             # Wᵀ R_N, not Bᵀ R_N = R_Kᵀ Wᵀ R_N: equally accurate (measured) and E_X then needs no
             # inverse rotation of a T×K output.
             qwt, swt = rotate_quantize(weight.t().contiguous(), cfg.block_out, signs_out, cfg.fwd_format, "tensor")
-            grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend)
+            grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend, out_dtype=ctx.x_dtype)
         grad_x = grad_x.to(ctx.x_dtype)
     if need_w:
-        z = scaled_gemm(_t(qe), se, _t(qa), sa, cfg.backend)  # Ẽᵀ A  (N×K)
+        # Ẽᵀ A (N×K): float32 while un-rotations follow, else straight in the weight's dtype
+        z = scaled_gemm(_t(qe), se, _t(qa), sa, cfg.backend, out_dtype=torch.float32 if cfg.level else ctx.w_dtype)
         if cfg.level >= 1:
             z = unrotate(z, cfg.block_in, signs_in)  # · R_Kᵀ
         if cfg.level >= 2:
