@@ -25,6 +25,7 @@ def test_interpret_smoke_checks_then_writes_tables(tmp_path, monkeypatch):
         "hadamard_transform",
         "quantize_fp8",
         "hadamard_quantize_fp8",
+        "hadamard_quantize_int8",
         "fp8_gemm",
         "int8_gemm",
         "project",

@@ -1,5 +1,6 @@
-"""quantize_fp8 / quantize_int8 / hadamard_quantize_fp8: twins against their definitions, kernels
-bit for bit against the twins (which use torch's own casts and torch.round)."""
+"""quantize_fp8 / quantize_int8 / hadamard_quantize_fp8 / hadamard_quantize_int8: twins against
+their definitions, kernels bit for bit against the twins (which use torch's own casts and
+torch.round)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from triton_support import (
 from triton_kernels import (
     hadamard_quantize_fp8,
     hadamard_quantize_fp8_reference,
+    hadamard_quantize_int8,
+    hadamard_quantize_int8_reference,
     hadamard_transform_reference,
     quantize_fp8,
     quantize_fp8_reference,
@@ -167,6 +170,40 @@ def test_hadamard_quantize_bit_exact(dtype, granularity, block_size):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", IN_DTYPES)
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_hadamard_quantize_int8_bit_exact(dtype, granularity):
+    # One-pass row kernel (3 blocks of 128 padded to 4) and the two-pass per-tensor path.
+    x = _sample((3, 7, 384), dtype, 128)
+    x.view(-1)[20] = 0.5 * 127 / 64  # not a tie after rotation; ties are covered below
+    q, s = run_kernel(hadamard_quantize_int8, x, 128, granularity)
+    qr, sr = hadamard_quantize_int8_reference(x, 128, granularity)
+    assert q.dtype == torch.int8 and torch.equal(s, sr) and torch.equal(q, qr)
+    assert q.abs().max() == 127  # the amax entry of each scale maps to ±127
+    if dtype == torch.float32:
+        qc, sc = quantize_int8_reference(hadamard_transform_reference(x, 128), granularity)
+        assert torch.equal(sc, s) and torch.equal(qc, q)
+
+
+@needs_triton
+def test_hadamard_quantize_int8_long_rows_and_ties():
+    # Rows past 16384 entries take the two-pass path per row; exact halves round to even.
+    x = torch.randn(2, 32768, generator=torch.Generator().manual_seed(8))
+    x[1] = 0.0
+    q, s = run_kernel(hadamard_quantize_int8, x, 4096, "row")
+    qr, sr = hadamard_quantize_int8_reference(x, 4096, "row")
+    assert torch.equal(s, sr) and s[1] == 1.0 and torch.equal(q, qr)
+    # A block of one nonzero entry rotates to ±v/√b everywhere: with the scale set by a 127·k
+    # entry elsewhere, k/2 + ½ steps land on exact ties.
+    t = torch.zeros(1, 32)
+    t[0, 0] = 127.0 * 4.0  # rotated: ±127·4/√16 = ±127 in the first block → scale 1
+    t[0, 16] = 2.5 * 4.0  # rotated: ±2.5 in the second block → ties, to ±2
+    q, s = run_kernel(hadamard_quantize_int8, t, 16, "row")
+    qr, sr = hadamard_quantize_int8_reference(t, 16, "row")
+    assert torch.equal(q, qr) and set(q[0, 16:].abs().tolist()) == {2}
+
+
+@needs_triton
 @pytest.mark.parametrize("fp8", FP8)
 def test_hadamard_quantize_long_rows_take_two_passes(fp8):
     # Rows longer than 16384 entries cannot be held by one program: the two-pass path per row.
@@ -185,6 +222,8 @@ def test_hadamard_quantize_long_rows_take_two_passes(fp8):
         (lambda: quantize_fp8(torch.ones(4, dtype=torch.int32)), TypeError, "x must be"),
         (lambda: quantize_int8(torch.tensor(2.0), "row"), ValueError, "row"),
         (lambda: hadamard_quantize_fp8(torch.ones(4, 24), 16), ValueError, "block_size=16 must divide"),
+        (lambda: hadamard_quantize_int8(torch.ones(4, 24), 16), ValueError, "block_size=16 must divide"),
+        (lambda: hadamard_quantize_int8(torch.ones(4, 16), 16, "col"), ValueError, "granularity"),
     ],
 )
 def test_bad_arguments_are_named(call, error, message):
@@ -208,11 +247,50 @@ def test_fused_row_kernel_compiles_for_hopper_without_spills():
             "stride_row": "i32",
             "inv_sqrt_b": "fp32",
         },
-        {"stride_col": 1, "B": 128, "LOG2B": 7, "NB_PAD": 128, "MANT_BITS": 3, "MIN_EXP": -6, "QMAX": 448.0},
+        {
+            "stride_col": 1,
+            "B": 128,
+            "LOG2B": 7,
+            "NB_PAD": 128,
+            "IS_FP8": True,
+            "MANT_BITS": 3,
+            "MIN_EXP": -6,
+            "QMAX": 448.0,
+        },
         num_warps=16,
         aligned=("x_ptr", "q_ptr", "stride_row"),
     )
     assert "st.local" not in ptx
+
+
+@needs_triton
+def test_fused_int8_row_kernel_compiles_for_hopper_without_spills():
+    import triton_kernels.quant as quant
+
+    ptx = compile_for_hopper(
+        quant._H_QUANT_ROW,
+        {
+            "x_ptr": "*bf16",
+            "q_ptr": "*i8",
+            "scale_ptr": "*fp32",
+            "n_blocks": "i32",
+            "stride_row": "i32",
+            "inv_sqrt_b": "fp32",
+        },
+        {
+            "stride_col": 1,
+            "B": 128,
+            "LOG2B": 7,
+            "NB_PAD": 32,
+            "IS_FP8": False,
+            "MANT_BITS": 0,
+            "MIN_EXP": 0,
+            "QMAX": 127.0,
+        },
+        num_warps=8,
+        aligned=("x_ptr", "q_ptr", "stride_row"),
+    )
+    assert "st.local" not in ptx and "e4m3" not in ptx  # no spills; the FP8 branch compiled out
 
 
 def test_interpreter_did_not_leak(monkeypatch):

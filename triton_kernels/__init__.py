@@ -8,7 +8,7 @@ if it is installed and work without it), and the kernels themselves are built (`
 first launch, for the interpreter mode in force then.
 
 - :mod:`.hadamard`: ``hadamard_transform`` (blockwise orthonormal Walsh–Hadamard)
-- :mod:`.quant`: ``quantize_fp8``, ``hadamard_quantize_fp8``, ``quantize_int8``
+- :mod:`.quant`: ``quantize_fp8``, ``hadamard_quantize_fp8``, ``quantize_int8``, ``hadamard_quantize_int8``
 - :mod:`.gemm`: ``fp8_gemm``, ``int8_gemm``
 - :mod:`.lowrank`: ``project``, ``fused_galore_adam_step``
 - ``python -m triton_kernels.bench``: correctness, then the GPU speed table
@@ -28,6 +28,8 @@ _LAZY = {
         "quantize_fp8_reference",
         "hadamard_quantize_fp8",
         "hadamard_quantize_fp8_reference",
+        "hadamard_quantize_int8",
+        "hadamard_quantize_int8_reference",
         "quantize_int8",
         "quantize_int8_reference",
     ),

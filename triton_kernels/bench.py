@@ -82,6 +82,8 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     from .quant import (
         hadamard_quantize_fp8,
         hadamard_quantize_fp8_reference,
+        hadamard_quantize_int8,
+        hadamard_quantize_int8_reference,
         quantize_fp8,
         quantize_fp8_reference,
     )
@@ -112,6 +114,11 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
         steps, n_diff = _fp8_steps_apart(q, qr)
         # fp32 rotations may differ in the last bit from the twin's (FMA contraction): one code.
         results.append(_check(f"hadamard_quantize_fp8 {gran} (fp8 codes apart)", steps, 1, f"{n_diff} differ"))
+        q, s = hadamard_quantize_int8(x, 128, gran)
+        qr, sr = hadamard_quantize_int8_reference(x, 128, gran)
+        apart = (q.to(torch.int16) - qr.to(torch.int16)).abs()
+        n_diff = int((apart > 0).sum())
+        results.append(_check(f"hadamard_quantize_int8 {gran} (codes apart)", apart.max(), 1, f"{n_diff} differ"))
     m, n, k = (48, 40, 96) if smoke else (512, 384, 1024)
     a = torch.randint(-16, 17, (m, k), generator=g).float().to(E4M3).to(device)
     b = torch.randint(-16, 17, (n, k), generator=g).float().to(E4M3).to(device)
@@ -157,7 +164,7 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
 
 def bench_hadamard(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     from .hadamard import hadamard_transform
-    from .quant import hadamard_quantize_fp8
+    from .quant import hadamard_quantize_fp8, hadamard_quantize_int8
 
     shape = (64, 256) if smoke else (1 << 14, 1 << 12)  # 2^26 entries on a GPU
     blocks = (16, 256) if smoke else (128, 256, 512, 1024, 2048, 4096)
@@ -201,6 +208,18 @@ def bench_hadamard(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
             {
                 "table": "hadamard",
                 "op": f"hadamard_quantize_fp8 {gran}",
+                "block": b,
+                "ms": ms,
+                "GB/s": gbs,
+                "vs copy": gbs / copy_gbs,
+            }
+        )
+        ms = _time_ms(lambda: hadamard_quantize_int8(x, b, gran), device, smoke)
+        gbs = fused_bytes / ms / 1e6
+        rows.append(
+            {
+                "table": "hadamard",
+                "op": f"hadamard_quantize_int8 {gran}",
                 "block": b,
                 "ms": ms,
                 "GB/s": gbs,

@@ -1,5 +1,5 @@
-"""Symmetric FP8 and INT8 quantisation (per tensor or per row), the fused Hadamard + FP8 one,
-and their torch twins.
+"""Symmetric FP8 and INT8 quantisation (per tensor or per row), the fused Hadamard + FP8 and
+Hadamard + INT8 ones, and their torch twins.
 
 q = round(clamp(x / s)), s = amax(|x|) / q_max (s = 1 where amax = 0), so x ≈ q · s: the scaling
 that HALO (Ashkboos et al., 2025) applies after a Hadamard rotation, and that FP8 training recipes
@@ -86,6 +86,15 @@ def hadamard_quantize_fp8_reference(
     return quantize_fp8_reference(_fwht(x.float(), b), dtype, granularity)
 
 
+def hadamard_quantize_int8_reference(
+    x: torch.Tensor, block_size: int | None, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of :func:`hadamard_quantize_int8`: the rotation in fp32, quantised from fp32."""
+    _check_x(x, granularity)
+    b = check_block_size(x, block_size)
+    return quantize_int8_reference(_fwht(x.float(), b), granularity)
+
+
 # --- kernels -------------------------------------------------------------------------------------
 
 
@@ -165,6 +174,7 @@ def _hadamard_quant_kernel(
     inv_sqrt_b,
     B: tl.constexpr,
     LOG2B: tl.constexpr,
+    IS_FP8: tl.constexpr,
     MANT_BITS: tl.constexpr,
     MIN_EXP: tl.constexpr,
     QMAX: tl.constexpr,
@@ -180,7 +190,10 @@ def _hadamard_quant_kernel(
     x = tl.load(x_ptr + src, mask=live[:, None], other=0.0).to(tl.float32)
     y = fwht_rows(x, ROWS, B, LOG2B) * inv_sqrt_b
     s = tl.load(scale_ptr + row * scale_stride, mask=live, other=1.0)
-    out = round_to_fp8_grid(y / s[:, None], MANT_BITS, MIN_EXP, QMAX)
+    if IS_FP8:
+        out = round_to_fp8_grid(y / s[:, None], MANT_BITS, MIN_EXP, QMAX)
+    else:
+        out = tl.minimum(tl.maximum(round_half_even(y / s[:, None]), -QMAX), QMAX)
     tl.store(q_ptr + q[:, None] * B + col[None, :], out.to(q_ptr.dtype.element_ty), mask=live[:, None])
 
 
@@ -195,6 +208,7 @@ def _hadamard_quant_row_kernel(
     B: tl.constexpr,
     LOG2B: tl.constexpr,
     NB_PAD: tl.constexpr,
+    IS_FP8: tl.constexpr,
     MANT_BITS: tl.constexpr,
     MIN_EXP: tl.constexpr,
     QMAX: tl.constexpr,
@@ -210,7 +224,10 @@ def _hadamard_quant_row_kernel(
     amax = tl.reduce(row_max(tl.abs(y)), 0, tl.standard._elementwise_max)
     s = tl.where(amax > 0, amax / QMAX, 1.0)
     tl.store(scale_ptr + row, s)
-    out = round_to_fp8_grid(y / s, MANT_BITS, MIN_EXP, QMAX)
+    if IS_FP8:
+        out = round_to_fp8_grid(y / s, MANT_BITS, MIN_EXP, QMAX)
+    else:
+        out = tl.minimum(tl.maximum(round_half_even(y / s), -QMAX), QMAX)
     tl.store(
         q_ptr + row * (n_blocks * B) + blk[:, None] * B + col[None, :],
         out.to(q_ptr.dtype.element_ty),
@@ -244,14 +261,14 @@ _H_QUANT = LazyKernel(
     configs=[{"TILE": 4096, "num_warps": 8}],
     key=[],
     interpret_config={"TILE": 1024},
-    helpers=(fwht_rows, round_to_fp8_grid),
+    helpers=(fwht_rows, round_to_fp8_grid, round_half_even),
 )
 _H_QUANT_ROW = LazyKernel(
     _hadamard_quant_row_kernel,
     configs=[{"num_warps": 8}, {"num_warps": 16}],
-    key=["B", "NB_PAD"],
+    key=["B", "NB_PAD", "IS_FP8"],
     interpret_config={},
-    helpers=(fwht_rows, round_to_fp8_grid, row_max),
+    helpers=(fwht_rows, round_to_fp8_grid, round_half_even, row_max),
 )
 
 
@@ -339,6 +356,23 @@ def hadamard_quantize_fp8(
     fmt = _check_fp8_dtype(dtype)
     if x.numel() == 0 or not use_triton(x):
         return hadamard_quantize_fp8_reference(x, b, dtype, granularity)
+    return _hadamard_quantize_triton(x, b, dtype, granularity, fmt)
+
+
+def hadamard_quantize_int8(
+    x: torch.Tensor, block_size: int | None, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8(hadamard_transform(x, block_size)) fused, as :func:`hadamard_quantize_fp8` (the
+    same passes; codes round half to even and saturate at ±127). HALO's INT8 levels, where the
+    rotation pays most, quantise every rotated operand this way."""
+    _check_x(x, granularity)
+    b = check_block_size(x, block_size)
+    if x.numel() == 0 or not use_triton(x):
+        return hadamard_quantize_int8_reference(x, b, granularity)
+    return _hadamard_quantize_triton(x, b, torch.int8, granularity, (0, 0, float(INT8_MAX)))
+
+
+def _hadamard_quantize_triton(x, b, qdtype, granularity, fmt):
     from .hadamard import _check_triton_input
 
     _check_triton_input(x, b)
@@ -346,7 +380,7 @@ def hadamard_quantize_fp8(
     rows, n = x2.shape
     n_blocks = n // b
     log2b = int(math.log2(b))
-    q = torch.empty((rows, n), dtype=dtype, device=x.device)
+    q = torch.empty((rows, n), dtype=qdtype, device=x.device)
     nb_pad = next_power_of_2(n_blocks)
     if granularity == "row" and nb_pad * b <= FUSED_ROW_MAX:
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
@@ -362,6 +396,7 @@ def hadamard_quantize_fp8(
             B=b,
             LOG2B=log2b,
             NB_PAD=nb_pad,
+            IS_FP8=qdtype != torch.int8,
             MANT_BITS=fmt[0],
             MIN_EXP=fmt[1],
             QMAX=fmt[2],
@@ -388,6 +423,7 @@ def hadamard_quantize_fp8(
         b**-0.5,
         B=b,
         LOG2B=log2b,
+        IS_FP8=qdtype != torch.int8,
         MANT_BITS=fmt[0],
         MIN_EXP=fmt[1],
         QMAX=fmt[2],

@@ -130,20 +130,23 @@ def rotate_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q(t R) with R = diag(signs)·blockdiag(H_block) along the last dimension, or Q(t) when
     ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. On CUDA
-    with the Triton backend an FP8 rotation runs as one fused kernel (``hadamard_quantize_fp8``:
-    no float32 copy of t, one read of t and one write of q with per-row scales, two reads of t per
-    tensor; random signs cost one more elementwise pass, t·signs); INT8, and everything off CUDA,
-    rotates a float32 copy of t, then quantises it. Unrotated tensors go to :func:`quantize` as they
-    are (it reads any float dtype, with no float32 copy)."""
+    with the Triton backend the rotation and quantisation run as one fused kernel
+    (``hadamard_quantize_fp8`` / ``hadamard_quantize_int8``: no float32 copy of t, one read of t and
+    one write of q with per-row scales, two reads of t per tensor; random signs cost one more
+    elementwise pass, t·signs); off CUDA t is rotated as a float32 copy, then quantised. Unrotated
+    tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32 copy)."""
     if block is None:
         return quantize(t, fmt, granularity)
-    if fmt != "int8" and block > 1:
-        fused = _triton_op("hadamard_quantize_fp8", t.device)
+    if block > 1 and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fused = _triton_op("hadamard_quantize_int8" if fmt == "int8" else "hadamard_quantize_fp8", t.device)
         if fused is not None:
             src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
-            if src.dtype in (torch.float32, torch.float16, torch.bfloat16):
-                q, s = fused(src.reshape(-1, src.shape[-1]), block, dtype=FP8[fmt], granularity=granularity)
-                return q.view(t.shape), s
+            src = src.reshape(-1, src.shape[-1])
+            if fmt == "int8":
+                q, s = fused(src, block, granularity=granularity)
+            else:
+                q, s = fused(src, block, dtype=FP8[fmt], granularity=granularity)
+            return q.view(t.shape), s
     return quantize(rotate(t.to(torch.float32), block, signs), fmt, granularity)
 
 
