@@ -293,5 +293,34 @@ def test_fused_int8_row_kernel_compiles_for_hopper_without_spills():
     assert "st.local" not in ptx and "e4m3" not in ptx  # no spills; the FP8 branch compiled out
 
 
+@needs_triton
+def test_tall_tiles_for_transposed_input_compile_for_hopper_without_spills():
+    """The tiles a GPU uses for a column-major view (Xᵀ in HALO's backward): stride_row = 1."""
+    import triton_kernels.quant as quant
+
+    for kernel, signature, constexprs in (
+        (
+            quant._ABSMAX,
+            {"x_ptr": "*bf16", "part_ptr": "*fp32", "rows": "i32", "cols": "i32", "stride_col": "i32"},
+            {"stride_row": 1, "n_colblocks": 128, "BR": 128, "BC": 32},
+        ),
+        (
+            quant._QUANT,
+            {
+                "x_ptr": "*bf16",
+                "q_ptr": "*fp8e4nv",
+                "scale_ptr": "*fp32",
+                "scale_stride": "i32",
+                "rows": "i32",
+                "cols": "i32",
+                "stride_col": "i32",
+            },
+            {"stride_row": 1, "IS_FP8": True, "MANT_BITS": 3, "MIN_EXP": -6, "QMAX": 448.0, "BR": 128, "BC": 32},
+        ),
+    ):
+        ptx = compile_for_hopper(kernel, signature, constexprs, num_warps=4, aligned=("x_ptr", "stride_col"))
+        assert "st.local" not in ptx
+
+
 def test_interpreter_did_not_leak(monkeypatch):
     assert_interpreter_did_not_leak(monkeypatch)

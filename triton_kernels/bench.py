@@ -119,6 +119,11 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
         apart = (q.to(torch.int16) - qr.to(torch.int16)).abs()
         n_diff = int((apart > 0).sum())
         results.append(_check(f"hadamard_quantize_int8 {gran} (codes apart)", apart.max(), 1, f"{n_diff} differ"))
+        q, s = quantize_fp8(x.t(), E4M3, gran)
+        qr, sr = quantize_fp8_reference(x.t().contiguous(), E4M3, gran)
+        steps, n_diff = _fp8_steps_apart(q, qr)
+        name = f"quantize_fp8 {gran} of a transposed view (fp8 codes apart)"
+        results.append(_check(name, steps, 1, f"{n_diff} differ"))
     m, n, k = (48, 40, 96) if smoke else (512, 384, 1024)
     a = torch.randint(-16, 17, (m, k), generator=g).float().to(E4M3).to(device)
     b = torch.randint(-16, 17, (n, k), generator=g).float().to(E4M3).to(device)
@@ -226,6 +231,18 @@ def bench_hadamard(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
                 "vs copy": gbs / copy_gbs,
             }
         )
+    # HALO's backward quantises Xᵀ and E_Yᵀ per row: straight from the transposed view (tall tiles)
+    # or after a .contiguous() copy (what galorex.halo does today). Which is faster decides that.
+    from .quant import quantize_fp8
+
+    xt = x.t()
+    for op, fn in (
+        ("quantize_fp8 row of xᵀ, strided view", lambda: quantize_fp8(xt, E4M3, "row")),
+        ("quantize_fp8 row of xᵀ, .contiguous() first", lambda: quantize_fp8(xt.contiguous(), E4M3, "row")),
+    ):
+        ms = _time_ms(fn, device, smoke)
+        gbs = fused_bytes / ms / 1e6
+        rows.append({"table": "hadamard", "op": op, "block": "", "ms": ms, "GB/s": gbs, "vs copy": gbs / copy_gbs})
     return rows
 
 

@@ -239,13 +239,16 @@ _TILE_CONFIGS = [
     {"BR": 16, "BC": 256, "num_warps": 4},
     {"BR": 8, "BC": 1024, "num_warps": 8},
     {"BR": 1, "BC": 4096, "num_warps": 8},
+    # tall tiles for column-major (transposed) input, whose stride_row is 1
+    {"BR": 128, "BC": 32, "num_warps": 4},
+    {"BR": 64, "BC": 64, "num_warps": 4},
 ]
 # The absmax tile is fixed by the caller (the partial maxima's layout depends on it).
 _ABSMAX = LazyKernel(_absmax_kernel, configs=[{"num_warps": 8}], key=[], interpret_config={}, helpers=(row_max,))
 _QUANT = LazyKernel(
     _quant_kernel,
     configs=_TILE_CONFIGS,
-    key=["cols", "IS_FP8"],
+    key=["cols", "stride_row", "IS_FP8"],
     interpret_config={"BR": 16, "BC": 128},
     helpers=(round_to_fp8_grid, round_half_even),
 )
@@ -279,7 +282,10 @@ def _cdiv(a: int, b: int) -> int:
 def _quantize_triton(x: torch.Tensor, qdtype: torch.dtype, granularity: str, fmt: tuple[int, int, float]):
     x2 = _rows(x)
     rows, cols = x2.shape
-    br, bc = (16, 128) if interpreting() else (8, 1024)
+    # A transposed view (column-major: HALO's backward quantises Xᵀ and E_Yᵀ per row) is read in
+    # tall tiles, so that each load runs along its contiguous dimension.
+    column_major = rows > 1 and x2.stride(0) == 1
+    br, bc = (16, 128) if interpreting() else ((128, 32) if column_major else (8, 1024))
     n_colblocks = _cdiv(cols, bc)
     part = torch.empty((rows, n_colblocks), dtype=torch.float32, device=x.device)
     q = torch.empty((rows, cols), dtype=qdtype, device=x.device)

@@ -178,12 +178,16 @@ class _HaloFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             block = cfg.block_out if cfg.level >= 2 else None
             qe, se = rotate_quantize(e.contiguous(), block, signs_out, cfg.grad_format, cfg.granularity)
-            qwt, swt = rotate_quantize(weight.t().contiguous(), block, signs_out, cfg.fwd_format, cfg.granularity)
+            # Rotated, Wᵀ is made contiguous (the rotation runs along its rows); unrotated, the
+            # quantiser reads the transposed view directly (tall tiles on the GPU, no copy).
+            wt = weight.t().contiguous() if block is not None else weight.t()
+            qwt, swt = rotate_quantize(wt, block, signs_out, cfg.fwd_format, cfg.granularity)
             grad_x = scaled_gemm(qe, se, qwt, swt, cfg.backend, out_dtype=x.dtype)
         if ctx.needs_input_grad[1]:
-            # Transposed in the input's own dtype (exact, and half the bytes of float32 for bf16).
-            qet, set_ = quantize(e.t().contiguous(), cfg.grad_format, cfg.granularity)
-            qxt, sxt = quantize(x.t().contiguous(), cfg.fwd_format, cfg.granularity)
+            # Eᵀ and Xᵀ quantised per row straight from the transposed views: no transposed copy
+            # (on the GPU the quantiser reads a column-major view in tall tiles).
+            qet, set_ = quantize(e.t(), cfg.grad_format, cfg.granularity)
+            qxt, sxt = quantize(x.t(), cfg.fwd_format, cfg.granularity)
             grad_w = scaled_gemm(qet, set_, qxt, sxt, cfg.backend, out_dtype=weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = e.to(torch.float32).sum(0).to(weight.dtype)
