@@ -23,7 +23,7 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND with min(LIMIT, time left), 
   echo "rc=$? in $(($(date +%s) - t0))s" >>"$L"
 }
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"; } >>"$L" 2>&1
-step "CUDA tests" 70 python -m pytest -q -p no:cacheprovider tests/test_galore_fused.py tests/test_galore_checkpoint.py tests/test_natural_galore.py tests/test_state8bit.py -k "cuda or gpu"
+step "CUDA tests" 70 python -m pytest -q -p no:cacheprovider tests/test_galore_fused.py tests/test_galore_checkpoint.py tests/test_natural_galore.py tests/test_state8bit.py tests/test_halo_triton_path.py -k "cuda or gpu"
 step "triton_kernels.bench" 170 python -m triton_kernels.bench --out /tmp/tk
 cp /tmp/tk/triton_bench.md "$OUT/tk.md" 2>/dev/null; cp /tmp/tk/triton_bench.json "$OUT/tk.json" 2>/dev/null
 step "halo_gpu (auto backend: Triton on CUDA)" 100 python -m galorex.bench.halo_gpu --out /tmp/h1
