@@ -53,7 +53,6 @@ def test_halo_linear_through_the_kernels_matches_the_torch_path(
 ):
     import galorex.halo.gemm as gemm_mod
     import galorex.halo.hadamard as hadamard_mod
-    import galorex.halo.linear as linear_mod
     import triton_kernels
 
     torch.manual_seed(0)
@@ -73,7 +72,7 @@ def test_halo_linear_through_the_kernels_matches_the_torch_path(
         used[name] += 1
         return getattr(triton_kernels, name, None)
 
-    for mod in (hadamard_mod, gemm_mod, linear_mod):
+    for mod in (hadamard_mod, gemm_mod):  # quant and linear look it up through hadamard
         monkeypatch.setattr(mod, "_triton_op", op)
     monkeypatch.setattr(gemm_mod, "_FAILED", set())  # what earlier tests' fallbacks left there
     with interpreted(), poisoned_outputs():
@@ -112,3 +111,36 @@ def test_cuda_halo_linear_matches_the_torch_path(monkeypatch, level, fmt, granul
         # (2^-9 relative per element), and a rotation tie can flip one 8-bit code; a wiring mistake
         # is O(1). This is a wiring check; the accuracy of each path is tested on the CPU.
         assert _rel(a, b) < 1e-2, (what, _rel(a, b))
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8-hadamard", "int8", "int8-hadamard"])
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+def test_lowprec_projection_through_the_kernels_matches_the_torch_path(monkeypatch, precision, side):
+    import galorex.halo.gemm as gemm_mod
+    import galorex.halo.hadamard as hadamard_mod
+    import triton_kernels
+    from galorex.halo.projection import project_lowprec
+
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(64, 96, generator=g)
+    grad[:, 3] *= 40.0
+    left = torch.linalg.qr(torch.randn(64, 16, generator=g))[0]
+    right = torch.linalg.qr(torch.randn(96, 16, generator=g))[0]
+    bases = {"left": [left], "right": [right], "full": [left, right]}[side]
+    reference = project_lowprec(grad, bases, side, precision)
+    used: Counter[str] = Counter()
+
+    def op(name, device):
+        used[name] += 1
+        return getattr(triton_kernels, name, None)
+
+    for mod in (hadamard_mod, gemm_mod):
+        monkeypatch.setattr(mod, "_triton_op", op)
+    monkeypatch.setattr(gemm_mod, "_FAILED", set())
+    with interpreted(), poisoned_outputs():
+        got = project_lowprec(grad, bases, side, precision)
+    gemms = 2 if side == "full" else 1
+    assert used["int8_gemm" if precision.startswith("int8") else "fp8_gemm"] == gemms
+    if precision.endswith("-hadamard"):
+        assert used["hadamard_quantize_int8" if precision.startswith("int8") else "hadamard_quantize_fp8"] == 2 * gemms
+    assert _rel(got, reference) < 1e-5, _rel(got, reference)

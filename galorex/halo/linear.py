@@ -67,8 +67,8 @@ import torch
 from torch import nn
 
 from .gemm import BACKENDS, scaled_gemm
-from .hadamard import _check_block, _triton_op, default_block_size, random_signs, rotate, unrotate
-from .quant import FP8, GRANULARITIES, quantize
+from .hadamard import _check_block, default_block_size, random_signs, unrotate
+from .quant import GRANULARITIES, quantize, rotate_quantize
 
 __all__ = ["HALO_FORMATS", "HALO_LEVELS", "HaloConfig", "HaloLinear", "convert_to_halo", "halo_linear"]
 
@@ -123,31 +123,6 @@ def _check_settings(
             "of X runs along the tokens, the inner dimension of the weight-gradient GEMM, so the forward's "
             "quantised X could not be reused there"
         )
-
-
-def rotate_quantize(
-    t: torch.Tensor, block: int | None, signs: torch.Tensor | None, fmt: str, granularity: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q(t R) with R = diag(signs)·blockdiag(H_block) along the last dimension, or Q(t) when
-    ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. On CUDA
-    with the Triton backend the rotation and quantisation run as one fused kernel
-    (``hadamard_quantize_fp8`` / ``hadamard_quantize_int8``: no float32 copy of t, one read of t and
-    one write of q with per-row scales, two reads of t per tensor; random signs cost one more
-    elementwise pass, t·signs); off CUDA t is rotated as a float32 copy, then quantised. Unrotated
-    tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32 copy)."""
-    if block is None:
-        return quantize(t, fmt, granularity)
-    if block > 1 and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        fused = _triton_op("hadamard_quantize_int8" if fmt == "int8" else "hadamard_quantize_fp8", t.device)
-        if fused is not None:
-            src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
-            src = src.reshape(-1, src.shape[-1])
-            if fmt == "int8":
-                q, s = fused(src, block, granularity=granularity)
-            else:
-                q, s = fused(src, block, dtype=FP8[fmt], granularity=granularity)
-            return q.view(t.shape), s
-    return quantize(rotate(t.to(torch.float32), block, signs), fmt, granularity)
 
 
 class _HaloFunction(torch.autograd.Function):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from .gemm import scaled_gemm
-from .hadamard import default_block_size, rotate
-from .quant import quantize
+from .hadamard import default_block_size
+from .quant import rotate_quantize
 
 __all__ = ["PROJ_PRECISION", "PROJ_PRECISIONS", "check_proj_precision", "project_lowprec"]
 
@@ -36,11 +36,13 @@ def check_proj_precision(value) -> None:
 def _lowprec_matmul_nt(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """a bᵀ (a: M×K, b: N×K) with both operands quantised per row, K rotated if asked."""
     fmt = "int8" if precision.startswith("int8") else "e4m3"
-    if precision.endswith("-hadamard"):
-        block = default_block_size(a.shape[1])
-        a, b = rotate(a, block), rotate(b, block)
-    qa, sa = quantize(a.contiguous(), fmt, "row")
-    qb, sb = quantize(b.contiguous(), fmt, "row")
+    block = default_block_size(a.shape[1]) if precision.endswith("-hadamard") else None
+    # Rotated: one fused rotate-and-quantise kernel per operand on CUDA (made contiguous first, the
+    # rotation runs along rows); unrotated, the quantiser reads the (possibly transposed) view.
+    if block is not None:
+        a, b = a.contiguous(), b.contiguous()
+    qa, sa = rotate_quantize(a, block, None, fmt, "row")
+    qb, sb = rotate_quantize(b, block, None, fmt, "row")
     return scaled_gemm(qa, sa, qb, sb)
 
 

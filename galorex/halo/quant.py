@@ -13,7 +13,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FORMATS", "GRANULARITIES", "dequantize", "format_max", "grid_step", "quantize", "storage_dtype"]
+from . import hadamard
+
+__all__ = [
+    "FORMATS",
+    "GRANULARITIES",
+    "dequantize",
+    "format_max",
+    "grid_step",
+    "quantize",
+    "rotate_quantize",
+    "storage_dtype",
+]
 
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FORMATS = ("e4m3", "e5m2", "int8")
@@ -51,10 +62,8 @@ def quantize(
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    from .hadamard import _triton_op
-
     name = "quantize_int8" if fmt == "int8" else "quantize_fp8"
-    kernel = _triton_op(name, x.device) if scale is None else None
+    kernel = hadamard._triton_op(name, x.device) if scale is None else None
     if kernel is not None:
         try:
             x2 = x.reshape(-1, x.shape[-1])
@@ -116,3 +125,28 @@ def grid_step(y: torch.Tensor, fmt: str) -> torch.Tensor:
     a = y.float().abs()
     e = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))).clamp(min=emin)
     return torch.exp2(e - mant)
+
+
+def rotate_quantize(
+    t: torch.Tensor, block: int | None, signs: torch.Tensor | None, fmt: str, granularity: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q(t R) with R = diag(signs)·blockdiag(H_block) along the last dimension, or Q(t) when
+    ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. On CUDA
+    with the Triton backend the rotation and quantisation run as one fused kernel
+    (``hadamard_quantize_fp8`` / ``hadamard_quantize_int8``: no float32 copy of t, one read of t and
+    one write of q with per-row scales, two reads of t per tensor; random signs cost one more
+    elementwise pass, t·signs); off CUDA t is rotated as a float32 copy, then quantised. Unrotated
+    tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32 copy)."""
+    if block is None:
+        return quantize(t, fmt, granularity)
+    if block > 1 and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fused = hadamard._triton_op("hadamard_quantize_int8" if fmt == "int8" else "hadamard_quantize_fp8", t.device)
+        if fused is not None:
+            src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
+            src = src.reshape(-1, src.shape[-1])
+            if fmt == "int8":
+                q, s = fused(src, block, granularity=granularity)
+            else:
+                q, s = fused(src, block, dtype=FP8[fmt], granularity=granularity)
+            return q.view(t.shape), s
+    return quantize(hadamard.rotate(t.to(torch.float32), block, signs), fmt, granularity)
