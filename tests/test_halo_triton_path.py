@@ -144,3 +144,29 @@ def test_lowprec_projection_through_the_kernels_matches_the_torch_path(monkeypat
     if precision.endswith("-hadamard"):
         assert used["hadamard_quantize_int8" if precision.startswith("int8") else "hadamard_quantize_fp8"] == 2 * gemms
     assert _rel(got, reference) < 1e-5, _rel(got, reference)
+
+
+def test_blocks_and_dtypes_the_kernels_do_not_take_use_the_torch_path(monkeypatch):
+    """Blocks past 16384 (one Triton program's registers) and float64 go to the torch rotation
+    instead of raising on CUDA."""
+    import galorex.halo.hadamard as hadamard_mod
+    import triton_kernels
+    from galorex.halo import hadamard_transform
+    from galorex.halo.hadamard import fwht_kron
+    from galorex.halo.quant import rotate_quantize
+
+    used: Counter[str] = Counter()
+
+    def op(name, device):
+        used[name] += 1
+        return getattr(triton_kernels, name, None)
+
+    monkeypatch.setattr(hadamard_mod, "_triton_op", op)
+    wide = torch.randn(2, 32768, generator=torch.Generator().manual_seed(3))
+    with interpreted():
+        assert torch.equal(hadamard_transform(wide), fwht_kron(wide))
+        x64 = wide[:, :64].double()
+        assert torch.equal(hadamard_transform(x64), fwht_kron(x64))
+        q, s = rotate_quantize(wide, 32768, None, "int8", "row")
+    assert q.shape == wide.shape and s.shape == (2, 1)
+    assert "hadamard_quantize_int8" not in used

@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 MAX_DEFAULT_BLOCK = 256
+# The largest block the Triton kernels rotate (triton_kernels.hadamard.MAX_TRITON_BLOCK); beyond it,
+# and for dtypes they do not take, the torch path runs on CUDA too.
+TRITON_MAX_BLOCK = 16384
 
 
 def is_power_of_two(n: int) -> bool:
@@ -154,8 +157,10 @@ def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.
     """x·H_b block-wise: Triton's kernel on CUDA when the backend says so, else :func:`fwht_kron`
     (the butterfly :func:`fwht` is the reference both are tested against)."""
     kernel = _triton_op("hadamard_transform", x.device)
-    if kernel is not None:
-        return kernel(x, block_size)
+    if kernel is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        b = x.shape[-1] if block_size is None else block_size
+        if b <= TRITON_MAX_BLOCK:  # one block lives in one Triton program's registers
+            return kernel(x, block_size)
     return fwht_kron(x, block_size)
 
 

@@ -139,7 +139,7 @@ def rotate_quantize(
     tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32 copy)."""
     if block is None:
         return quantize(t, fmt, granularity)
-    if block > 1 and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if 1 < block <= hadamard.TRITON_MAX_BLOCK and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
         fused = hadamard._triton_op("hadamard_quantize_int8" if fmt == "int8" else "hadamard_quantize_fp8", t.device)
         if fused is not None:
             src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
