@@ -209,6 +209,9 @@ def test_scaled_gemm_adds_the_bias_in_float32_and_rounds_once(backend, out_dtype
     assert out.dtype == out_dtype
     assert torch.equal(out, (fp32 + bias.float()).to(out_dtype))
     assert torch.equal(scaled_gemm(qa, sa, qb, sb, backend=backend, out_dtype=out_dtype), fp32.to(out_dtype))
+    for bad in (torch.ones(1), torch.ones(40, dtype=torch.int32), torch.ones(40, 1)):
+        with pytest.raises(ValueError, match=r"bias must be .* shape \(40,\)"):
+            scaled_gemm(qa, sa, qb, sb, backend=backend, out_dtype=out_dtype, bias=bad)
 
 
 def test_scaled_gemm_bad_input():

@@ -298,11 +298,12 @@ def test_tall_tiles_for_transposed_input_compile_for_hopper_without_spills():
     """The tiles a GPU uses for a column-major view (Xᵀ in HALO's backward): stride_row = 1."""
     import triton_kernels.quant as quant
 
-    for kernel, signature, constexprs in (
+    for kernel, signature, constexprs, warps in (
         (
             quant._ABSMAX,
             {"x_ptr": "*bf16", "part_ptr": "*fp32", "rows": "i32", "cols": "i32", "stride_col": "i32"},
             {"stride_row": 1, "n_colblocks": 128, "BR": 128, "BC": 32},
+            8,
         ),
         (
             quant._QUANT,
@@ -316,10 +317,13 @@ def test_tall_tiles_for_transposed_input_compile_for_hopper_without_spills():
                 "stride_col": "i32",
             },
             {"stride_row": 1, "IS_FP8": True, "MANT_BITS": 3, "MIN_EXP": -6, "QMAX": 448.0, "BR": 128, "BC": 32},
+            4,
         ),
     ):
-        ptx = compile_for_hopper(kernel, signature, constexprs, num_warps=4, aligned=("x_ptr", "stride_col"))
-        assert "st.local" not in ptx
+        # As launched for a 16-aligned column-major view: no spills, and coalesced 128-bit loads.
+        aligned = ("x_ptr", "stride_col", "rows", "cols")
+        ptx = compile_for_hopper(kernel, signature, constexprs, num_warps=warps, aligned=aligned)
+        assert "st.local" not in ptx and "ld.global.v4" in ptx
 
 
 def test_interpreter_did_not_leak(monkeypatch):

@@ -231,8 +231,8 @@ def bench_hadamard(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
                 "vs copy": gbs / copy_gbs,
             }
         )
-    # HALO's backward quantises Xᵀ and E_Yᵀ per row: straight from the transposed view (tall tiles)
-    # or after a .contiguous() copy (what galorex.halo does today). Which is faster decides that.
+    # HALO's backward quantises Xᵀ and E_Yᵀ per row straight from the transposed view (tall tiles;
+    # what galorex.halo does) — timed against copying to contiguous first, the alternative.
     from .quant import quantize_fp8
 
     xt = x.t()

@@ -189,7 +189,7 @@ def _gemm_triton(a, b, a_scale, b_scale, out_dtype, bias, is_int: bool) -> torch
         out,
         a_scale,
         b_scale,
-        bias if bias is not None else out,  # never read when HAS_BIAS is False
+        bias.contiguous() if bias is not None else out,  # read with unit stride; unread without HAS_BIAS
         m,
         n,
         k,

@@ -102,9 +102,11 @@ def _absmax_kernel(
     x_ptr, part_ptr, rows, cols, stride_row, stride_col, n_colblocks, BR: tl.constexpr, BC: tl.constexpr
 ):
     # part[row, column block] = max |x| over that tile row; the reduction over blocks is torch's.
-    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    cb = tl.program_id(1)
-    c = cb.to(tl.int64) * BC + tl.arange(0, BC)
+    # One grid axis (CUDA caps the second at 65535 programs): program = row block · n_colblocks + cb.
+    pid = tl.program_id(0).to(tl.int64)
+    cb = pid % n_colblocks
+    r = (pid // n_colblocks) * BR + tl.arange(0, BR)
+    c = cb * BC + tl.arange(0, BC)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     x = tl.load(x_ptr + r[:, None] * stride_row + c[None, :] * stride_col, mask=mask, other=0.0)
     amax = row_max(tl.abs(x.to(tl.float32)))
@@ -127,8 +129,11 @@ def _quant_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC)
+    # One grid axis (CUDA caps the second at 65535 programs): program = row block · column blocks + c.
+    pid = tl.program_id(0).to(tl.int64)
+    n_colblocks = (cols + BC - 1) // BC
+    r = (pid // n_colblocks) * BR + tl.arange(0, BR)
+    c = (pid % n_colblocks) * BC + tl.arange(0, BC)
     mask = (r < rows)[:, None] & (c < cols)[None, :]
     x = tl.load(x_ptr + r[:, None] * stride_row + c[None, :] * stride_col, mask=mask, other=0.0)
     s = tl.load(scale_ptr + r * scale_stride, mask=r < rows, other=1.0)
@@ -215,7 +220,7 @@ def _hadamard_quant_row_kernel(
 ):
     # One program per row: one read of x, the row's amax and scale in registers, one write of q.
     row = tl.program_id(0).to(tl.int64)
-    blk = tl.arange(0, NB_PAD)
+    blk = tl.arange(0, NB_PAD).to(tl.int64)  # offsets · stride_col may pass 2³¹ for a strided view
     col = tl.arange(0, B)
     live = blk < n_blocks
     src = row * stride_row + (blk[:, None] * B + col[None, :]) * stride_col
@@ -290,7 +295,7 @@ def _quantize_triton(x: torch.Tensor, qdtype: torch.dtype, granularity: str, fmt
     part = torch.empty((rows, n_colblocks), dtype=torch.float32, device=x.device)
     q = torch.empty((rows, cols), dtype=qdtype, device=x.device)
     _ABSMAX.launch(
-        lambda m: (_cdiv(rows, br), n_colblocks),
+        lambda m: (_cdiv(rows, br) * n_colblocks,),
         x2,
         part,
         rows,
@@ -303,7 +308,7 @@ def _quantize_triton(x: torch.Tensor, qdtype: torch.dtype, granularity: str, fmt
     )
     scale = _scale_from_amax(_amax(part, granularity), fmt[2])
     _QUANT.launch(
-        lambda m: (_cdiv(rows, m["BR"]), _cdiv(cols, m["BC"])),
+        lambda m: (_cdiv(rows, m["BR"]) * _cdiv(cols, m["BC"]),),
         x2,
         q,
         scale,
@@ -370,7 +375,9 @@ def hadamard_quantize_int8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_int8(hadamard_transform(x, block_size)) fused, as :func:`hadamard_quantize_fp8` (the
     same passes; codes round half to even and saturate at ±127). HALO's INT8 levels, where the
-    rotation pays most, quantise every rotated operand this way."""
+    rotation pays most, quantise every rotated operand this way. Bit-exact against its twin under
+    the interpreter; compiled for a GPU, Triton's fp32 division is not IEEE-rounded, so a value on
+    a rounding boundary can land one code away (as for the FP8 kernels)."""
     _check_x(x, granularity)
     b = check_block_size(x, block_size)
     if x.numel() == 0 or not use_triton(x):
