@@ -96,10 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 
     xs = x.detach()[:1024].float()
     variants = [
-        (fmt, level, gran, False) for fmt in ("fp8", "int8") for level in (0, 1, 2) for gran in ("row", "tensor")
+        (fmt, level, gran, False, "auto")
+        for fmt in ("fp8", "int8")
+        for level in (0, 1, 2)
+        for gran in ("row", "tensor")
     ]
-    variants += [(fmt, level, "tensor", True) for fmt in ("fp8", "int8") for level in (0, 1)]
-    for fmt, level, gran, saved in variants:
+    variants += [(fmt, level, "tensor", True, "auto") for fmt in ("fp8", "int8") for level in (0, 1)]
+    # The same layers with cuBLAS GEMMs (torch._scaled_mm / torch._int_mm) behind the Triton
+    # rotation and quantisation kernels: which GEMM is faster here decides the default.
+    variants += [("fp8", 0, "row", False, "torch"), ("fp8", 1, "row", False, "torch")]
+    variants += [("int8", 2, "row", False, "torch"), ("fp8", 0, "tensor", True, "torch")]
+    for fmt, level, gran, saved, gemm in variants:
         layer = HaloLinear(
             k,
             n,
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             fmt=fmt,
             granularity=gran,
             save_quantized=saved,
+            backend=gemm,
             device=dev,
             dtype=torch.bfloat16,
         )
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             err = float((y - ref).norm() / ref.norm())
         rows.append(
             {
-                "what": f"HaloLinear {fmt} level {level} {gran}{' save_quantized' if saved else ''} fwd+bwd",
+                "what": f"HaloLinear {fmt} level {level} {gran}{' save_quantized' if saved else ''}"
+                f"{' (cuBLAS GEMMs)' if gemm == 'torch' else ''} fwd+bwd",
                 "s": s,
                 "tflops": flops / s / 1e12,
                 "vs_bf16": base_s / s,

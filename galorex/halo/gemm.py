@@ -29,7 +29,10 @@ def scaled_gemm_reference(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, 
     return out.mul_(sa).mul_(sb.reshape(1, -1) if sb.dim() else sb)
 
 
-def _torch_scaled(qa, sa, qb, sb) -> torch.Tensor | None:
+def _torch_scaled(qa, sa, qb, sb, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The product through ``torch._int_mm`` / ``torch._scaled_mm``, or None where this torch has
+    neither. On CUDA an FP8 product is asked for in ``out_dtype`` directly (cuBLAS rounds once from
+    its float32 accumulator: no float32 result and conversion pass); elsewhere it is float32."""
     if qa.dtype == torch.int8:
         if not hasattr(torch, "_int_mm"):
             return None
@@ -45,8 +48,10 @@ def _torch_scaled(qa, sa, qb, sb) -> torch.Tensor | None:
         sa_ = sa.reshape(-1, 1).expand(m, 1).contiguous()
         sb_ = sb.reshape(1, -1).expand(1, n).contiguous()
     a, bt = qa.contiguous(), qb.contiguous().t()
+    cuda_out = out_dtype in (torch.bfloat16, torch.float16, torch.float32) and qa.device.type == "cuda"
+    want = out_dtype if cuda_out else torch.float32
     try:
-        out = torch._scaled_mm(a, bt, scale_a=sa_, scale_b=sb_, out_dtype=torch.float32)
+        out = torch._scaled_mm(a, bt, scale_a=sa_, scale_b=sb_, out_dtype=want)
     except RuntimeError:
         if qa.device.type != "cuda":
             raise
@@ -54,7 +59,7 @@ def _torch_scaled(qa, sa, qb, sb) -> torch.Tensor | None:
         # far finer than the operands' 3 (e4m3).
         out = torch._scaled_mm(a, bt, scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16)
     out = out[0] if isinstance(out, tuple) else out  # torch < 2.5 returned (out, amax)
-    return out.to(torch.float32)
+    return out if out.dtype == want else out.to(torch.float32)
 
 
 # What the Triton kernels write directly (their epilogue rounds once, from the fp32 accumulator).
@@ -108,7 +113,8 @@ def scaled_gemm(
             raise RuntimeError("backend='triton': no triton_kernels GEMM for this device here")
     if backend in ("auto", "torch") and ("torch",) + key_base not in _FAILED:
         try:
-            out = _torch_scaled(qa, sa, qb, sb)
+            # With a bias the product stays float32 so that the sum is rounded once (``_finish``).
+            out = _torch_scaled(qa, sa, qb, sb, out_dtype if bias is None else torch.float32)
         except Exception:
             if backend == "torch":
                 raise
