@@ -34,18 +34,7 @@ from galorex.halo import (
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def assert_pipeline_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32 agreement with the float64 emulation: 1e-5 relative in norm, and no element off by more
-    than 1e-3 of the largest. (An element whose fp32 value sits on a rounding boundary of the
-    format may round to the neighbouring grid point in one of the two: that is one grid step in
-    one element, well inside these bounds; a wrong rotation, scale or format is far outside.)"""
-    actual, expected = actual.double(), expected.double()
-    rel = float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
-    assert rel < 1e-5, rel
-    worst = float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
-    assert worst < 1e-3, worst
-
+from halo_support import assert_pipeline_close, check_against_float64, rel
 
 LEVELS = (0, 1, 2)
 FORMATS = ("fp8", "int8")
@@ -252,42 +241,12 @@ def _layer(level, fmt, gran, k=64, n=32, seed=0, dtype=torch.float32, **kw):
     return layer
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-# Relative (Frobenius) error against the unquantised float64 layer on Gaussian data, 64→32, 96
-# tokens; measured worst case over levels and granularities: FP8 ≈ 0.03 (E_X, G with e4m3 three
-# mantissa bits), INT8 ≈ 0.013. The stated bounds leave about 2× room.
-STATED_BOUND = {"fp8": 0.06, "int8": 0.03}
-
-
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("gran", GRANS)
 def test_halo_linear_matches_float64_emulation_and_float64_layer(level, fmt, gran):
     layer = _layer(level, fmt, gran)
-    g = torch.Generator().manual_seed(10 + level)
-    x = torch.randn(4, 24, 64, generator=g, requires_grad=True)
-    ey = torch.randn(4, 24, 32, generator=g)
-    y = layer(x)
-    assert y.shape == (4, 24, 32) and y.dtype == torch.float32
-    y.backward(ey)
-    x64, w64, b64, e64 = (
-        x.detach().double().reshape(-1, 64),
-        layer.weight.detach().double(),
-        layer.bias.detach().double(),
-        ey.double().reshape(-1, 32),
-    )
-    ry, rex, rg = _emulate64(x64, w64, b64, e64, level, fmt, gran)
-    assert_pipeline_close(y.detach().reshape(-1, 32), ry)
-    assert_pipeline_close(x.grad.reshape(-1, 64), rex)
-    assert_pipeline_close(layer.weight.grad, rg)
-    torch.testing.assert_close(layer.bias.grad.double(), e64.sum(0), rtol=1e-5, atol=1e-5)
-    bound = STATED_BOUND[fmt]
-    assert _rel(y.detach().reshape(-1, 32), x64 @ w64.T + b64) < bound
-    assert _rel(x.grad.reshape(-1, 64), e64 @ w64) < bound
-    assert _rel(layer.weight.grad, e64.T @ x64) < bound
+    check_against_float64(layer, lambda x, w, b, e: _emulate64(x, w, b, e, level, fmt, gran), fmt, seed=10 + level)
 
 
 @pytest.mark.parametrize("grad_fp8", ["e4m3", "e5m2"])
@@ -319,7 +278,7 @@ def test_halo_linear_bf16_input_and_weight():
     y.float().square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.bfloat16
     ref = x.detach().double() @ layer.weight.detach().double().T + layer.bias.detach().double()
-    assert _rel(y.detach(), ref) < 0.06
+    assert rel(y.detach(), ref) < 0.06
 
 
 def test_halo_linear_fp32_weight_bf16_input():
@@ -341,7 +300,7 @@ def test_halo_linear_without_bias_zero_input_and_random_signs():
     assert (y == 0).all() and torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(6))
     ref = x.double() @ layer.weight.detach().double().T
-    assert _rel(layer(x).detach(), ref) < 0.06
+    assert rel(layer(x).detach(), ref) < 0.06
 
 
 def _outlier_inputs(tokens=256, k=256, n=128, seed=0):
@@ -360,7 +319,7 @@ def test_rotation_pays_for_int8_on_outlier_channels():
     for level in (0, 1):
         layer = _layer(level, "int8", "tensor", k=256, n=128, seed=1)
         ref = x.double() @ layer.weight.detach().double().T + layer.bias.detach().double()
-        errors[level] = _rel(layer(x).detach(), ref)
+        errors[level] = rel(layer(x).detach(), ref)
     assert errors[1] * 2 <= errors[0], errors  # measured: 0.069 (level 0) vs 0.013 (level 1)
 
 
@@ -408,7 +367,7 @@ def test_convert_to_halo_swaps_in_place_and_keeps_parameters():
     after = dict(model.named_parameters())
     assert after.keys() == params.keys() and all(after[k] is params[k] for k in params)
     y = model.lm_head(model.mlp(model.attn(x)))
-    assert _rel(y.detach(), before.detach()) < 0.05
+    assert rel(y.detach(), before.detach()) < 0.05
     assert convert_to_halo(model) == 0  # nothing left to swap
     assert convert_to_halo(_Block(), skip=("lm_head", "mlp")) == 1
     signed = _Block()

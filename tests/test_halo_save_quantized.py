@@ -15,22 +15,10 @@ from galorex.halo.quant import dequantize, quantize_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+from halo_support import assert_pipeline_close, check_against_float64, rel
+
 LEVELS = (0, 1, 2)
 FORMATS = ("fp8", "int8")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def assert_pipeline_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32 agreement with the float64 emulation: 1e-5 relative in norm, no element off by more than
-    1e-3 of the largest (an fp32 value on a rounding boundary may land one grid step away in one
-    element; a wrong rotation, sign, scale or transpose is far outside)."""
-    rel = _rel(actual, expected)
-    assert rel < 1e-5, rel
-    worst = float((actual.double() - expected).abs().max() / expected.abs().max())
-    assert worst < 1e-3, worst
 
 
 def _q(t: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -62,40 +50,14 @@ def _layer(level, fmt, k=64, n=32, seed=0, **kw):
     return HaloLinear(k, n, level=level, fmt=fmt, granularity="tensor", save_quantized=True, **kw)
 
 
-# Relative (Frobenius) error against the unquantised float64 layer on Gaussian data, 64 → 32, 96
-# tokens; measured worst over levels, signs and the three outputs: FP8 0.038, INT8 0.012 (the
-# default pipeline's figures: one per-tensor quantisation loses no more than two).
-STATED_BOUND = {"fp8": 0.06, "int8": 0.03}
-
-
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("level", LEVELS)
 def test_matches_float64_emulation_and_float64_layer(level, fmt, signed):
     layer = _layer(level, fmt, random_signs=signed, seed=3)
-    g = torch.Generator().manual_seed(10 + level)
-    x = torch.randn(4, 24, 64, generator=g, requires_grad=True)
-    ey = torch.randn(4, 24, 32, generator=g)
-    y = layer(x)
-    assert y.shape == (4, 24, 32) and y.dtype == torch.float32
-    y.backward(ey)
-    x64, w64, b64, e64 = (
-        x.detach().double().reshape(-1, 64),
-        layer.weight.detach().double(),
-        layer.bias.detach().double(),
-        ey.double().reshape(-1, 32),
-    )
     si = layer.signs_in.double() if signed else None
     so = layer.signs_out.double() if signed else None
-    ry, rex, rg = _emulate(x64, w64, b64, e64, level, fmt, si, so)
-    assert_pipeline_close(y.detach().reshape(-1, 32), ry)
-    assert_pipeline_close(x.grad.reshape(-1, 64), rex)
-    assert_pipeline_close(layer.weight.grad, rg)
-    torch.testing.assert_close(layer.bias.grad.double(), e64.sum(0), rtol=1e-5, atol=1e-5)
-    bound = STATED_BOUND[fmt]
-    assert _rel(y.detach().reshape(-1, 32), x64 @ w64.T + b64) < bound
-    assert _rel(x.grad.reshape(-1, 64), e64 @ w64) < bound
-    assert _rel(layer.weight.grad, e64.T @ x64) < bound
+    check_against_float64(layer, lambda x, w, b, e: _emulate(x, w, b, e, level, fmt, si, so), fmt, seed=10 + level)
 
 
 def test_block_rotations_smaller_than_the_dimensions():
@@ -152,7 +114,7 @@ def test_bf16_input_and_weight():
     assert x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.bfloat16
     assert layer.weight.grad.is_contiguous()
     ref = x.detach().double() @ layer.weight.detach().double().T + layer.bias.detach().double()
-    assert _rel(y.detach(), ref) < 0.06
+    assert rel(y.detach(), ref) < 0.06
 
 
 # ----------------------------------------------------------------------------- memory
@@ -317,9 +279,9 @@ def _errors(level, fmt, x, ey, normal):
     x64, w64, e64 = x.double(), layer.weight.detach().double(), ey.double()
     g64 = e64.T @ x64
     return {
-        "Y": _rel(y.detach(), x64 @ w64.T + layer.bias.detach().double()),
-        "E_X": _rel(xr.grad, e64 @ w64),
-        "G normal": _rel(layer.weight.grad[:, normal], g64[:, normal]),
+        "Y": rel(y.detach(), x64 @ w64.T + layer.bias.detach().double()),
+        "E_X": rel(xr.grad, e64 @ w64),
+        "G normal": rel(layer.weight.grad[:, normal], g64[:, normal]),
     }
 
 
