@@ -51,3 +51,25 @@ def check_against_float64(layer: torch.nn.Module, emulate: Callable, fmt: str, s
     assert rel(y.detach().reshape(-1, 32), x64 @ w64.T + b64) < bound
     assert rel(x.grad.reshape(-1, 64), e64 @ w64) < bound
     assert rel(layer.weight.grad, e64.T @ x64) < bound
+
+
+def train_converted_llama(steps: int = 8, **convert: object) -> list[float]:
+    """llama-tiny with every linear layer but the head converted (``convert_to_halo(**convert)``; it
+    must swap 4 × 7 of them), trained ``steps`` GaLore steps on one seeded batch: the losses."""
+    import galorex
+    from galorex.halo import convert_to_halo
+    from galorex.models.llama import Llama, get_config
+
+    torch.manual_seed(0)
+    model = Llama(get_config("llama-tiny"))
+    assert convert_to_halo(model, **convert) == 4 * 7  # q, k, v, o, gate, up, down in 4 blocks
+    opt = galorex.GaLoreAdamW(galorex.galore_param_groups(model, rank=8, update_proj_gap=50), lr=3e-3)
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        _, loss = model(x, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

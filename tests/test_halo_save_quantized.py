@@ -15,7 +15,7 @@ from galorex.halo.quant import dequantize, quantize_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-from halo_support import assert_pipeline_close, check_against_float64, rel
+from halo_support import assert_pipeline_close, check_against_float64, rel, train_converted_llama
 
 LEVELS = (0, 1, 2)
 FORMATS = ("fp8", "int8")
@@ -341,21 +341,5 @@ def test_convert_to_halo_passes_save_quantized_through():
 
 
 def test_a_converted_llama_trains():
-    import galorex
-    from galorex.models.llama import Llama, get_config
-
-    torch.manual_seed(0)
-    model = Llama(get_config("llama-tiny"))
-    n = convert_to_halo(model, level=2, fmt="int8", granularity="tensor", save_quantized=True)
-    assert n == 4 * 7
-    opt = galorex.GaLoreAdamW(galorex.galore_param_groups(model, rank=8, update_proj_gap=50), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (4, 32), generator=g)
-    losses = []
-    for _ in range(8):
-        _, loss = model(x, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_converted_llama(level=2, fmt="int8", granularity="tensor", save_quantized=True)
     assert losses[-1] < losses[0] - 0.3, losses
