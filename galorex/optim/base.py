@@ -120,12 +120,15 @@ def store_bases(
             state[key] = basis
 
 
-def _stored_format(state: dict[str, Any], key: str) -> tuple[int, bool]:
+def _stored_format(state: dict[str, Any], key: str, p: torch.Tensor) -> tuple[int, bool]:
     for bits in state8bit.BASIS_CODECS:
         for rotated in (False, True):
             if key + state8bit.basis_code_suffix(bits, rotated) in state:
                 return bits, rotated
-    raise KeyError(f"no stored basis {key!r} in this state (keys: {sorted(state)})")
+    raise KeyError(
+        f"the optimizer state of a parameter of shape {tuple(p.shape)} holds no basis {key!r} in any stored "
+        f"format (state keys: {sorted(state)}): the state dict does not belong to this parameter"
+    )
 
 
 def load_bases(state: dict[str, Any], side: str, p: torch.Tensor, rank: int) -> list[torch.Tensor]:
@@ -136,7 +139,7 @@ def load_bases(state: dict[str, Any], side: str, p: torch.Tensor, rank: int) -> 
         return [state[k] for k in keys]
     m, n = proj.matrix_shape(p.shape)
     dtype = compute_dtype(p.dtype)
-    bits, rotated = _stored_format(state, keys[0])
+    bits, rotated = _stored_format(state, keys[0], p)
     suffix = state8bit.basis_code_suffix(bits, rotated)
     return [
         state8bit.decode_basis(state[k + suffix], state[k + "_scale"], shape, bits, rotated).to(dtype)
