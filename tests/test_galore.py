@@ -387,6 +387,7 @@ def test_reverse_std_on_wide_matrix_follows_the_paper(rank):
         [{"params": [w], "rank": rank, "update_proj_gap": 5, "proj_type": "reverse_std"}],
         lr=1e-2,
         eps=1e-8,
+        weight_decay=0.0,
     )
     ref = ReferenceGaLoreAdamW(
         [{"params": [w.detach()], "rank": rank, "update_proj_gap": 5, "proj_type": "reverse_std"}], lr=1e-2, eps=1e-8

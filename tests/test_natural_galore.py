@@ -341,6 +341,7 @@ def test_degenerate_gradients_keep_parameters_finite(scenario, dtype, policy, la
     opt = NaturalGaLoreAdamW(
         [{"params": params[:2], "rank": 3, "proj_type": "std"}, {"params": params[2:], "rank": 2, "proj_type": "full"}],
         lr=1e-2,
+        weight_decay=0.0,
         update_proj_gap=4,
         moment_policy=policy,
         natural_history=4,

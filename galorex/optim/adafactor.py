@@ -125,6 +125,22 @@ def _factored_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int
     return shape[:-1], shape[:-2] + shape[-1:]
 
 
+class RelativeStepGroup(dict):
+    """A parameter group of GaLoreAdafactor with ``relative_step=True``: its ``lr`` is None (the
+    step size is computed from the step count), and reading ``group["lr"]`` raises an error that
+    says so. An LR scheduler reads exactly that, and would otherwise crash on ``None * float``.
+    The optimizer itself reads the key with ``dict.get``."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "lr" and dict.get(self, "lr") is None:
+            raise TypeError(
+                "GaLoreAdafactor with relative_step=True (lr=None) computes its own step size, so this group "
+                "has no 'lr' for an LR scheduler (or anything else) to read or scale; to schedule the "
+                "learning rate pass lr=<number> with relative_step=False (and warmup_init=False)"
+            )
+        return dict.__getitem__(self, key)
+
+
 class GaLoreAdafactor(LowRankOptimizer):
     """Adafactor with GaLore's low-rank projection; a drop-in for transformers' ``Adafactor`` and
     galore-torch's ``GaLoreAdafactor`` (same arguments, group keys and defaults).
@@ -211,6 +227,27 @@ class GaLoreAdafactor(LowRankOptimizer):
             per_param_grad_clip=per_param_grad_clip,
         )
 
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._wrap_relative_step_groups()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # load_state_dict comes through here with new group dicts
+        self._wrap_relative_step_groups()
+
+    def _wrap_relative_step_groups(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            if group.get(RELATIVE_STEP) and not isinstance(group, RelativeStepGroup):
+                self.param_groups[i] = RelativeStepGroup(group)
+
+    def __repr__(self) -> str:
+        lines = [self.__class__.__name__ + " ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines.extend(f"    {key}: {value}" for key, value in sorted(group.items()) if key != "params")
+        return "\n".join(lines) + "\n)"
+
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         def bad(key: str, what: str) -> ValueError:
@@ -219,7 +256,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         for key in (SCALE_PARAMETER, RELATIVE_STEP, WARMUP_INIT):
             if not isinstance(group[key], bool):
                 raise bad(key, "must be True or False")
-        lr = group["lr"]
+        lr = group.get("lr")
         if group[RELATIVE_STEP]:
             if lr is not None:
                 raise bad(
@@ -253,6 +290,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         for key in ("optim_bits", "eps_mode", "betas"):
             if key in group:
                 raise bad(key, "is an Adam key that GaLoreAdafactor does not take")
+        for key in ("amsgrad", "maximize", "fused", "foreach"):
+            if group.get(key):
+                raise bad(key, "is not supported by GaLoreAdafactor (minimisation only, one implementation)")
         # The projection keys are checked by the shared validation; the Adam keys it also checks
         # do not exist here, so it sees neutral values for them (the group itself is untouched).
         super()._validate_group({**group, "lr": 0.0, "eps": 0.0, "betas": (0.0, 0.0), "weight_decay": 0.0}, index)
@@ -323,7 +363,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         alpha = adafactor_step_size(
             state[STEP],
             weight,
-            lr=group["lr"],
+            lr=group.get("lr"),
             eps2=eps2,
             relative_step=group[RELATIVE_STEP],
             warmup_init=group[WARMUP_INIT],

@@ -48,6 +48,11 @@ BASIS_ROTATION = "basis_rotation"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
+# torch.optim.AdamW's flags, honoured for unprojected parameters (torch's own AdamW runs them).
+AMSGRAD = "amsgrad"
+MAXIMIZE = "maximize"
+MAX_EXP_AVG_SQ = "max_exp_avg_sq"
+
 # ``compile=``: False (eager), True (torch.compile with fullgraph=True), or torch.compile options.
 CompileOption = bool | dict[str, Any]
 
@@ -147,6 +152,45 @@ def load_bases(state: dict[str, Any], side: str, p: torch.Tensor, rank: int) -> 
     ]
 
 
+def refuse_unsupported_flags(**flags: bool) -> None:
+    """torch.optim.AdamW's ``capturable``/``differentiable``: accepted as False only."""
+    for name, value in flags.items():
+        if value:
+            raise ValueError(
+                f"{name}=True is not supported by galorex optimizers: the refresh schedule (step "
+                f"counters, SVD) runs on the host, outside any captured or differentiated graph; pass {name}=False"
+            )
+
+
+def _as_step_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """A step counter as torch.optim keeps it: a float32 0-dim tensor (older checkpoints and
+    hand-made state dicts hold a Python number)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32, copy=True).reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"a step counter in the optimizer state must be a number >= 0 or a tensor, got {value!r}")
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def _zero_dim_hyperparameters(group: dict[str, Any]) -> None:
+    """Every 1-element tensor hyperparameter of a group becomes a 0-dim view of itself, so a
+    ``lr=torch.tensor([[1e-3]])`` broadcasts like a number everywhere (the view shares its
+    storage, so a scheduler's in-place update reaches both)."""
+
+    def zero_dim(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() > 0:
+            return v.reshape(())
+        return v
+
+    for key, value in group.items():
+        if key in ("params", "param_names"):
+            continue
+        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            group[key] = type(value)(zero_dim(v) for v in value)
+        else:
+            group[key] = zero_dim(value)
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -217,11 +261,54 @@ class LowRankOptimizer(Optimizer):
             fns[name] = torch.compile(fn, **options)
         return fns[name]
 
+    # ------------------------------------------------------------------ copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """torch keeps only defaults, state and param_groups; the constructor's options travel too
+        (and layer-wise accumulation counts, by parameter position), so a deepcopied or unpickled
+        optimizer steps exactly as the original. The layer-wise gradient reducer (a collective
+        bound to a process group) does not travel: set it again on the copy."""
+        state = super().__getstate__()
+        counts = getattr(self, "_backward_counts", {})
+        state["_galorex_options"] = {
+            "compile": getattr(self, "_compile_options", None),
+            "layerwise": getattr(self, "_layerwise", False),
+            "accumulation_steps": getattr(self, "_accumulation_steps", 1),
+            "per_param_grad_clip": getattr(self, "_per_param_grad_clip", None),
+            "backward_counts": [counts.get(p, 0) for g in self.param_groups for p in g["params"]],
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        options = state.pop("_galorex_options", None)
+        super().__setstate__(state)
+        # Steps stored as Python numbers (older checkpoints, hand-made states) become tensors, as
+        # torch.optim.AdamW.__setstate__ does; load_state_dict comes through here too.
+        for values in self.state.values():
+            for key in self._cpu_state_keys:
+                if key in values and not isinstance(values[key], torch.Tensor):
+                    values[key] = _as_step_tensor(values[key], torch.device("cpu"))
+        if options is None:
+            if not hasattr(self, "_layerwise"):  # a pickle of an older galorex
+                self._compile_options = None
+                self._compiled_fns = {}
+                self._configure_layerwise(False, 1, None)
+            return
+        self._compile_options = options["compile"]
+        self._compiled_fns = {}
+        self._configure_layerwise(options["layerwise"], options["accumulation_steps"], options["per_param_grad_clip"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._backward_counts = {p: c for p, c in zip(params, options["backward_counts"]) if c}
+        self._sharded = any(_is_dtensor(p) for p in params)
+        if self._layerwise:
+            for gi in range(len(self.param_groups)):
+                self._register_layerwise_hooks(gi)
+
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
+        _zero_dim_hyperparameters(group)
         sharded_params = any(_is_dtensor(p) for p in group["params"])
         try:
             self._validate_group(group, index)
@@ -261,6 +348,7 @@ class LowRankOptimizer(Optimizer):
         bits = group.get(OPTIM_BITS, 32)
         if not _is_int(bits) or bits not in (8, 32):
             raise bad(OPTIM_BITS, "must be 8 or 32")
+        self._validate_torch_flags(group, index, bad)
         if group.get(RANK) is None:
             return
         if not _is_int(group[RANK]) or group[RANK] <= 0:
@@ -291,6 +379,45 @@ class LowRankOptimizer(Optimizer):
             raise bad(BASIS_ROTATION, "rotates a quantised basis: it needs basis_bits=4 or 8")
         if group.get(PROJ_PRECISION) not in (None,) + PROJ_PRECISIONS:
             raise bad(PROJ_PRECISION, f"must be None or one of {PROJ_PRECISIONS}")
+
+    def _validate_torch_flags(self, group: dict[str, Any], index: int, bad: Callable[[str, str], ValueError]) -> None:
+        """``amsgrad``/``maximize``/``foreach``/``fused`` as torch.optim.AdamW takes them, refused
+        where this group cannot honour them."""
+        for key in (AMSGRAD, MAXIMIZE):
+            value = group.get(key, False)
+            if not isinstance(value, bool):
+                raise bad(key, "must be True or False")
+            if not value:
+                continue
+            if group.get(RANK) is not None:
+                raise bad(
+                    key,
+                    f"is not supported in a projected group (rank={group[RANK]}): Adam's moments live in "
+                    "a basis that changes at every refresh; keep it for groups without 'rank'",
+                )
+            if _eight_bit(group) or group.get(EPS_MODE, "torch") != "torch":
+                raise bad(key, "needs torch's AdamW: not with optim_bits=8 or eps_mode='galore_torch'")
+        for key in ("foreach", "fused"):
+            if group.get(key) is not None and not isinstance(group.get(key), bool):
+                raise bad(key, "must be True, False or None")
+        if not group.get("fused"):
+            return
+        if group.get("foreach"):
+            raise bad("fused", "cannot be True together with foreach=True")
+        if _eight_bit(group) or group.get(EPS_MODE, "torch") != "torch":
+            raise bad(
+                "fused",
+                "cannot be served with optim_bits=8 or eps_mode='galore_torch' (torch's fused AdamW keeps "
+                "32-bit moments and torch's epsilon); leave fused=None",
+            )
+        devices = _fused_devices()
+        for pi, p in enumerate(group["params"]):
+            if not (p.is_floating_point() and p.device.type in devices and not p.is_sparse):
+                raise ValueError(
+                    f"param_groups[{index}]: fused=True needs floating point dense parameters on a device with "
+                    f"torch's fused AdamW kernel ({', '.join(sorted(devices))}); {self._param_label(index, pi)} is "
+                    f"{p.dtype} on {p.device.type}"
+                )
 
     # ------------------------------------------------------------------ helpers
     def _param_label(self, group_index: int, param_index: int) -> str:
@@ -573,12 +700,14 @@ class LowRankOptimizer(Optimizer):
             p.copy_(w.view_as(p))
 
     def _dense_adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """torch's own AdamW functional, with the implementation chosen as torch.optim.AdamW chooses
+        it: ``foreach``/``fused`` from the group, None meaning torch's default for the device (which
+        never picks the fused kernel)."""
         if group[EPS_MODE] == "galore_torch" or _eight_bit(group):
             return self._dense_adamw_foreach(group, params)
-        fused = group.get("fused")
-        if fused is None:
-            fused = _fused_supported(params)
-        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        fused = bool(group.get("fused"))
+        amsgrad = group.get(AMSGRAD, False)
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
         for p in params:
             state = self.state[p]
             step_device = p.device if fused else torch.device("cpu")
@@ -588,9 +717,17 @@ class LowRankOptimizer(Optimizer):
                 state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif state[STEP].device != step_device:
                 state[STEP] = state[STEP].to(step_device)
-            grads.append(p.grad)
+            if amsgrad and MAX_EXP_AVG_SQ not in state:
+                state[MAX_EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grad = p.grad
+            if fused and grad.stride() != p.stride():
+                # torch's fused kernel walks parameter and gradient as if they shared one layout.
+                grad = torch.empty_like(p).copy_(grad)
+            grads.append(grad)
             exp_avgs.append(state[EXP_AVG])
             exp_avg_sqs.append(state[EXP_AVG_SQ])
+            if amsgrad:
+                max_exp_avg_sqs.append(state[MAX_EXP_AVG_SQ])
             steps.append(state[STEP])
         beta1, beta2 = group["betas"]
         _adamw_functional(
@@ -598,11 +735,11 @@ class LowRankOptimizer(Optimizer):
             grads,
             exp_avgs,
             exp_avg_sqs,
-            [],
+            max_exp_avg_sqs,
             steps,
             foreach=None if fused else group.get("foreach"),
-            fused=fused or None,
-            amsgrad=False,
+            fused=True if fused else None,
+            amsgrad=amsgrad,
             # Tensor hyperparameters as numbers, except lr for the fused kernel, which takes a
             # tensor lr as it is (older torch refuses tensor betas, and tensor lr with foreach).
             beta1=float(beta1),
@@ -610,7 +747,7 @@ class LowRankOptimizer(Optimizer):
             lr=group["lr"] if fused else float(group["lr"]),
             weight_decay=float(group["weight_decay"]),
             eps=float(group["eps"]),
-            maximize=False,
+            maximize=group.get(MAXIMIZE, False),
         )
 
     def _dense_adamw_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -813,12 +950,11 @@ class LowRankOptimizer(Optimizer):
                 k + suffix in values for k in ("basis", "basis_left") for suffix in state8bit.BASIS_SUFFIXES
             )
             for key, value in values.items():
-                if not isinstance(value, torch.Tensor):
+                if key in self._cpu_state_keys:
+                    keep_on_cpu = projected or not group.get("fused")
+                    restored[key] = _as_step_tensor(value, torch.device("cpu") if keep_on_cpu else p.device)
+                elif not isinstance(value, torch.Tensor):
                     restored[key] = value
-                elif key in self._cpu_state_keys:
-                    keep_on_cpu = projected or not (group.get("fused") or _fused_supported([p]))
-                    device = torch.device("cpu") if keep_on_cpu else p.device
-                    restored[key] = value.detach().to(device=device, dtype=torch.float32, copy=True)
                 elif projected or _eight_bit(group) or not (value.is_floating_point() and p.is_floating_point()):
                     # 8-bit scales and float32 small moments keep their dtype, like subspace state.
                     restored[key] = value.detach().to(device=p.device, copy=True)
@@ -849,13 +985,8 @@ def _mix_seed(*values: int) -> int:
     return h >> 1
 
 
-def _fused_supported(params: list[torch.Tensor]) -> bool:
-    """Use torch's fused AdamW kernel when every tensor is a floating dense tensor on a device it
-    supports (CPU included since torch 2.4)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+def _fused_devices() -> set[str]:
+    """Device types with torch's fused AdamW kernel (CPU included since torch 2.4)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-        devices = set(_get_fused_kernels_supported_devices())
-    except Exception:  # pragma: no cover - very old torch
-        return False
-    return all(p.device.type in devices and p.is_floating_point() and not p.is_sparse for p in params)
+    return set(_get_fused_kernels_supported_devices())

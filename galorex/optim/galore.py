@@ -24,6 +24,7 @@ from .base import (
     hyperparameter,
     load_bases,
     load_moment,
+    refuse_unsupported_flags,
     store_moment,
 )
 
@@ -145,6 +146,22 @@ class GaLoreAdamW(LowRankOptimizer):
 
     Weight decay is decoupled and applied to the full weight.
 
+    The arguments shared with ``torch.optim.AdamW`` have its defaults (``lr=1e-3``,
+    ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``weight_decay=1e-2``; galore-torch's ``weight_decay``
+    default is 0.0) and its meaning:
+
+    - ``amsgrad``, ``maximize`` (False): honoured for unprojected parameters (torch's own AdamW
+      runs them); a group with ``rank`` refuses either, since neither is defined for Adam
+      moments whose basis changes at every refresh.
+    - ``foreach``, ``fused`` (None): choose torch's AdamW implementation for unprojected
+      parameters exactly as ``torch.optim.AdamW`` does (None: torch's default for the device,
+      which never picks the fused kernel). ``fused=True`` is checked up front (floating point
+      parameters on a device with the fused kernel, not with ``foreach=True``, not with 8-bit
+      moments or ``eps_mode="galore_torch"``), and a gradient whose strides differ from its
+      parameter's is handed to the fused kernel in the parameter's layout (the kernel
+      mis-updates it otherwise).
+    - ``capturable``, ``differentiable``: only False (the refresh schedule runs on the host).
+
     ``lr``, ``weight_decay``, ``betas`` and ``eps`` may be 0-dim tensors (``lr=torch.tensor(1e-3)``),
     which ``torch.optim.lr_scheduler`` schedulers update in place; eagerly the run is the same as with
     their values as floats. ``compile=True`` (or a dict of ``torch.compile`` options, e.g.
@@ -183,7 +200,8 @@ class GaLoreAdamW(LowRankOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         update_proj_gap: int = 200,
         scale: float = 1.0,
@@ -197,13 +215,17 @@ class GaLoreAdamW(LowRankOptimizer):
         optim_bits: int = 32,
         basis_bits: int = 32,
         basis_rotation: bool = False,
+        maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
         compile: CompileOption = False,
         layerwise: bool = False,
         accumulation_steps: int = 1,
         per_param_grad_clip: float | None = None,
     ) -> None:
+        refuse_unsupported_flags(capturable=capturable, differentiable=differentiable)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
@@ -221,6 +243,8 @@ class GaLoreAdamW(LowRankOptimizer):
             optim_bits=optim_bits,
             basis_bits=basis_bits,
             basis_rotation=basis_rotation,
+            amsgrad=amsgrad,
+            maximize=maximize,
             foreach=foreach,
             fused=fused,
         )

@@ -69,6 +69,10 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         self._radial: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(*args, **kwargs)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_radial", {})  # per-step scratch, not state
+
     def _gradient_matrix(
         self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -78,8 +78,6 @@ def woodbury_inverse_fisher(
 
 
 class NaturalGaLoreAdamW(GaLoreAdamW):
-    _cpu_state_keys = GaLoreAdamW._cpu_state_keys + (FILLED, NEXT_ROW)
-
     """GaLoreAdamW whose Adam sees the inverse-empirical-Fisher-preconditioned low-rank gradient.
 
     Takes GaLoreAdamW's arguments and group keys plus, per group:
@@ -93,20 +91,23 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     carry each vector into the new basis (h ← project(project_back(h))) and rebuild HᵀH.
     """
 
+    _cpu_state_keys = GaLoreAdamW._cpu_state_keys + (FILLED, NEXT_ROW)
+
     def __init__(
         self,
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         natural_history: int = 8,
         natural_damping: float = 1e-3,
         **galore_options: Any,
     ) -> None:
         self._extra_defaults = {NATURAL_HISTORY: natural_history, NATURAL_DAMPING: natural_damping}
-        super().__init__(params, lr, betas, eps, weight_decay, **galore_options)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **galore_options)
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         super()._validate_group(group, index)
