@@ -164,3 +164,22 @@ def test_all_quick_writes_every_table(tmp_path):
         # 8-bit codes are far finer than 4-bit ones, rotated or not; a Gaussian basis sits near 3.
         assert row["basis_8"] < row["basis_4"] / 10 and row["basis_8h"] < row["basis_4h"] / 10
     assert basis["summary"][0]["kurtosis"] == pytest.approx(3.0, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["memory", "--quick", "--out", "OUT"],
+        ["--quick", "--out", "OUT", "memory"],
+        ["--out", "X", "memory", "--out", "OUT", "--quick"],
+    ],
+    ids=["after", "before", "after-overrides"],
+)
+def test_common_options_go_before_or_after_the_subcommand(argv, monkeypatch, tmp_path):
+    import galorex.bench.__main__ as bench_main
+
+    seen = []
+    monkeypatch.setitem(bench_main.COMMANDS, "memory", lambda args: seen.append((args.out, args.quick)))
+    argv = [str(tmp_path) if a == "OUT" else a for a in argv]
+    assert bench_main.main(argv) == 0
+    assert seen == [(str(tmp_path), True)]

@@ -578,10 +578,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m galorex.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default="bench-out", help="folder for the tables and JSON")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run, not figures)")
+    # The common options go before or after the subcommand alike: each subcommand takes them too,
+    # with no default of its own, so a value given after it overrides the one given before.
+    common = argparse.ArgumentParser(add_help=False)
+    for parser, default in ((p, None), (common, argparse.SUPPRESS)):
+        parser.add_argument("--out", default=default or "bench-out", help="folder for the tables and JSON")
+        parser.add_argument("--device", default=default or ("cuda" if torch.cuda.is_available() else "cpu"))
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            default=default or False,
+            help="small sizes everywhere (a smoke run, not figures)",
+        )
     sub = p.add_subparsers(dest="command", required=True)
+    add_subparser = sub.add_parser
+
+    def add_parser_with_common(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add_subparser(name, parents=[common, *kwargs.pop("parents", [])], **kwargs)
+
+    sub.add_parser = add_parser_with_common  # the benchmark modules register through it too
     sub.add_parser("all", help="every benchmark below, one after the other, into --out")
     s = sub.add_parser("step", help="median optimizer step time and state bytes")
     s.add_argument("--model", default="llama-60m", choices=sorted(MODEL_CONFIGS))
