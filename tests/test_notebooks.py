@@ -32,3 +32,12 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_plot_cell_has_its_figure_in_the_committed_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    plot_cells = [c for c in nb.cells if c.cell_type == "code" and ("plt." in c.source or ".plot(" in c.source)]
+    for cell in plot_cells:
+        kinds = {k for o in cell.get("outputs", []) for k in o.get("data", {})}
+        assert "image/png" in kinds, f"{path.name}: a plotting cell has no figure in its outputs:\n{cell.source[:200]}"

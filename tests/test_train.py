@@ -810,3 +810,16 @@ def test_init_from_a_checkpoint_file_and_bad_inputs(tmp_path, capsys):
     rc = main(TINY + ["--out", str(tmp_path / "e"), "--steps", "1", "--init-from", str(garbage)])
     cap = capsys.readouterr()
     assert_one_line_error(rc, cap.out, cap.err, "--init-from", "garbage.safetensors", "cannot read")
+
+
+def test_the_loss_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook that calls train() keeps its inline plots: the plot is drawn without pyplot."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from galorex.train.trainer import _plot
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.5, "val_loss": 1.7}\n')
+    before = matplotlib.get_backend()
+    assert _plot(metrics, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert matplotlib.get_backend() == before

@@ -301,10 +301,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def _plot(metrics_path: Path, png: Path) -> bool:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own on the Agg canvas: no pyplot, so the caller's matplotlib backend (a
+        # notebook's inline plots) stays as it was.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -312,7 +312,9 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
         return False  # nothing was trained (--steps 0): no curve to draw
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train")
     if val:
@@ -323,7 +325,6 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
-    plt.close(fig)
     return True
 
 
