@@ -45,7 +45,9 @@ def groups(m: nn.Module, extra: dict) -> list[dict]:
 
 def batches(n: int, seed: int, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 72, generator=g, dtype=dtype), torch.randn(16, 6, generator=g, dtype=dtype)) for _ in range(n)]
+    return [
+        (torch.randn(16, 72, generator=g, dtype=dtype), torch.randn(16, 6, generator=g, dtype=dtype)) for _ in range(n)
+    ]
 
 
 def train(m: nn.Module, opt: torch.optim.Optimizer, data) -> None:
@@ -64,7 +66,12 @@ def build(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     return m, cls(groups(m, extra), **kwargs)
 
 
+def made_with() -> dict[str, str]:
+    return {"torch": str(torch.__version__), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def main() -> None:
+    torch.set_num_threads(1)  # as the test runs (BLAS splits work, and so rounds, by thread count)
     for name in CASES:
         m, opt = build(name)
         dtype = DTYPES.get(name, torch.float64)
@@ -73,7 +80,10 @@ def main() -> None:
         train(m, opt, batches(3, seed=2, dtype=dtype))
         saved["expected"] = {k: v.clone() for k, v in m.state_dict().items()}
         # Where the same kernels run, a resume must match bit for bit; elsewhere BLAS may round differently.
-        saved["made_with"] = {"torch": str(torch.__version__), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        saved["made_with"] = {
+            "torch": str(torch.__version__),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        }
         torch.save(saved, HERE / f"{name}.pt")
         print(name, sorted(k for s in saved["optimizer"]["state"].values() for k in s)[:12])
 
