@@ -1,12 +1,13 @@
 """Writes the optimizer checkpoints that tests/test_old_checkpoints.py resumes.
 
-Run once with galorex 0.1.0 as it stood before the optim/ restructuring (commit 4cd648f):
+Run once with galorex 0.1.0 as it stood before the optim/ restructuring (commit ad04993):
 ``python tests/data/checkpoints_v0_1/generate.py``. Each file holds a small float64 model's weights
 and optimizer state after 3 steps (one refresh past), and the weights after 3 more steps, which a
 later galorex must reproduce from the same state and gradients."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def build(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     kwargs = dict(kwargs)
     if cls is not galorex.GaLoreAdafactor:
         kwargs.setdefault("lr", 1e-2)
+        kwargs.setdefault("weight_decay", 0.0)  # explicit: its default changed after 0.1.0
     return m, cls(groups(m, extra), **kwargs)
 
 
@@ -76,7 +78,10 @@ def main() -> None:
         m, opt = build(name)
         dtype = DTYPES.get(name, torch.float64)
         train(m, opt, batches(3, seed=1, dtype=dtype))
-        saved = {"model": {k: v.clone() for k, v in m.state_dict().items()}, "optimizer": opt.state_dict()}
+        saved = {
+            "model": {k: v.clone() for k, v in m.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()),
+        }
         train(m, opt, batches(3, seed=2, dtype=dtype))
         saved["expected"] = {k: v.clone() for k, v in m.state_dict().items()}
         # Where the same kernels run, a resume must match bit for bit; elsewhere BLAS may round differently.
