@@ -7,7 +7,10 @@ from .optim import (
     GradNormLoRPAdamW,
     LowRankOptimizer,
     NaturalGaLoreAdamW,
+    Rule,
+    Step,
     galore_param_groups,
+    register,
     select_galore_parameters,
 )
 
@@ -19,8 +22,11 @@ __all__ = [
     "GradNormLoRPAdamW",
     "LowRankOptimizer",
     "NaturalGaLoreAdamW",
+    "Rule",
+    "Step",
     "estimate_optimizer_state_bytes",
     "galore_param_groups",
     "optimizer_state_bytes",
+    "register",
     "select_galore_parameters",
 ]

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from . import projection as proj
-from .optim import state8bit
-from .optim.base import compute_dtype
+from .optim import codec, registry
+from .optim.config import compute_dtype
 
 _SCALAR_BYTES = 4  # float32 step counters
 
@@ -38,10 +38,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def _bytes_of(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def parameter_state_bytes(
     shape: Iterable[int],
     dtype: torch.dtype = torch.float32,
@@ -53,80 +49,29 @@ def parameter_state_bytes(
     basis_bits: int = 32,
     first_moment: bool = False,
 ) -> int:
-    # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw",
-    # "adafactor" (GaLoreAdafactor; ``first_moment`` when its beta1 is set)
-    """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
-
-    ``optimizer="gradnorm_lorp"`` adds the row magnitudes' Adam moments (2·m entries).
-    ``natural_history`` (NaturalGaLoreAdamW's s) adds its window, s·(low-rank size) entries, an
-    s×s float64 Gram matrix and two float32 counters. ``basis_bits=4`` (8) stores bases in half a byte (one byte)
-    per entry plus a float32 scale per 64. ``optim_bits=8`` stores each Adam moment of
-    4096 or more entries as one byte per entry plus a float32 scale per 256 (smaller ones float32).
-    ``optimizer="adafactor"`` (GaLoreAdafactor): a factored second moment — for an (a×b) update
-    a + b numbers, for ≥ 2-D shapes prod(shape[:-1]) + prod(shape[:-2])·shape[-1], for vectors one
-    per entry — in float32 (float64 for float64 weights), plus a first moment with ``first_moment``.
+    """State bytes of one parameter under galorex's layout, as the optimizer's rule counts them
+    (``Rule.state_bytes``), plus its bases (``basis_bits``: 32, or 4/8 with a float32 scale per 64
+    entries) and two float32 step counters; an unprojected parameter holds its rule's state and one
+    counter. ``optimizer`` is a registered name (``galore``, ``natural-galore``, ``gradnorm-lorp``,
+    ``galore-adafactor``…) or ``adamw`` (torch's AdamW). ``natural_history`` is NaturalGaLoreAdamW's
+    s; ``optim_bits=8`` stores Adam moments of 4096 or more entries in one byte each plus a float32
+    scale per 256; ``first_moment`` says GaLoreAdafactor keeps one (``beta1`` set).
     """
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-
-    def moments(n: int, float_bytes: int) -> int:
-        if optim_bits == 8:
-            return sum(state8bit.packed_nbytes(n, kind) for kind in (state8bit.SIGNED, state8bit.UNSIGNED_SQRT))
-        return 2 * n * float_bytes
-
-    if optimizer == "adafactor":
-        return _adafactor_bytes(shape, dtype, rank, proj_type, first_moment, basis_bits)
-    if optimizer == "adamw" or rank is None or len(shape) < 2 or numel == 0:
-        return moments(numel, _bytes_of(dtype)) + _SCALAR_BYTES
-    if optimizer not in ("galore", "gradnorm_lorp"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore', 'gradnorm_lorp', 'adafactor' or 'adamw'")
+    if optimizer == "galore" and natural_history > 0:
+        optimizer = "natural-galore"  # GaLoreAdamW's groups with NaturalGaLoreAdamW's window
+    rule = registry.rule_for(optimizer)
+    group = {"optim_bits": optim_bits, "natural_history": natural_history, "beta1": 0.9 if first_moment else None}
+    if optimizer == "adamw" or rank is None or len(shape) < 2 or math.prod(shape) == 0:
+        return rule.state_bytes(group, shape, dtype) + _SCALAR_BYTES
     m, n = proj.matrix_shape(shape)
     side = proj.projection_side(proj_type, m, n)
-    lm, ln = proj.lowrank_shape(side, m, n, rank)
-    basis = sum(a * b for a, b in proj.basis_shapes(side, m, n, rank))
-    cbytes = _bytes_of(compute_dtype(dtype))
-    if basis_bits in state8bit.BASIS_CODECS:
-        basis_bytes = sum(state8bit.basis_nbytes(a * b, basis_bits) for a, b in proj.basis_shapes(side, m, n, rank))
-    else:
-        basis_bytes = basis * cbytes
-    total = moments(lm * ln, cbytes) + basis_bytes + 2 * _SCALAR_BYTES
-    if optimizer == "gradnorm_lorp":  # the row magnitudes' two Adam moments (m entries each)
-        total += moments(m, cbytes)
-    if natural_history > 0:
-        total += natural_history * lm * ln * cbytes + natural_history**2 * 8 + 2 * _SCALAR_BYTES
-    return total
-
-
-def _adafactor_bytes(
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    rank: int | None,
-    proj_type: str,
-    first_moment: bool,
-    basis_bits: int,
-) -> int:
-    cbytes = _bytes_of(compute_dtype(dtype))
-
-    def statistics(stat_shape: tuple[int, ...]) -> int:
-        numel = math.prod(stat_shape)
-        if len(stat_shape) >= 2:
-            second = math.prod(stat_shape[:-1]) + math.prod(stat_shape[:-2]) * stat_shape[-1]
-        else:
-            second = numel
-        return (second + (numel if first_moment else 0)) * cbytes
-
-    if rank is None or len(shape) < 2 or math.prod(shape) == 0:
-        return statistics(shape) + _SCALAR_BYTES
-    m, n = proj.matrix_shape(shape)
-    side = proj.projection_side(proj_type, m, n)
-    shapes = proj.basis_shapes(side, m, n, rank)
-    if basis_bits in state8bit.BASIS_CODECS:
-        basis_bytes = sum(state8bit.basis_nbytes(a * b, basis_bits) for a, b in shapes)
-    else:
-        basis_bytes = sum(a * b for a, b in shapes) * cbytes
-    return statistics(proj.lowrank_shape(side, m, n, rank)) + basis_bytes + 2 * _SCALAR_BYTES
+    low_shape = proj.lowrank_shape(side, m, n, rank)
+    return (
+        rule.state_bytes(group, shape, dtype, low_shape)
+        + codec.bases_nbytes(side, m, n, rank, basis_bits, compute_dtype(dtype))
+        + 2 * _SCALAR_BYTES
+    )
 
 
 def estimate_optimizer_state_bytes(
@@ -140,7 +85,8 @@ def estimate_optimizer_state_bytes(
     With ``optimizer="adamw"`` every parameter is counted as torch.optim.AdamW holds it. For
     NaturalGaLoreAdamW pass ``natural_history=s`` (or have the key in the groups): its window of s
     low-rank gradients per matrix is counted too. For GaLoreAdafactor pass
-    ``optimizer="adafactor"`` (and ``beta1`` when it keeps a first moment).
+    ``optimizer="adafactor"`` (and ``beta1`` when it keeps a first moment). Any registered
+    optimizer name works: its rule counts its own state.
     """
     if isinstance(model_or_groups, nn.Module):
         groups = [{"params": list(model_or_groups.parameters())}]

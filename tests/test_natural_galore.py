@@ -18,6 +18,8 @@ import galorex
 from galorex import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
 from galorex import projection as proj
 from galorex.optim.natural_galore import FILLED, GRAM, HISTORY, NEXT_ROW, woodbury_inverse_fisher
+from galorex.optim.rules.adam import AdamRule
+from galorex.optim.rules.natural import NaturalRule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -177,17 +179,17 @@ def _bases(state, side):
 
 
 class DirectionSpy:
-    """Records the low-rank tensors NaturalGaLoreAdamW hands to GaLoreAdamW's Adam."""
+    """Records the low-rank tensors NaturalGaLoreAdamW's rule hands to the Adam rule."""
 
     def __init__(self, monkeypatch):
         self.calls: list[list[torch.Tensor]] = []
-        original = GaLoreAdamW._lowrank_directions
+        original = AdamRule.directions
 
-        def spy(opt, group, params, lows, states):
+        def spy(rule, group, lows, states):
             self.calls.append([low.detach().clone() for low in lows])
-            return original(opt, group, params, lows, states)
+            return original(rule, group, lows, states)
 
-        monkeypatch.setattr(GaLoreAdamW, "_lowrank_directions", spy)
+        monkeypatch.setattr(AdamRule, "directions", spy)
 
 
 @pytest.mark.parametrize("proj_type", ["std", "left", "full"])
@@ -582,13 +584,13 @@ def _run_snapshots(policy, proj_type, steps, s, gap, lam, monkeypatch, shape=(8,
     )
     spy = DirectionSpy(monkeypatch)
     filled_seen: list[int] = []
-    original = NaturalGaLoreAdamW._precondition
+    original = NaturalRule.precondition
 
     def precondition(self, group, low, state):
         filled_seen.append(int(state[FILLED].item()))
         return original(self, group, low, state)
 
-    monkeypatch.setattr(NaturalGaLoreAdamW, "_precondition", precondition)
+    monkeypatch.setattr(NaturalRule, "precondition", precondition)
     snaps = []
     for _ in range(steps):
         before = {k: v.clone() for k, v in opt.state[w].items()}

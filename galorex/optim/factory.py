@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adafactor import GaLoreAdafactor
+from . import registry
 from .galore import GaLoreAdamW
-from .gradnorm_lorp import GradNormLoRPAdamW
 from .groups import galore_param_groups
-from .natural_galore import NaturalGaLoreAdamW
 
-AVAILABLE = ("adamw", "galore", "natural-galore", "gradnorm-lorp", "galore-adafactor")
 # Names of optimizers still to come, so that asking for one gives a clear answer.
 PLANNED: tuple[str, ...] = ()
 
@@ -55,60 +52,69 @@ def build_optimizer(
     second moment follows its own 1 − t^−0.8 schedule). ``layerwise``, ``accumulation_steps`` and
     ``per_param_grad_clip`` are the layer-wise options every galorex optimizer takes (for ``adamw``
     too, the same way)."""
-    if name == "galore-adafactor" and optim_bits != 32:
+    lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
+    adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adamw":
+        if optim_bits == 8 or layerwise:
+            # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
+            # and with layer-wise updates.
+            return GaLoreAdamW(model.parameters(), **adam, optim_bits=optim_bits, **lw)
+        return torch.optim.AdamW(model.parameters(), **adam)
+    if name not in BUILDERS:
+        if name in PLANNED:
+            raise ValueError(
+                f"optimizer {name!r} is not available in this version of galorex yet; available: {', '.join(AVAILABLE)}"
+            )
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(AVAILABLE)}")
+    build_kwargs = BUILDERS[name]
+    options = build_kwargs(
+        adam=adam, optim_bits=optim_bits, natural_history=natural_history, natural_damping=natural_damping
+    )
+    groups = galore_param_groups(
+        model,
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        proj_type=proj_type,
+        target_modules=target_modules,
+        refresh_method=refresh_method,
+        moment_policy=moment_policy,
+        basis_bits=basis_bits,
+        basis_rotation=basis_rotation,
+        **extra,
+    )
+    return registry.optimizer_class(name)(groups, **options, **lw)
+
+
+def _adam(*, adam, optim_bits, **_):
+    return {**adam, "optim_bits": optim_bits}
+
+
+def _natural(*, adam, optim_bits, natural_history, natural_damping, **_):
+    return {**adam, "optim_bits": optim_bits, "natural_history": natural_history, "natural_damping": natural_damping}
+
+
+def _adafactor(*, adam, optim_bits, **_):
+    if optim_bits != 32:
         raise ValueError(
             "optim_bits=8 is not available for galore-adafactor (its factored second "
             "moment is already a + b numbers per matrix); use optim_bits=32"
         )
-    lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
-    if name == "adamw" and (optim_bits == 8 or layerwise):
-        # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
-        # and with layer-wise updates.
-        return GaLoreAdamW(
-            model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name in ("galore", "natural-galore", "gradnorm-lorp", "galore-adafactor"):
-        groups = galore_param_groups(
-            model,
-            rank=rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            target_modules=target_modules,
-            refresh_method=refresh_method,
-            moment_policy=moment_policy,
-            basis_bits=basis_bits,
-            basis_rotation=basis_rotation,
-            **extra,
-        )
-        if name == "galore-adafactor":
-            return GaLoreAdafactor(
-                groups,
-                lr=lr,
-                beta1=betas[0] if betas[0] > 0 else None,
-                weight_decay=weight_decay,
-                relative_step=False,
-                scale_parameter=False,
-                **lw,
-            )
-        if name == "natural-galore":
-            return NaturalGaLoreAdamW(
-                groups,
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                natural_history=natural_history,
-                natural_damping=natural_damping,
-                optim_bits=optim_bits,
-                **lw,
-            )
-        cls = GradNormLoRPAdamW if name == "gradnorm-lorp" else GaLoreAdamW
-        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
-    if name in PLANNED:
-        raise ValueError(
-            f"optimizer {name!r} is not available in this version of galorex yet; available: {', '.join(AVAILABLE)}"
-        )
-    raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(AVAILABLE)}")
+    beta1 = adam["betas"][0]
+    return {
+        "lr": adam["lr"],
+        "beta1": beta1 if beta1 > 0 else None,
+        "weight_decay": adam["weight_decay"],
+        "relative_step": False,
+        "scale_parameter": False,
+    }
+
+
+# How each registered name takes the command's settings (galorex.optim.registry holds the classes).
+BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "galore": _adam,
+    "natural-galore": _natural,
+    "gradnorm-lorp": _adam,
+    "galore-adafactor": _adafactor,
+}
+AVAILABLE = ("adamw", *BUILDERS)

@@ -1,5 +1,6 @@
 """GaLoreAdamW: Adam inside a low-rank gradient subspace (Zhao et al., 2024, "GaLore:
-Memory-Efficient LLM Training by Gradient Low-Rank Projection").
+Memory-Efficient LLM Training by Gradient Low-Rank Projection") — the step loop
+(``lowrank.LowRankOptimizer``) with the Adam rule (``rules.adam.AdamRule``).
 
     R_t = project(G_t, P),  M_t = β₁M + (1−β₁)R_t,  V_t = β₂V + (1−β₂)R_t²
     W ← (1 − lr·wd)·W − lr·scale·project_back( M̂_t / (√V̂_t + ε), P )
@@ -7,93 +8,13 @@ Memory-Efficient LLM Training by Gradient Low-Rank Projection").
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
-from .. import projection as proj
-from .base import (
-    EXP_AVG,
-    EXP_AVG_SQ,
-    STEP,
-    CompileOption,
-    LowRankOptimizer,
-    _eight_bit,
-    hyperparameter,
-    load_bases,
-    load_moment,
-    refuse_unsupported_flags,
-    store_moment,
-)
-
-Scalar = float | torch.Tensor
-
-
-def adam_directions(
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    bias_steps: list[int] | list[torch.Tensor],
-    beta1: Scalar,
-    beta2: Scalar,
-    eps: Scalar,
-    eps_mode: str = "torch",
-) -> list[torch.Tensor]:
-    """Update the moments in place and return Adam's directions for a list of tensors at once.
-
-    ``eps_mode="torch"``: m̂ / (√v̂ + ε), ε after the bias correction of √v, as in the GaLore
-    paper's Algorithm 1 and torch.optim.AdamW. ``eps_mode="galore_torch"``:
-    (√(1−β₂ᵗ)/(1−β₁ᵗ))·m / (√v + ε), as galore-torch (and transformers' AdamW) compute it.
-
-    Steps and hyperparameters may be 0-dim tensors (a compiled step): the same maths then runs as
-    tensor arithmetic, with the bias corrections in float64, and never reads a value on the host.
-    """
-    if any(isinstance(x, torch.Tensor) for x in (beta1, beta2, eps, *bias_steps)):
-        return _adam_directions_tensor(grads, exp_avgs, exp_avg_sqs, bias_steps, beta1, beta2, eps, eps_mode)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    bias1 = [1.0 - beta1**s for s in bias_steps]
-    bias2_sqrt = [math.sqrt(1.0 - beta2**s) for s in bias_steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    if eps_mode == "torch":
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        directions = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_div_(directions, bias1)
-    else:
-        torch._foreach_add_(denom, eps)
-        directions = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(directions, [b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)])
-    return directions
-
-
-def _adam_directions_tensor(
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    bias_steps: list[int] | list[torch.Tensor],
-    beta1: Scalar,
-    beta2: Scalar,
-    eps: Scalar,
-    eps_mode: str,
-) -> list[torch.Tensor]:
-    directions = []
-    for g, m, v, step in zip(grads, exp_avgs, exp_avg_sqs, bias_steps):
-        t = torch.as_tensor(step, dtype=torch.float64)
-        m.add_((g - m) * (1.0 - beta1))  # m ← lerp(m, g, 1 − β₁)
-        v.mul_(beta2).add_(g * g * (1.0 - beta2))
-        b1 = torch.as_tensor(beta1, dtype=torch.float64)
-        b2 = torch.as_tensor(beta2, dtype=torch.float64)
-        bias1 = 1.0 - b1**t
-        bias2_sqrt = (1.0 - b2**t).sqrt()
-        if eps_mode == "torch":
-            directions.append(m / ((v.sqrt() / bias2_sqrt.to(v.dtype)) + eps) / bias1.to(m.dtype))
-        else:
-            directions.append(m / (v.sqrt() + eps) * (bias2_sqrt / bias1).to(m.dtype))
-    return directions
+from .adam_math import adam_directions
+from .config import CompileOption, refuse_unsupported_flags
+from .lowrank import LowRankOptimizer
+from .rules.adam import AdamRule
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -194,6 +115,8 @@ class GaLoreAdamW(LowRankOptimizer):
     :meth:`set_layerwise_grad_reducer` instead, as ``galorex-train --distributed ddp --layerwise`` does.
     """
 
+    rule = AdamRule()
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -224,8 +147,12 @@ class GaLoreAdamW(LowRankOptimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         per_param_grad_clip: float | None = None,
+        **rule_options: Any,
     ) -> None:
         refuse_unsupported_flags(capturable=capturable, differentiable=differentiable)
+        unknown = set(rule_options) - set(self.rule.defaults)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
@@ -247,9 +174,8 @@ class GaLoreAdamW(LowRankOptimizer):
             maximize=maximize,
             foreach=foreach,
             fused=fused,
+            **rule_options,
         )
-        # Subclasses add their own group keys (set before calling this constructor).
-        defaults.update(getattr(self, "_extra_defaults", {}))
         super().__init__(
             params,
             defaults,
@@ -259,89 +185,5 @@ class GaLoreAdamW(LowRankOptimizer):
             per_param_grad_clip=per_param_grad_clip,
         )
 
-    def _lowrank_directions(self, group, params, lows, states):
-        beta1, beta2 = group["betas"]
-        exp_avgs = [load_moment(s, EXP_AVG) for s in states]
-        exp_avg_sqs = [load_moment(s, EXP_AVG_SQ) for s in states]
-        directions = adam_directions(
-            lows,
-            exp_avgs,
-            exp_avg_sqs,
-            [self._bias_step(group, s) for s in states],
-            hyperparameter(beta1),
-            hyperparameter(beta2),
-            hyperparameter(group["eps"]),
-            group["eps_mode"],
-        )
-        if _eight_bit(group):
-            for s, m, v in zip(states, exp_avgs, exp_avg_sqs):
-                store_moment(s, EXP_AVG, m, True)
-                store_moment(s, EXP_AVG_SQ, v, True)
-        return directions
 
-    # ------------------------------------------------------- the fused Triton path
-    def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
-        """On CUDA with Triton (``triton_kernels.dispatch.select_backend``), plain 32-bit GaLore
-        groups take ``triton_kernels.fused_galore_adam_step``: the moments are updated in place and
-        D = M̂/(√V̂+ε) is formed tile by tile inside the GEMM that writes W, so the normalised update
-        never exists in full. Everything else (8-bit state, 4-bit bases, ``proj_precision``,
-        galore-torch's ε placement, tensor hyperparameters, a compiled step, ``full`` projection,
-        subclasses with another inner rule) takes the shared path, which the fused one equals to
-        fp32 rounding (tests/test_galore_fused.py)."""
-        if not self._fused_path_applies(group, items):
-            return super()._lowrank_update(group, items)
-        from triton_kernels import fused_galore_adam_step
-
-        beta1, beta2 = group["betas"]
-        for it in items:
-            p = it["param"]
-            state = it["state"] if "state" in it else self.state[p]
-            (basis,) = load_bases(state, it["side"], p, group["rank"])
-            low = proj.project(self._gradient_matrix(group, p, it.get("grad")), [basis], it["side"])
-            state[STEP] += 1
-            fused_galore_adam_step(
-                proj.as_matrix(p),
-                low,
-                state[EXP_AVG],
-                state[EXP_AVG_SQ],
-                basis,
-                it["side"],
-                step=self._bias_step(group, state),
-                lr=float(group["lr"]),
-                beta1=float(beta1),
-                beta2=float(beta2),
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                scale=float(group["scale"]),
-            )
-
-    def _fused_path_applies(self, group: dict[str, Any], items: list[dict[str, Any]]) -> bool:
-        cls = type(self)
-        if (
-            cls._lowrank_directions is not GaLoreAdamW._lowrank_directions
-            or cls._gradient_matrix is not LowRankOptimizer._gradient_matrix
-            or cls._apply_lowrank_update is not LowRankOptimizer._apply_lowrank_update
-            or getattr(self, "_compile_options", None) is not None
-            or group["eps_mode"] != "torch"
-            or _eight_bit(group)
-            or group.get("basis_bits", 32) != 32
-            or group.get("proj_precision") is not None
-        ):
-            return False
-        hyper = (group["lr"], group["weight_decay"], group["eps"], group["scale"], *group["betas"])
-        if any(isinstance(h, torch.Tensor) for h in hyper):
-            return False
-        from triton_kernels.dispatch import select_backend
-
-        for it in items:
-            p = it["param"]
-            state = it["state"] if "state" in it else self.state[p]
-            if (
-                it["side"] not in ("left", "right")
-                or not p.is_contiguous()
-                or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-                or state[EXP_AVG].dtype != torch.float32
-                or select_backend(p.device) != "triton"
-            ):
-                return False
-        return True
+__all__ = ["GaLoreAdamW", "adam_directions"]

@@ -40,31 +40,17 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .. import projection as proj
-from .base import (
-    BASIS_BITS,
-    OPTIM_BITS,
-    PROJ_STEP,
-    PROJ_TYPE,
-    RANK,
-    SCALE,
-    STEP,
-    LowRankOptimizer,
-    compute_dtype,
-)
+from .config import BASIS_BITS, OPTIM_BITS, PROJ_STEP, PROJ_TYPE, RANK, STEP, compute_dtype
+from .plan import Plan
+from .rules.base import Step
+
+LowRankOptimizer = Any  # the loop (galorex.optim.lowrank), which imports this module on demand
 
 
 def check_group(opt: LowRankOptimizer, group: dict[str, Any], index: int) -> None:
-    """Refuse, at construction, what the sharded step cannot do."""
-    from .gradnorm_lorp import GradNormLoRPAdamW
-
+    """Refuse, at construction, what the sharded step cannot do (the rule says what it supports)."""
     where = f"param_groups[{index}]"
-    if isinstance(opt, GradNormLoRPAdamW) and group.get(RANK) is not None:
-        raise ValueError(f"{where}: GradNormLoRPAdamW does not support FSDP2 (DTensor) parameters yet")
-    if group.get("natural_history", 0):
-        raise ValueError(
-            f"{where}: NaturalGaLoreAdamW with FSDP2 (DTensor) parameters needs "
-            "natural_history=0 (the sharded Fisher window is not implemented)"
-        )
+    opt.rule.check_sharding(group, where)
     if group.get(OPTIM_BITS, 32) != 32 or group.get(BASIS_BITS, 32) != 32:
         raise ValueError(f"{where}: optim_bits=8 / basis_bits=4 or 8 are not supported with FSDP2 (DTensor) parameters")
     if group.get(RANK) is not None and group[PROJ_TYPE] == "full":
@@ -147,7 +133,7 @@ def sharded_step(opt: LowRankOptimizer, closure: Callable[[], Any] | None = None
     return loss
 
 
-def _prepare(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) -> None:
+def _prepare(opt: LowRankOptimizer, group: dict[str, Any], item: Plan) -> None:
     # Every rank reaches a refresh at the same steps for the same parameters, in the same order, so
     # the all-gathers of the gradient shards pair up; each rank then computes the same bases.
     opt._prepare_projection(
@@ -155,11 +141,11 @@ def _prepare(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any])
     )
 
 
-def _commit(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) -> None:
-    new = item["new_bases"]
+def _commit(opt: LowRankOptimizer, group: dict[str, Any], item: Plan) -> None:
+    new = item.new_bases
     if new is None:
         return
-    p, side = item["param"], item["side"]
+    p, side = item.param, item.side
     mesh = p.device_mesh
     state = opt.state[p]
     if not state:
@@ -167,7 +153,7 @@ def _commit(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) 
         state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
         m, n = proj.matrix_shape(p.shape)
         fresh: dict[str, Any] = {}
-        opt._init_lowrank_state(
+        opt.rule.init_state(
             group, p.to_local(), fresh, proj.lowrank_shape(side, m, n, group[RANK]), compute_dtype(p.dtype)
         )
         for key, value in fresh.items():
@@ -177,21 +163,21 @@ def _commit(opt: LowRankOptimizer, group: dict[str, Any], item: dict[str, Any]) 
         view = _local_view(state)
         # The moment policies act on whole rows (right side) or whole columns (left side) of the
         # moments with an r×r transition, so each rank applies them to its own shard.
-        opt._on_refresh(group, p, view, old, new, side)
+        opt.rule.on_refresh(group, view, old, new, side)
         _write_back(state, view)
-        state[PROJ_STEP].fill_(item["step"])
+        state[PROJ_STEP].fill_(item.step)
     state["basis"] = _shard(new[0], mesh, Shard(0))
-    item["new_bases"] = None
+    item.new_bases = None
 
 
-def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
-    params = [it["param"] for it in items]
+def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[Plan]) -> None:
+    params = [it.param for it in items]
     states = [opt.state[p] for p in params]
     views = [_local_view(s) for s in states]
     lows, bases = [], []
     for p, state, it in zip(params, states, items):
-        g = proj.as_matrix(p.grad.to_local()).to(compute_dtype(p.dtype))
-        if it["side"] == "right":
+        g, _ = opt.rule.gradient(group, p.to_local(), p.grad.to_local())
+        if it.side == "right":
             q = state["basis"].full_tensor()  # n×r: every rank needs all of it
             lows.append(g @ q)
             bases.append([q])
@@ -205,22 +191,18 @@ def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[dict
             lows.append(low.to_local())
             bases.append([local_p])
         state[STEP] += 1
-    directions = opt._lowrank_directions(group, [p.to_local() for p in params], lows, views)
+    local_params = [p.to_local() for p in params]
+    steps = opt.rule.steps(group, local_params, [proj.as_matrix(p) for p in local_params], lows, views)
     for state, view in zip(states, views):
         _write_back(state, view)
-
-    lr = float(group["lr"])
-    decay = 1.0 - lr * float(group["weight_decay"])
-    alpha = -lr * float(group[SCALE])
-    if group["eps_mode"] == "galore_torch":
-        alpha *= decay
-    for p, state, view, it, d, b in zip(params, states, views, items, directions, bases):
-        if it["side"] == "left":
+    for p, state, view, it, step, b in zip(params, states, views, items, steps, bases):
+        d = step.direction
+        if it.side == "left":
             r, n = state["basis"].shape[1], proj.matrix_shape(p.shape)[1]
             d = DTensor.from_local(
                 d.contiguous(), p.device_mesh, [Shard(1)], run_check=False, shape=(r, n), stride=(n, 1)
             ).full_tensor()
-        opt._apply_lowrank_update(group, p.to_local(), view, d, b, it["side"], decay=decay, alpha=alpha)
+        opt.rule.write(group, p.to_local(), view, Step(d, step.decay, step.alpha), b, it.side, None)
 
 
 def local_state_bytes(opt: torch.optim.Optimizer) -> int:

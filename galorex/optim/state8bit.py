@@ -43,6 +43,8 @@ import math
 
 import torch
 
+from .blocks import _blocks, _check_block_size, _num_blocks
+
 __all__ = [
     "BLOCK_SIZE",
     "MIN_8BIT_NUMEL",
@@ -75,6 +77,14 @@ __all__ = [
     "encode_basis",
     "decode_basis",
     "roundtrip_basis",
+    "BASIS_CODECS",
+    "BASIS_SUFFIXES",
+    "INT4_BLOCK_SIZE",
+    "ROTATED",
+    "basis_code_suffix",
+    "basis_rotation_block",
+    "int4_nbytes",
+    "int8_nbytes",
 ]
 
 BLOCK_SIZE = 256
@@ -203,28 +213,11 @@ def use_8bit(numel: int) -> bool:
     return numel >= MIN_8BIT_NUMEL
 
 
-def _check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-
-
 def _check_code(code: torch.Tensor, device: torch.device) -> None:
     if code.dtype != torch.float32 or code.dim() != 1 or not 2 <= code.numel() <= _CODE_SIZE:
         raise ValueError("code must be a 1-D float32 tensor of 2 to 256 sorted entries")
     if code.device != device:
         raise ValueError(f"code is on {code.device}, the tensor on {device}")
-
-
-def _num_blocks(numel: int, block_size: int) -> int:
-    return -(-numel // block_size)
-
-
-def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    """flat (numel,) zero-padded to a whole number of blocks, as (blocks, block_size)."""
-    pad = (-flat.numel()) % block_size
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, block_size)
 
 
 def quantize_blockwise(
@@ -406,154 +399,24 @@ def packed_nbytes(numel: int, kind: str, block_size: int = BLOCK_SIZE) -> int:
     return numel + 4 * _num_blocks(numel, block_size)
 
 
-# --------------------------------------------------------------------------- 4-bit bases
-INT4_BLOCK_SIZE = 64
-
-
-def _symmetric_codes(x: torch.Tensor, top: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise symmetric integer codes of x (flattened): s_b = max|x_b|/top, q = round(x/s_b) ∈
-    [−top, top] as int16 (numel of them), float32 scales (1 per block; an all-zero block gets s = 0
-    and codes 0, so it round-trips exactly)."""
-    _check_block_size(block_size)
-    flat = x.detach().reshape(-1).to(torch.float32)
-    blocks = _blocks(flat, block_size)
-    scale = blocks.abs().amax(dim=1) / float(top)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(blocks / safe[:, None]).clamp_(-top, top).to(torch.int16).reshape(-1)[: flat.numel()]
-    return q, scale
-
-
-def _apply_scales(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size, block_size: int) -> torch.Tensor:
-    """codes (float32, numel of ``shape``) times their block's scale, as a tensor of ``shape``."""
-    n = shape.numel()
-    pad = (-n) % block_size
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad)])
-    return (codes.view(-1, block_size) * scale[:, None]).reshape(-1)[:n].reshape(shape)
-
-
-def quantize_int4_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 4-bit codes for a projection basis (Q-GaLore keeps its projections in 4 bits):
-    s_b = max|x_b|/7, q = round(x/s_b) ∈ [−7, 7], two codes per byte. Returns (packed uint8 of
-    ⌈numel/2⌉ bytes, float32 scales of ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise."""
-    q, scale = _symmetric_codes(x, 7, block_size)
-    q = q + 8
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_full((1,), 8)])
-    packed = (q[0::2] | (q[1::2] << 4)).to(torch.uint8)
-    return packed, scale
-
-
-def dequantize_int4_blockwise(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    shape: torch.Size | tuple[int, ...],
-    block_size: int = INT4_BLOCK_SIZE,
-) -> torch.Tensor:
-    """The float32 tensor of ``shape`` that :func:`quantize_int4_blockwise` stored."""
-    shape = torch.Size(shape)
-    wide = packed.to(torch.int16)
-    q = torch.stack([wide & 0xF, wide >> 4], dim=1).reshape(-1)[: shape.numel()].to(torch.float32) - 8.0
-    return _apply_scales(q, scale, shape, block_size)
-
-
-def int4_nbytes(numel: int, block_size: int = INT4_BLOCK_SIZE) -> int:
-    """Bytes of a 4-bit basis: one byte per two entries plus a float32 scale per block."""
-    return -(-numel // 2) + 4 * _num_blocks(numel, block_size)
-
-
-# --------------------------------------------------------------------------- 8-bit bases
-def quantize_int8_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit codes for a projection basis: s_b = max|x_b|/127, q = round(x/s_b) ∈
-    [−127, 127] (int8, one per entry). Returns (int8 codes of numel, float32 scales of
-    ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise — 18× finer than the 4-bit codes' s_b = max/7."""
-    q, scale = _symmetric_codes(x, 127, block_size)
-    return q.to(torch.int8), scale
-
-
-def dequantize_int8_blockwise(
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    shape: torch.Size | tuple[int, ...],
-    block_size: int = INT4_BLOCK_SIZE,
-) -> torch.Tensor:
-    """The float32 tensor of ``shape`` that :func:`quantize_int8_blockwise` stored."""
-    return _apply_scales(q.reshape(-1).to(torch.float32), scale, torch.Size(shape), block_size)
-
-
-def int8_nbytes(numel: int, block_size: int = INT4_BLOCK_SIZE) -> int:
-    """Bytes of an 8-bit basis: one byte per entry plus a float32 scale per block."""
-    return numel + 4 * _num_blocks(numel, block_size)
-
-
-# Stored basis formats by ``basis_bits``: (state-key suffix of the codes, quantise, dequantise, bytes).
-BASIS_CODECS = {
-    4: ("_q4", quantize_int4_blockwise, dequantize_int4_blockwise, int4_nbytes),
-    8: ("_q8", quantize_int8_blockwise, dequantize_int8_blockwise, int8_nbytes),
-}
-
-
-def basis_nbytes(numel: int, bits: int) -> int:
-    """Bytes of one stored basis of ``numel`` entries at ``basis_bits`` = 4, 8 or 32 (a rotated
-    basis costs the same: the rotation is fixed, nothing of it is stored)."""
-    return 4 * numel if bits == 32 else BASIS_CODECS[bits][3](numel)
-
-
-# --------------------------------------------------------------------------- rotated bases
-# ``basis_rotation=True`` stores Q(B·H) instead of Q(B), B the basis as stored (rows × last dim,
-# row-major, so the 64-entry code blocks run along the last dimension) and H = diag(H_b, …) a block
-# Walsh–Hadamard rotation of the last dimension: a block whose entries are spiky (a few large, the
-# rest small: the bases of attention projections are) is spread evenly before its absmax sets the
-# code step. Decoding undoes it: B̂ = deq(Q(B·H))·H (H is symmetric and orthogonal), so
-# ‖B̂ − B‖_F = ‖deq(Q(B·H)) − B·H‖_F, the error of quantising B·H. b = the largest power of two
-# dividing the last dimension (the rank), at most the code block (64); b divides 64 and the blocks
-# start at multiples of b, so each rotation block lies inside one code block. An odd rank has b = 1:
-# nothing is rotated. No random signs, so the one symmetric H both encodes and decodes. Rotated
-# codes are stored under their own state keys (suffix + "h"), so a checkpoint decodes itself.
-ROTATED = "h"
-
-
-def basis_rotation_block(dim: int) -> int:
-    """The Hadamard block of a rotated basis whose last dimension is ``dim``."""
-    return min(INT4_BLOCK_SIZE, dim & -dim)
-
-
-def rotate_basis(x: torch.Tensor) -> torch.Tensor:
-    """x·H along the last dimension, float32 (see the comment above :func:`basis_rotation_block`).
-    H is symmetric and orthogonal, so this is also its own inverse."""
-    from ..halo.hadamard import hadamard_transform
-
-    x = x.to(torch.float32)
-    block = basis_rotation_block(x.shape[-1])
-    return x if block == 1 else hadamard_transform(x, block)
-
-
-unrotate_basis = rotate_basis
-
-
-def basis_code_suffix(bits: int, rotated: bool) -> str:
-    """State-key suffix of a basis stored at ``bits`` (4 or 8), rotated or not: "_q4", "_q8h", …"""
-    return BASIS_CODECS[bits][0] + (ROTATED if rotated else "")
-
-
-# Every suffix a basis may be stored under ("" is the float basis itself).
-BASIS_SUFFIXES = ("",) + tuple(basis_code_suffix(b, r) for b in BASIS_CODECS for r in (False, True))
-
-
-def encode_basis(basis: torch.Tensor, bits: int, rotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, float32 scales) of a basis at ``bits`` = 4 or 8, rotated first if asked."""
-    quantize = BASIS_CODECS[bits][1]
-    return quantize(rotate_basis(basis) if rotated else basis)
-
-
-def decode_basis(
-    codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int, rotated: bool
-) -> torch.Tensor:
-    """The float32 basis of ``shape`` that :func:`encode_basis` stored."""
-    x = BASIS_CODECS[bits][2](codes, scale, shape)
-    return unrotate_basis(x) if rotated else x
-
-
-def roundtrip_basis(basis: torch.Tensor, bits: int, rotated: bool) -> torch.Tensor:
-    """decode(encode(basis)) in the basis's dtype: the basis as the optimizer will see it."""
-    return decode_basis(*encode_basis(basis, bits, rotated), basis.shape, bits, rotated).to(basis.dtype)
+# The 4- and 8-bit basis codes live in basis_codes; their names stay importable from here.
+from .basis_codes import (  # noqa: E402
+    BASIS_CODECS,
+    BASIS_SUFFIXES,
+    INT4_BLOCK_SIZE,
+    ROTATED,
+    basis_code_suffix,
+    basis_nbytes,
+    basis_rotation_block,
+    decode_basis,
+    dequantize_int4_blockwise,
+    dequantize_int8_blockwise,
+    encode_basis,
+    int4_nbytes,
+    int8_nbytes,
+    quantize_int4_blockwise,
+    quantize_int8_blockwise,
+    rotate_basis,
+    roundtrip_basis,
+    unrotate_basis,
+)

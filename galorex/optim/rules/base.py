@@ -1,0 +1,189 @@
+"""The rule protocol: what runs inside the subspace, as a value the step loop is given.
+
+The loop (``galorex.optim.lowrank``) owns everything around a rule — which parameters refresh, the
+SVD, projecting, storing state in 8 bits, projecting back, decoupled decay, layer-wise hooks,
+placement and checkpoints — and knows nothing of Adam. A rule owns its hyperparameters and its
+state: it says what state it keeps and how it initialises, resets and carries it into a new basis,
+how it turns low-rank gradients into directions, and how it steps parameters that are not
+projected. It sees float tensors only: the loop loads the entries named by :meth:`Rule.moment_keys`
+through the state codec before calling it and stores them back after.
+
+A new optimizer is a rule plus a thin binding (``LowRankOptimizer`` subclass with ``rule = ...``);
+docs/rules.md walks through a complete one (momentum SGD in the subspace, under 60 lines).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ... import projection as proj
+from .. import config
+from ..config import Bad
+
+State = dict[str, Any]
+
+
+class Step(NamedTuple):
+    """One parameter's update: W ← decay·W + alpha·project_back(direction)."""
+
+    direction: torch.Tensor
+    decay: float | torch.Tensor
+    alpha: float | torch.Tensor
+
+
+class Rule:
+    """Base class and documentation of the protocol; every method has a default a rule may keep.
+
+    Attributes:
+        name: the optimizer's name in the registry (``galorex-train --optimizer``).
+        defaults: the rule's own group keys and their defaults (``lr`` included).
+        supports_sharding: whether the FSDP2 (DTensor) placement may run this rule.
+        keeps_dense_state_dtype: load unprojected state in its saved dtype instead of the
+            parameter's (torch's policy, the default, casts it to the parameter's dtype).
+    """
+
+    name = "rule"
+    defaults: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0}
+    supports_sharding = False
+    keeps_dense_state_dtype = False
+
+    # ------------------------------------------------------------------ settings
+    def validate(self, group: dict[str, Any], bad: Bad) -> None:
+        """Check the rule's own group keys (the loop checks projection and precision keys)."""
+        config.check_lr(group, bad)
+        config.check_weight_decay(group, bad)
+
+    def check_sharding(self, group: dict[str, Any], where: str) -> None:
+        """Refuse, at construction, group settings the sharded placement cannot serve."""
+        if not self.supports_sharding and group.get(config.RANK) is not None:
+            raise ValueError(f"{where}: {type(self).__name__} does not support FSDP2 (DTensor) parameters")
+
+    # ------------------------------------------------------------------ subspace state
+    def moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """State entries the codec may store in 8 bits (``optim_bits=8``)."""
+        return ()
+
+    def init_state(
+        self, group: dict[str, Any], p: torch.Tensor, state: State, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
+        """Create the subspace state (in ``dtype``, on ``p``'s device) of parameter ``p``, whose
+        low-rank gradient has ``shape``."""
+
+    def reset(self, group: dict[str, Any], state: State) -> None:
+        """``moment_policy="reset"``: forget what the state learnt in the old basis."""
+
+    def reproject(self, group: dict[str, Any], state: State, transitions: list[torch.Tensor], side: str) -> None:
+        """``moment_policy="reproject"``: carry the state into the new basis (R = P_newᵀ P_old)."""
+
+    def on_refresh(
+        self,
+        group: dict[str, Any],
+        state: State,
+        old_bases: list[torch.Tensor],
+        new_bases: list[torch.Tensor],
+        side: str,
+    ) -> None:
+        """A parameter's basis changes (not at its first one): apply the group's moment policy."""
+        policy = group[config.MOMENT_POLICY]
+        if policy == "reset":
+            self.reset(group, state)
+        elif policy == "reproject":
+            self.reproject(group, state, proj.transition_matrices(old_bases, new_bases), side)
+
+    def bias_step(self, group: dict[str, Any], state: State) -> int | torch.Tensor:
+        """Steps the current state has seen (restarting at a reset refresh); a tensor inside a
+        compiled step, where reading it would break the graph."""
+        if torch.compiler.is_compiling():
+            if group[config.MOMENT_POLICY] == "reset":
+                return state[config.STEP] - state[config.PROJ_STEP]
+            return state[config.STEP]
+        step = int(state[config.STEP].item())
+        if group[config.MOMENT_POLICY] == "reset":
+            return step - int(state[config.PROJ_STEP].item())
+        return step
+
+    # ------------------------------------------------------------------ the step
+    def gradient(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The (m×n) matrix that is projected (and whose SVD gives the basis), and a record the
+        rule's :meth:`write` receives back (GradNormLoRP's magnitude gradient)."""
+        return proj.as_matrix(grad).to(config.compute_dtype(p.dtype)), None
+
+    def steps(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        weights: list[torch.Tensor],
+        lows: list[torch.Tensor],
+        states: list[State],
+    ) -> list[Step]:
+        """Low-rank gradients → updates, for a group's projected parameters at once (their state
+        updated in place or replaced in ``states``). ``weights`` are the parameters as matrices."""
+        raise NotImplementedError(f"{type(self).__name__} does not define steps()")
+
+    def write(
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        state: State,
+        step: Step,
+        bases: list[torch.Tensor],
+        side: str,
+        record: Any,
+    ) -> None:
+        """Apply one update to the weight (default: decay and back-projection in one GEMM)."""
+        apply_lowrank_update(p, step.direction, bases, side, decay=step.decay, alpha=step.alpha)
+
+    def step_dense(self, group: dict[str, Any], params: list[torch.Tensor], state_of: Any, compiled: Any) -> None:
+        """Step unprojected parameters (their gradients are ``p.grad``; ``state_of[p]`` their state).
+        ``compiled(key, fn)`` is ``fn`` compiled when the optimizer was built with ``compile``."""
+        raise NotImplementedError(f"{type(self).__name__} does not step unprojected parameters")
+
+    # ------------------------------------------------------------------ memory
+    def check_params(self, group: dict[str, Any], index: int, label: Any) -> None:
+        """Refuse, at construction, parameters the rule cannot step (``label(i)`` names the i-th)."""
+
+    def state_bytes(
+        self,
+        group: dict[str, Any],
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        low_shape: tuple[int, ...] | None = None,
+    ) -> int:
+        """Bytes of the rule's state for one parameter of ``shape`` and ``dtype``: its subspace
+        state when ``low_shape`` (the low-rank gradient's shape) is given, its unprojected state
+        otherwise. The loop adds the bases and step counters (``galorex.memory`` asks this)."""
+        return 0
+
+
+def apply_lowrank_update(
+    p: torch.Tensor,
+    d: torch.Tensor,
+    bases: list[torch.Tensor],
+    side: str,
+    *,
+    decay: float | torch.Tensor,
+    alpha: float | torch.Tensor,
+) -> None:
+    """W ← decay·W + alpha·project_back(D): one GEMM into the weight when it is contiguous and in
+    the compute dtype; otherwise on a compute-dtype copy, rounded once."""
+    if isinstance(decay, torch.Tensor) or isinstance(alpha, torch.Tensor):
+        # Tensor hyperparameters (compiled step): scale the small low-rank D instead of passing
+        # alpha to addmm (which takes numbers only), and decay in place.
+        in_place = p.dtype == d.dtype and p.is_contiguous()
+        w = proj.as_matrix(p) if in_place else proj.as_matrix(p).to(d.dtype, copy=True)
+        w.mul_(decay)
+        proj.add_projected_back_(w, d * alpha, bases, side, alpha=1.0)
+        if not in_place:
+            p.copy_(w.view_as(p))
+        return
+    if p.dtype == d.dtype and p.is_contiguous():
+        proj.add_projected_back_(proj.as_matrix(p), d, bases, side, alpha=alpha, beta=decay)
+    else:
+        w = proj.as_matrix(p).to(d.dtype)
+        proj.add_projected_back_(w, d, bases, side, alpha=alpha, beta=decay)
+        p.copy_(w.view_as(p))
+
+
+__all__ = ["Rule", "State", "Step", "apply_lowrank_update"]
