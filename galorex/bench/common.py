@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
 import torch
 
 
@@ -32,3 +37,25 @@ def warm_llama(
         loss.backward()
         opt.step()
     return net, seq
+
+
+def _write(out: Path, name: str, table: str, data: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(table)
+    print(f"\nwritten: {out / (name + '.md')}, {out / (name + '.json')}")
+
+
+def _env() -> dict[str, Any]:
+    import platform
+
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env

@@ -223,7 +223,7 @@ def projection_errors(g: torch.Tensor, rank: int) -> dict[str, float]:
 
 
 def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
-    from . import __main__ as bench_main
+    from . import common as bench_main
 
     torch.manual_seed(args.seed)
     sources: dict[str, list[dict[str, Any]]] = {
@@ -344,8 +344,9 @@ def bench_halo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    # `python -m galorex.bench.halo ...` is `python -m galorex.bench halo ...`: run that program.
+    import runpy
     import sys
 
-    from .__main__ import main
-
-    sys.exit(main(["halo", *sys.argv[1:]]))
+    sys.argv = [sys.argv[0], "halo", *sys.argv[1:]]
+    runpy.run_module("galorex.bench", run_name="__main__", alter_sys=True)

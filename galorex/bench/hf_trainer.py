@@ -179,7 +179,7 @@ def _sweeps(transformers, args, train_set, val_tokens) -> dict[str, Any]:
 
 
 def bench_hf_trainer(args: argparse.Namespace) -> dict[str, Any]:
-    from . import __main__ as bench_main
+    from . import common as bench_main
 
     transformers, error = _import_hf()
     if transformers is None:

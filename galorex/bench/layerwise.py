@@ -116,7 +116,7 @@ def run_fresh(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_layerwise_memory(args: argparse.Namespace) -> dict[str, Any]:
-    from .__main__ import _env, _write
+    from .common import _env, _write
 
     rows = {mode: run_fresh(mode, args) for mode in MODES}
     normal, lw = rows["normal"], rows["layerwise"]
