@@ -54,11 +54,9 @@ class GaLoreAdamW(LowRankOptimizer):
 
     - ``basis_rotation`` (False): with ``basis_bits`` 4 or 8, quantise the basis after a block
       Hadamard rotation of its last dimension (blocks ≤ 64) and rotate back on use, so a spiky
-      block does not set a coarse code step for the rest (``state8bit.rotate_basis``). Measured
-      (``python -m galorex.bench basis``, docs/benchmarks.md): it brings spiky bases down to the
-      Gaussian floor (4-bit error 0.108–0.120 → 0.107 on Llama-60M's heavy-tailed ones) but the
-      error of the projected gradient moves either way, and llama-tiny training was no better, so
-      it is off by default. The Hadamard blocks are the largest power of two dividing the rank, at
+      block does not set a coarse code step for the rest (``state8bit.rotate_basis``). Off by
+      default: measured with ``python -m galorex.bench basis`` (docs/benchmarks.md), it did not
+      pay on GaLore's bases. The Hadamard blocks are the largest power of two dividing the rank, at
       most 64: an odd rank is not rotated at all, rank 40 in blocks of 8.
 
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
