@@ -151,6 +151,8 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             runs["galore-torch GaLoreAdamW"] = Reference(ref_groups, lr=1e-3)
     runs["galorex GaLoreAdamW"] = GaLoreAdamW(groups(), lr=1e-3)
+    # The floor steps the unprojected parameters with torch's fused kernel; so does this row.
+    runs["galorex GaLoreAdamW (fused=True)"] = GaLoreAdamW(groups(), lr=1e-3, fused=True)
     runs[FLOOR] = _ArithmeticFloor(groups())
     if args.natural_history > 0:
         runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
@@ -194,6 +196,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         measured = optimizer_state_bytes(opt) if name != "galore-torch GaLoreAdamW" else _state_bytes_any(opt)
         analytic = {
             "galorex GaLoreAdamW": analytic_galore,
+            "galorex GaLoreAdamW (fused=True)": analytic_galore,
             "galorex NaturalGaLoreAdamW": analytic_natural,
             "torch AdamW (foreach)": analytic_adamw,
         }.get(name)
