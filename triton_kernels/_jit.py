@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import BACKEND_ENV, select_backend, triton_available
+from .dispatch import BACKEND_ENV, triton_available
 
 try:  # the kernel modules need ``tl`` in their globals; a stand-in keeps them importable without it
     import triton
@@ -42,11 +42,6 @@ def require_triton() -> Any:
             f"triton (pip install 'galorex[triton]') or set {BACKEND_ENV}=torch for the torch twin"
         )
     return triton
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Dispatch for a public function: True for the Triton kernel, False for its torch twin."""
-    return select_backend(tensors[0].device) == "triton"
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """``HaloLinear``: an ``nn.Linear`` whose three GEMMs run on quantised operands (FP8 or INT8).
 
 For X (T×K tokens × in_features), W (N×K), E_Y = ∂L/∂Y (T×N), Q(·) the scaled quantiser of
-:mod:`galorex.halo.quant`, R_K / R_N block Hadamard rotations of the K / N dimension:
+:mod:`galorex.lowp.quant`, R_K / R_N block Hadamard rotations of the K / N dimension:
 
     level 0   Y = Q(X) Q(W)ᵀ             E_X = Q(E_Y) Q(Wᵀ)ᵀ               G = Q(E_Yᵀ) Q(Xᵀ)ᵀ
     level 1   Y = Q(X R_K) Q(W R_K)ᵀ     E_X as level 0                   G as level 0
@@ -66,9 +66,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gemm import BACKENDS, scaled_gemm
-from .hadamard import _check_block, default_block_size, random_signs, unrotate
-from .quant import GRANULARITIES, quantize, rotate_quantize
+from ..lowp.gemm import BACKENDS, scaled_gemm
+from ..lowp.hadamard import _check_block, default_block_size, random_signs, unrotate
+from ..lowp.quant import GRANULARITIES, quantize, rotate_quantize
 
 __all__ = ["HALO_FORMATS", "HALO_LEVELS", "HaloConfig", "HaloLinear", "convert_to_halo", "halo_linear"]
 

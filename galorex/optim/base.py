@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _adamw_functional
 
 from .. import projection as proj
-from ..halo.projection import PROJ_PRECISION, PROJ_PRECISIONS, project_lowprec
+from ..lowp.projection import PROJ_PRECISION, PROJ_PRECISIONS, project_lowprec
 from . import state8bit
 
 # Group keys, as galore-torch names them, plus galorex's own.

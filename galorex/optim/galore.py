@@ -141,7 +141,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
       ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
-      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.halo.projection``).
+      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.lowp.projection``).
 
     Weight decay is decoupled and applied to the full weight.
 
@@ -257,9 +257,10 @@ class GaLoreAdamW(LowRankOptimizer):
 
     # ------------------------------------------------------- the fused Triton path
     def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
-        """On CUDA with Triton (``triton_kernels.dispatch.select_backend``), plain 32-bit GaLore
-        groups take ``triton_kernels.fused_galore_adam_step``: the moments are updated in place and
-        D = M̂/(√V̂+ε) is formed tile by tile inside the GEMM that writes W, so the normalised update
+        """Where ``triton_kernels.select_backend`` picks Triton for op ``galore_adam_step`` (on
+        CUDA only with ``GALOREX_BACKEND=triton`` until a GPU run has shown it correct and faster),
+        plain 32-bit GaLore groups take ``triton_kernels.fused_galore_adam_step``: the moments are
+        updated in place and D = M̂/(√V̂+ε) is formed tile by tile inside the GEMM that writes W, so the normalised update
         never exists in full. Everything else (8-bit state, 4-bit bases, ``proj_precision``,
         galore-torch's ε placement, tensor hyperparameters, a compiled step, ``full`` projection,
         subclasses with another inner rule) takes the shared path, which the fused one equals to
@@ -317,7 +318,7 @@ class GaLoreAdamW(LowRankOptimizer):
                 or not p.is_contiguous()
                 or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
                 or state[EXP_AVG].dtype != torch.float32
-                or select_backend(p.device) != "triton"
+                or select_backend(p.device, "galore_adam_step") != "triton"
             ):
                 return False
         return True
