@@ -315,7 +315,10 @@ class HaloLinear(nn.Linear):
     default each dimension takes the whole dimension if it is a power of two, else its largest
     power-of-two factor up to 256. ``random_signs`` multiplies the Hadamard blocks by a fixed
     random ±1 diagonal (seeded; not saved in the state dict, so checkpoints are those of
-    ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y; ``backend`` forces a GEMM backend.
+    ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y. ``backend`` names the GEMM backend:
+    "auto" as ``triton_kernels.select_backend`` decides (torch on CUDA unless
+    ``GALOREX_BACKEND=triton``), or "triton", "torch", "emulate": that one, or an error
+    (``galorex.lowp.gemm``). Rotation and quantisation follow ``select_backend`` alone.
     ``save_quantized=True`` (needs ``granularity="tensor"``) quantises X, W and E_Y once and keeps
     the 8-bit X R_K (and W R_K) for backward instead of X (module docstring, "Quantise once").
     """
