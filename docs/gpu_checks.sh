@@ -3,10 +3,13 @@
 #   OUT=gpu-out bash docs/gpu_checks.sh            # BUDGET=480 seconds in all by default
 # Correctness first (CUDA-only tests, the Triton kernels against their torch twins inside
 # triton_kernels.bench), then the speed tables, most wanted first: triton_kernels.bench (issue 7),
-# the HaloLinear benchmark (issue 6), the optimizer step, refresh and layer-wise memory. Every step
+# the HaloLinear benchmark on the Triton path (issue 6), the optimizer step with the fused Triton
+# step and with the default, refresh and layer-wise memory. On CUDA every operation takes the torch
+# path unless GALOREX_BACKEND=triton (triton_kernels.dispatch.CUDA_DEFAULT): the Triton rows here
+# are what would flip a default, one operation at a time. Every step
 # gets at most its own limit and never more than what is left of BUDGET, so the whole script ends
 # inside the device call's limit with room for a second try. Leaves log.txt and the tables
-# (at most 8 files) in $OUT.
+# (at most 9 files) in $OUT.
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-480}
 START=$(date +%s)
@@ -28,9 +31,11 @@ step "CUDA tests" 60 python -m pytest -q -p no:cacheprovider tests/test_galore_f
 step "CUDA HALO wiring" 90 python -m pytest -q -p no:cacheprovider tests/test_halo_triton_path.py -k cuda
 step "triton_kernels.bench" 170 python -m triton_kernels.bench --out /tmp/tk
 cp /tmp/tk/triton_bench.md "$OUT/tk.md" 2>/dev/null; cp /tmp/tk/triton_bench.json "$OUT/tk.json" 2>/dev/null
-step "halo_gpu (auto backend: Triton on CUDA)" 100 python -m galorex.bench.halo_gpu --out /tmp/h1
+step "halo_gpu (GALOREX_BACKEND=triton)" 100 env GALOREX_BACKEND=triton python -m galorex.bench.halo_gpu --out /tmp/h1
 cp /tmp/h1/halo_gpu.md "$OUT/halo.md" 2>/dev/null
-step "bench step llama-60m" 45 python -m galorex.bench --out /tmp/st step --model llama-60m --repeats 10 --natural-history 0
+step "bench step llama-60m (GALOREX_BACKEND=triton: fused step)" 45 env GALOREX_BACKEND=triton python -m galorex.bench --out /tmp/stt step --model llama-60m --repeats 10 --natural-history 0
+cp /tmp/stt/step.md "$OUT/step_triton.md" 2>/dev/null
+step "bench step llama-60m (default: torch)" 45 python -m galorex.bench --out /tmp/st step --model llama-60m --repeats 10 --natural-history 0
 cp /tmp/st/step.md "$OUT/step.md" 2>/dev/null
 step "refresh: exact vs randomized" 40 python -m galorex.bench --out /tmp/rf refresh --m 4096 --n 11008 --rank 512
 cp /tmp/rf/refresh.md "$OUT/refresh.md" 2>/dev/null

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import galorex
 from galorex import GaLoreAdafactor, GaLoreAdamW
-from galorex.halo.hadamard import block_hadamard_matrix
+from galorex.lowp.hadamard import block_hadamard_matrix
 from galorex.optim import state8bit as s8
 from galorex.optim.base import load_bases
 

@@ -9,6 +9,7 @@ import torch
 from triton_support import assert_interpreter_did_not_leak, interpreted, needs_triton
 
 from galorex import GaLoreAdamW
+from galorex.optim.plan import Work
 
 pytestmark = needs_triton
 
@@ -130,7 +131,7 @@ def test_groups_the_fused_step_cannot_serve_take_the_shared_path(monkeypatch):
     model[0].weight.grad = torch.randn_like(model[0].weight)
     with interpreted():
         opt.step()  # 8-bit moments: must not reach the fp32-only kernel
-        item = {"param": model[0].weight, "side": "left"}
+        item = Work(model[0].weight, "left", model[0].weight.grad, opt.state[model[0].weight])
         assert not opt._fused_path_applies(opt.param_groups[0], [item])
     assert_interpreter_did_not_leak(monkeypatch)
 

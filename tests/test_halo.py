@@ -395,7 +395,7 @@ def test_a_converted_llama_trains():
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_kronecker_hadamard_equals_the_butterfly(dim, block, dtype):
-    from galorex.halo.hadamard import fwht, fwht_kron
+    from galorex.lowp.hadamard import fwht, fwht_kron
 
     g = torch.Generator().manual_seed(dim + block)
     x = torch.randn(3, 5, dim, generator=g, dtype=torch.float64).to(dtype)
@@ -410,14 +410,14 @@ def test_kronecker_hadamard_equals_the_butterfly(dim, block, dtype):
         tol = {torch.float64: 1e-12, torch.float32: 2e-6}[dtype]
         torch.testing.assert_close(fast, fwht(x, block), rtol=tol, atol=tol)
     if dtype == torch.float64:  # and both are x·diag(H_b, …) exactly
-        from galorex.halo.hadamard import block_hadamard_matrix
+        from galorex.lowp.hadamard import block_hadamard_matrix
 
         dense = x @ block_hadamard_matrix(dim, block, dtype=torch.float64)
         torch.testing.assert_close(fast, dense, rtol=1e-12, atol=1e-12)
 
 
 def test_hadamard_transform_takes_the_kronecker_path_on_the_cpu():
-    from galorex.halo.hadamard import fwht_kron, hadamard_transform
+    from galorex.lowp.hadamard import fwht_kron, hadamard_transform
 
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
     assert torch.equal(hadamard_transform(x, 64), fwht_kron(x, 64))

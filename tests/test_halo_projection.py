@@ -8,7 +8,7 @@ import torch
 import galorex
 from galorex import projection as proj
 from galorex.halo import block_hadamard_matrix, default_block_size, format_max, grid_step
-from galorex.halo.projection import PROJ_PRECISIONS, project_lowprec
+from galorex.lowp.projection import PROJ_PRECISIONS, project_lowprec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from galorex.halo import HaloLinear, block_hadamard_matrix, convert_to_halo, default_block_size
-from galorex.halo.quant import dequantize, quantize_reference
+from galorex.lowp.quant import dequantize, quantize_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

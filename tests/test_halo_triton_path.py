@@ -1,11 +1,12 @@
 """HaloLinear through the Triton kernels, as it runs on CUDA, checked on the CPU under the interpreter.
 
-On a GPU ``galorex.halo`` sends rotations, quantisation and GEMMs to ``triton_kernels`` (fused
-``hadamard_quantize_fp8`` / ``hadamard_quantize_int8`` for rotated operands). That dispatch is keyed on CUDA tensors, so
-here it is pointed at the kernels for CPU tensors too (``_triton_op`` patched) and the interpreter
-runs them: the layer's outputs and both gradients must match the torch path, and the kernels the
-design says are used must be the ones called. This is what catches wiring mistakes (argument
-order, transposes, scale shapes) before a GPU run."""
+With the Triton backend (``GALOREX_BACKEND=triton`` on a GPU) ``galorex.halo`` sends rotations,
+quantisation and GEMMs to ``triton_kernels`` (fused ``hadamard_quantize_fp8`` /
+``hadamard_quantize_int8`` for rotated operands). Under ``TRITON_INTERPRET=1`` the same dispatch
+(``triton_kernels.select_backend``) picks the kernels for CPU tensors, and the interpreter runs
+them: the layer's outputs and both gradients must match the torch path, and the kernels the design
+says are used must be the ones called (counted by wrapping them). This is what catches wiring
+mistakes (argument order, transposes, scale shapes) before a GPU run."""
 
 from __future__ import annotations
 
@@ -32,6 +33,35 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+KERNELS = {
+    "hadamard": ("hadamard_transform",),
+    "quant": ("quantize_fp8", "quantize_int8", "hadamard_quantize_fp8", "hadamard_quantize_int8"),
+    "gemm": ("fp8_gemm", "int8_gemm"),
+}
+
+
+def _count_kernel_calls(monkeypatch) -> Counter[str]:
+    """Wrap the ``triton_kernels`` functions galorex.lowp calls so that each call is counted (a
+    call that then took the torch twin would still count: the interpreter is on wherever this is
+    used, so every call reaches its kernel)."""
+    import importlib
+
+    used: Counter[str] = Counter()
+    for module, names in KERNELS.items():
+        mod = importlib.import_module(f"triton_kernels.{module}")
+        for name in names:
+            monkeypatch.setattr(mod, name, _counting(getattr(mod, name), name, used))
+    return used
+
+
+def _counting(real, name: str, used: Counter[str]):
+    def counted(*args, **kwargs):
+        used[name] += 1
+        return real(*args, **kwargs)
+
+    return counted
+
+
 CASES = [
     *[(level, fmt, "row", False, torch.float32) for level in (0, 1, 2) for fmt in ("fp8", "int8")],
     *[(level, fmt, "tensor", True, torch.float32) for level in (1, 2) for fmt in ("fp8", "int8")],
@@ -51,9 +81,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 def test_halo_linear_through_the_kernels_matches_the_torch_path(
     monkeypatch, level, fmt, granularity, save_quantized, dtype
 ):
-    import galorex.halo.gemm as gemm_mod
-    import galorex.halo.hadamard as hadamard_mod
-    import triton_kernels
+    import galorex.lowp.gemm as gemm_mod
 
     torch.manual_seed(0)
     layer = HaloLinear(
@@ -66,21 +94,14 @@ def test_halo_linear_through_the_kernels_matches_the_torch_path(
     ey = torch.randn(2, 24, 32, generator=g).to(dtype)
     reference = _run(layer, x, ey)
 
-    used: Counter[str] = Counter()
-
-    def op(name, device):
-        used[name] += 1
-        return getattr(triton_kernels, name, None)
-
-    for mod in (hadamard_mod, gemm_mod):  # quant and linear look it up through hadamard
-        monkeypatch.setattr(mod, "_triton_op", op)
-    monkeypatch.setattr(gemm_mod, "_FAILED", set())  # what earlier tests' fallbacks left there
+    used = _count_kernel_calls(monkeypatch)
+    monkeypatch.setattr(gemm_mod, "_REFUSED", set())  # what earlier tests' fallbacks left there
     with interpreted(), poisoned_outputs():
         got = _run(layer, x, ey)
 
     gemm = "int8_gemm" if fmt == "int8" else "fp8_gemm"
     assert used[gemm] == 3  # Y, E_X and G
-    assert not any(k[0] == "triton" for k in gemm_mod._FAILED)  # no kernel raised and fell back unnoticed
+    assert not gemm_mod._REFUSED  # no GEMM went to the torch side and fell back unnoticed
     if level >= 1:  # X R_K and W R_K rotated and quantised in one kernel each
         assert used["hadamard_quantize_int8" if fmt == "int8" else "hadamard_quantize_fp8"] >= 2
     for what, a, b in zip(("Y", "E_X", "G", "bias grad"), got, reference):
@@ -101,11 +122,11 @@ CUDA_CASES = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton path as it runs on a GPU)")
 @pytest.mark.parametrize("level,fmt,granularity,save_quantized,dtype", CUDA_CASES)
 def test_cuda_halo_linear_matches_the_torch_path(monkeypatch, level, fmt, granularity, save_quantized, dtype):
-    """On a GPU: the default backend (Triton kernels) against GALOREX_BACKEND=torch, same layer."""
-    import galorex.halo.gemm as gemm_mod
+    """On a GPU: GALOREX_BACKEND=triton (the Triton kernels) against GALOREX_BACKEND=torch, same layer."""
+    import galorex.lowp.gemm as gemm_mod
     from triton_kernels import BACKEND_ENV
 
-    monkeypatch.setattr(gemm_mod, "_FAILED", set())  # what earlier tests' fallbacks left there
+    monkeypatch.setattr(gemm_mod, "_REFUSED", set())  # what earlier tests' fallbacks left there
     torch.manual_seed(0)
     kw = dict(level=level, fmt=fmt, granularity=granularity, save_quantized=save_quantized)
     layer = HaloLinear(256, 128, device="cuda", dtype=dtype, **kw)
@@ -115,10 +136,10 @@ def test_cuda_halo_linear_matches_the_torch_path(monkeypatch, level, fmt, granul
     x, ey = x.to("cuda", dtype), torch.randn(4, 64, 128, generator=g).to("cuda", dtype)
     monkeypatch.setenv(BACKEND_ENV, "torch")
     reference = _run(layer, x, ey)
-    monkeypatch.delenv(BACKEND_ENV)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
     got = _run(layer, x, ey)
-    # A Triton GEMM that raised would have fallen back to torch silently: torch against torch.
-    assert not any(k[0] == "triton" for k in gemm_mod._FAILED), gemm_mod._FAILED
+    # Nothing fell back to the torch side: this compares Triton against torch.
+    assert not gemm_mod._REFUSED, gemm_mod._REFUSED
     for what, a, b in zip(("Y", "E_X", "G", "bias grad"), got, reference):
         assert a.dtype == b.dtype == dtype and torch.isfinite(a).all(), what
         # The torch path's _scaled_mm may only give row-scaled products in bf16 on some CUDA builds
@@ -130,10 +151,8 @@ def test_cuda_halo_linear_matches_the_torch_path(monkeypatch, level, fmt, granul
 @pytest.mark.parametrize("precision", ["fp8", "fp8-hadamard", "int8", "int8-hadamard"])
 @pytest.mark.parametrize("side", ["left", "right", "full"])
 def test_lowprec_projection_through_the_kernels_matches_the_torch_path(monkeypatch, precision, side):
-    import galorex.halo.gemm as gemm_mod
-    import galorex.halo.hadamard as hadamard_mod
-    import triton_kernels
-    from galorex.halo.projection import project_lowprec
+    import galorex.lowp.gemm as gemm_mod
+    from galorex.lowp.projection import project_lowprec
 
     g = torch.Generator().manual_seed(2)
     grad = torch.randn(64, 96, generator=g)
@@ -142,15 +161,8 @@ def test_lowprec_projection_through_the_kernels_matches_the_torch_path(monkeypat
     right = torch.linalg.qr(torch.randn(96, 16, generator=g))[0]
     bases = {"left": [left], "right": [right], "full": [left, right]}[side]
     reference = project_lowprec(grad, bases, side, precision)
-    used: Counter[str] = Counter()
-
-    def op(name, device):
-        used[name] += 1
-        return getattr(triton_kernels, name, None)
-
-    for mod in (hadamard_mod, gemm_mod):
-        monkeypatch.setattr(mod, "_triton_op", op)
-    monkeypatch.setattr(gemm_mod, "_FAILED", set())
+    used = _count_kernel_calls(monkeypatch)
+    monkeypatch.setattr(gemm_mod, "_REFUSED", set())
     with interpreted(), poisoned_outputs():
         got = project_lowprec(grad, bases, side, precision)
     gemms = 2 if side == "full" else 1
@@ -163,19 +175,11 @@ def test_lowprec_projection_through_the_kernels_matches_the_torch_path(monkeypat
 def test_blocks_and_dtypes_the_kernels_do_not_take_use_the_torch_path(monkeypatch):
     """Blocks past 16384 (one Triton program's registers) and float64 go to the torch rotation
     instead of raising on CUDA."""
-    import galorex.halo.hadamard as hadamard_mod
-    import triton_kernels
     from galorex.halo import hadamard_transform
-    from galorex.halo.hadamard import fwht_kron
-    from galorex.halo.quant import rotate_quantize
+    from galorex.lowp.hadamard import fwht_kron
+    from galorex.lowp.quant import rotate_quantize
 
-    used: Counter[str] = Counter()
-
-    def op(name, device):
-        used[name] += 1
-        return getattr(triton_kernels, name, None)
-
-    monkeypatch.setattr(hadamard_mod, "_triton_op", op)
+    used = _count_kernel_calls(monkeypatch)
     wide = torch.randn(2, 32768, generator=torch.Generator().manual_seed(3))
     with interpreted():
         assert torch.equal(hadamard_transform(wide), fwht_kron(wide))

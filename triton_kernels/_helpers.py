@@ -30,7 +30,6 @@ def round_to_fp8_grid(y, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, FP8_MAX
     with floor, which is exact for the small integers involved.
     """
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-    bits = y.to(tl.int32, bitcast=True)
     a = tl.abs(y)
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, MIN_EXP)
@@ -41,8 +40,10 @@ def round_to_fp8_grid(y, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, FP8_MAX
     odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
     up = (frac > 0.5) | ((frac == 0.5) & odd)
     q = (r + tl.where(up, 1.0, 0.0)) * step
-    # The sign bit, not y < 0, so that -0.0 stays -0.0 as torch's cast keeps it.
-    return tl.where(bits < 0, -q, q)
+    # y's sign bit ORed into q (≥ 0), not y < 0 nor a negation, so that -0.0 stays -0.0 as torch's
+    # cast keeps it: Triton 3.6's interpreter computes -q as 0 - q, which is +0.0 for q = 0.
+    sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+    return (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 def round_half_even(t):

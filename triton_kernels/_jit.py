@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import BACKEND_ENV, select_backend, triton_available
+from .dispatch import BACKEND_ENV, triton_available
 
 try:  # the kernel modules need ``tl`` in their globals; a stand-in keeps them importable without it
     import triton
@@ -44,11 +44,6 @@ def require_triton() -> Any:
     return triton
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Dispatch for a public function: True for the Triton kernel, False for its torch twin."""
-    return select_backend(tensors[0].device) == "triton"
-
-
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
@@ -56,17 +51,28 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device; got {listed}")
 
 
+def _interpreted_range(*bounds: Any) -> range:
+    """``range`` for kernels run by the interpreter, whose runtime integer arguments arrive as
+    1-element tensors: their value is read with ``.item()``. Triton 3.6's interpreter converts them
+    with ``int()`` on a 1-element 1-D array, which NumPy ≥ 2.4 refuses (3.9 squeezes first); a
+    loop ``for k in range(0, K, BK)`` over a runtime ``K`` then fails. Compiled builds keep the
+    builtin, which Triton's code generator turns into the loop it pipelines."""
+    return range(*(b.handle.data.item() if hasattr(b, "handle") else b for b in bounds))
+
+
 @functools.cache
 def _decorate(fn: Callable, interpret: bool, helpers: tuple[Callable, ...]) -> Any:
     trt = require_triton()
     if interpret != interpreting():  # pragma: no cover - the cache key comes from interpreting()
         raise RuntimeError("TRITON_INTERPRET changed while a kernel was being built")
-    if helpers:
+    if helpers or interpret:
         # A copy of the function whose globals name the helpers' builds for this same mode.
         original = fn
         scope = dict(fn.__globals__)
         for helper in helpers:
             scope[helper.__name__] = _decorate(helper, interpret, ())
+        if interpret:
+            scope["range"] = _interpreted_range
         fn = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         fn.__module__ = scope.get("__name__", fn.__module__)
         fn.__qualname__ = fn.__name__

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ._helpers import round_to_bf16
-from ._jit import LazyKernel, check_same_device, tl, use_triton
+from ._jit import LazyKernel, check_same_device, tl
+from .dispatch import select_backend
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,7 +56,7 @@ def _epilogue_reference(acc64: torch.Tensor, a_scale, b_scale, out_dtype, bias) 
     return out.to(out_dtype)
 
 
-def fp8_gemm_reference(
+def scaled_gemm_reference(
     a: torch.Tensor,
     b: torch.Tensor,
     a_scale: torch.Tensor,
@@ -63,22 +64,23 @@ def fp8_gemm_reference(
     out_dtype: torch.dtype = torch.bfloat16,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch twin of :func:`fp8_gemm`: the products summed in float64, then the same epilogue."""
-    _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "fp8")
+    """Torch twin of :func:`fp8_gemm` and :func:`int8_gemm` (one function: their arithmetic is the
+    same), and the reference of galorex's scaled GEMM: the products summed in float64 — exact for
+    INT8 operands and for FP8 ones at any K these layers meet — then the kernels' epilogue, the
+    sum rounded to fp32, times s_a and s_b (+ bias in fp32), rounded once to ``out_dtype``.
+
+    Args:
+        a, b: (M, K) and (N, K), both FP8 (either format) or both int8.
+        a_scale, b_scale: float32, shape () or (M, 1) / (N, 1).
+        out_dtype: bfloat16, float16 or float32.
+        bias: None or a floating-point (N,) tensor.
+    """
+    _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "int8" if a.dtype == torch.int8 else "fp8")
     return _epilogue_reference(a.double() @ b.double().t(), a_scale, b_scale, out_dtype, bias)
 
 
-def int8_gemm_reference(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    a_scale: torch.Tensor,
-    b_scale: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Torch twin of :func:`int8_gemm`: the exact integer sum (float64 holds it), then the epilogue."""
-    _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "int8")
-    return _epilogue_reference(a.double() @ b.double().t(), a_scale, b_scale, out_dtype, bias)
+# The twins under the names of their kernels.
+fp8_gemm_reference = int8_gemm_reference = scaled_gemm_reference
 
 
 def _scaled_gemm_kernel(
@@ -217,11 +219,11 @@ def fp8_gemm(
     """C = (a · a_scale)(b · b_scale)ᵀ (+ bias) for FP8 a (M, K) and b (N, K), fp32 accumulation.
 
     Scales: float32, shape () or per row (M, 1) / (N, 1). Any strides (a K-major b is fastest on
-    Hopper). Dispatch: :func:`triton_kernels.select_backend`.
+    Hopper). Dispatch: :func:`triton_kernels.select_backend` (op ``scaled_gemm``).
     """
     _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "fp8")
-    if not use_triton(a):
-        return fp8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
+    if select_backend(a.device, "scaled_gemm") != "triton":
+        return scaled_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
     return _gemm_triton(a, b, a_scale, b_scale, out_dtype, bias, is_int=False)
 
 
@@ -238,6 +240,6 @@ def int8_gemm(
     Exact integer products and sums, then one fp32 epilogue; scales as in :func:`fp8_gemm`.
     """
     _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "int8")
-    if not use_triton(a):
-        return int8_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
+    if select_backend(a.device, "scaled_gemm") != "triton":
+        return scaled_gemm_reference(a, b, a_scale, b_scale, out_dtype, bias)
     return _gemm_triton(a, b, a_scale, b_scale, out_dtype, bias, is_int=True)

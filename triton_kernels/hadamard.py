@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 
 from ._helpers import fwht_rows, round_to_bf16
-from ._jit import LazyKernel, tl, use_triton
+from ._jit import LazyKernel, tl
+from .dispatch import select_backend
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_BLOCK = 16384  # one block lives in one program's registers
@@ -58,16 +60,16 @@ def _fwht(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """The transform in float32 (float64 for float64 input), not cast back: the butterfly
     (a, c) -> (a + c, a − c) on bit 0, 1, … of the in-block index, then one scale by 1/√b."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    lead, n = x.shape[:-1], x.shape[-1]
-    y = x.to(work).reshape(*lead, n // block_size, block_size)
+    y = rearrange(x.to(work), "... (n b) -> ... n b", b=block_size)
     h = 1
     while h < block_size:
-        y = y.reshape(*lead, n // block_size, block_size // (2 * h), 2, h)
-        a, c = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + c, a - c), dim=-2)
+        # Entry i of each group of 2h pairs with entry i + h.
+        pairs = rearrange(y, "... (g two h) -> ... g two h", two=2, h=h)
+        a, c = pairs[..., 0, :], pairs[..., 1, :]
+        y = rearrange(torch.stack((a + c, a - c), dim=-2), "... g two h -> ... (g two h)")
         h *= 2
     # The scale rounded to the working precision once, as the kernel receives it.
-    return y.reshape(x.shape) * torch.tensor(block_size**-0.5, dtype=work)
+    return rearrange(y, "... n b -> ... (n b)") * torch.tensor(block_size**-0.5, dtype=work)
 
 
 def hadamard_transform_reference(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
@@ -129,10 +131,10 @@ def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.
 
     ``block_size`` b: a power of two dividing ``x.shape[-1]`` (None: the whole last dimension). Any
     leading dimensions; fp32, fp16 and bf16 on the Triton path (b up to 16384), which works in
-    fp32 and rounds once on the way out. Dispatch: :func:`triton_kernels.select_backend`.
+    fp32 and rounds once on the way out. Dispatch: :func:`triton_kernels.select_backend` (op ``hadamard``).
     """
     b = check_block_size(x, block_size)
-    if not use_triton(x):
+    if select_backend(x.device, "hadamard") != "triton":
         return hadamard_transform_reference(x, b)
     return _hadamard_triton(x, b)
 

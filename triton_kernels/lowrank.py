@@ -15,7 +15,8 @@ import numbers
 import torch
 
 from ._helpers import round_to_bf16
-from ._jit import LazyKernel, check_same_device, tl, use_triton
+from ._jit import LazyKernel, check_same_device, tl
+from .dispatch import select_backend
 
 SIDES = ("left", "right")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -213,10 +214,16 @@ def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
     """R = PᵀG (side "left", P m×r, R r×n) or R = GP (side "right", P n×r, R m×r), fp32 out.
 
     fp32 accumulation; products at fp32-level accuracy (3xTF32 on a GPU) unless
-    ``torch.set_float32_matmul_precision`` allows TF32. Dispatch: :func:`triton_kernels.select_backend`.
+    ``torch.set_float32_matmul_precision`` allows TF32. Dispatch: :func:`triton_kernels.select_backend`
+    (op ``project``); float64 operands take the torch twin.
     """
     _check_project(G, P, side)
-    if G.numel() == 0 or P.numel() == 0 or not use_triton(G) or _work_dtype(G, P) == torch.float64:
+    if (
+        G.numel() == 0
+        or P.numel() == 0
+        or select_backend(G.device, "project") != "triton"
+        or _work_dtype(G, P) == torch.float64
+    ):
         return project_reference(G, P, side)
     m, n = G.shape
     r = P.shape[1]
@@ -342,7 +349,7 @@ def fused_galore_adam_step(
     fp32/fp16/bf16 weight and basis; scalars are Python numbers (no host sync).
     """
     _check_step(weight, low_grad, exp_avg, exp_avg_sq, basis, side, step, lr, beta1, beta2, eps, weight_decay, scale)
-    if not use_triton(weight) or weight.numel() == 0:
+    if weight.numel() == 0 or select_backend(weight.device, "galore_adam_step") != "triton":
         return fused_galore_adam_step_reference(
             weight,
             low_grad,

@@ -13,8 +13,9 @@ import math
 import torch
 
 from ._helpers import fwht_rows, round_half_even, round_to_fp8_grid, row_max
-from ._jit import LazyKernel, interpreting, next_power_of_2, tl, use_triton
-from .hadamard import _fwht, check_block_size
+from ._jit import LazyKernel, interpreting, next_power_of_2, tl
+from .dispatch import select_backend
+from .hadamard import _check_triton_input, _fwht, check_block_size
 
 GRANULARITIES = ("tensor", "row")
 # (mantissa bits, smallest normal exponent) of the two OCP FP8 formats torch carries.
@@ -41,6 +42,12 @@ def _check_fp8_dtype(dtype: torch.dtype) -> tuple[int, int, float]:
     return mant, min_exp, float(torch.finfo(dtype).max)
 
 
+def _qmax(dtype: torch.dtype) -> float:
+    if dtype == torch.int8:
+        return float(INT8_MAX)
+    return _check_fp8_dtype(dtype)[2]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, 1) if x.dim() == 0 else x.reshape(-1, x.shape[-1])
 
@@ -55,44 +62,76 @@ def _amax(x2: torch.Tensor, granularity: str) -> torch.Tensor:
     return a.amax() if granularity == "tensor" else a.amax(dim=1, keepdim=True)
 
 
+def quantize_reference(
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    granularity: str = "tensor",
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of every quantiser here, and galorex's torch path (``galorex.lowp``).
+
+    s = amax|x| / q_max per tensor or per row (s = 1 where amax = 0), or the given ``scale``;
+    q = round(clamp(x / s, ±q_max)) computed in fp32: torch's round-to-nearest-even cast for FP8,
+    ``torch.round`` (half to even) for INT8. The clamp comes first because torch's cast to FP8
+    does not saturate.
+
+    Args:
+        x: a float32/float16/bfloat16/float64 tensor; rows are the product of its leading dims.
+        dtype: ``torch.float8_e4m3fn``, ``torch.float8_e5m2`` or ``torch.int8``.
+        granularity: ``"tensor"`` (a scale of shape ()) or ``"row"`` (shape (rows, 1)).
+        scale: a float32 scale of that shape to use instead of amax / q_max.
+    """
+    _check_x(x, granularity)
+    qmax = _qmax(dtype)
+    x2 = _rows(x).float()
+    if scale is None:
+        scale = _scale_from_amax(_amax(x2, granularity), qmax)
+    else:
+        want = () if granularity == "tensor" else (x2.shape[0], 1)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"scale must have shape {want} for granularity={granularity!r}, got {tuple(scale.shape)}")
+        scale = scale.to(device=x.device, dtype=torch.float32)
+    y = (x2 / scale).clamp_(-qmax, qmax)  # a fresh quotient: clamping in place is safe
+    q = y.round_().to(torch.int8) if dtype == torch.int8 else y.to(dtype)
+    return q.reshape(x.shape), scale
+
+
 def quantize_fp8_reference(
     x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of :func:`quantize_fp8`: fp32 maths, then torch's (round-to-nearest-even) cast."""
-    _check_x(x, granularity)
-    _, _, fmax = _check_fp8_dtype(dtype)
-    x2 = _rows(x).float()
-    scale = _scale_from_amax(_amax(x2, granularity), fmax)
-    # torch's cast does not saturate: clamp first.
-    q = (x2 / scale).clamp(-fmax, fmax).to(dtype)
-    return q.reshape(x.shape), scale
+    """Torch twin of :func:`quantize_fp8`: :func:`quantize_reference` with an FP8 ``dtype``."""
+    _check_fp8_dtype(dtype)
+    return quantize_reference(x, dtype, granularity)
 
 
 def quantize_int8_reference(x: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of :func:`quantize_int8` (torch.round is round-half-to-even)."""
+    """Torch twin of :func:`quantize_int8`: :func:`quantize_reference` with ``torch.int8``."""
+    return quantize_reference(x, torch.int8, granularity)
+
+
+def hadamard_quantize_reference(
+    x: torch.Tensor, block_size: int | None, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of the fused kernels: the rotation in fp32 (``hadamard_transform_reference``
+    without its final cast), quantised from fp32 by :func:`quantize_reference`."""
     _check_x(x, granularity)
-    x2 = _rows(x).float()
-    scale = _scale_from_amax(_amax(x2, granularity), float(INT8_MAX))
-    q = torch.round(x2 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q.reshape(x.shape), scale
+    b = check_block_size(x, block_size)
+    return quantize_reference(_fwht(x.float(), b), dtype, granularity)
 
 
 def hadamard_quantize_fp8_reference(
     x: torch.Tensor, block_size: int | None, dtype: torch.dtype = torch.float8_e4m3fn, granularity: str = "tensor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of :func:`hadamard_quantize_fp8`: the rotation in fp32, quantised from fp32."""
-    _check_x(x, granularity)
-    b = check_block_size(x, block_size)
-    return quantize_fp8_reference(_fwht(x.float(), b), dtype, granularity)
+    """Torch twin of :func:`hadamard_quantize_fp8` (:func:`hadamard_quantize_reference`)."""
+    _check_fp8_dtype(dtype)
+    return hadamard_quantize_reference(x, block_size, dtype, granularity)
 
 
 def hadamard_quantize_int8_reference(
     x: torch.Tensor, block_size: int | None, granularity: str = "tensor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of :func:`hadamard_quantize_int8`: the rotation in fp32, quantised from fp32."""
-    _check_x(x, granularity)
-    b = check_block_size(x, block_size)
-    return quantize_int8_reference(_fwht(x.float(), b), granularity)
+    """Torch twin of :func:`hadamard_quantize_int8` (:func:`hadamard_quantize_reference`)."""
+    return hadamard_quantize_reference(x, block_size, torch.int8, granularity)
 
 
 # --- kernels -------------------------------------------------------------------------------------
@@ -336,7 +375,7 @@ def quantize_fp8(
     """
     _check_x(x, granularity)
     fmt = _check_fp8_dtype(dtype)
-    if x.numel() == 0 or not use_triton(x):
+    if x.numel() == 0 or select_backend(x.device, "quantize") != "triton":
         return quantize_fp8_reference(x, dtype, granularity)
     return _quantize_triton(x, dtype, granularity, fmt)
 
@@ -347,7 +386,7 @@ def quantize_int8(x: torch.Tensor, granularity: str = "tensor") -> tuple[torch.T
     Scales as in :func:`quantize_fp8`.
     """
     _check_x(x, granularity)
-    if x.numel() == 0 or not use_triton(x):
+    if x.numel() == 0 or select_backend(x.device, "quantize") != "triton":
         return quantize_int8_reference(x, granularity)
     return _quantize_triton(x, torch.int8, granularity, (0, 0, float(INT8_MAX)))
 
@@ -365,7 +404,7 @@ def hadamard_quantize_fp8(
     _check_x(x, granularity)
     b = check_block_size(x, block_size)
     fmt = _check_fp8_dtype(dtype)
-    if x.numel() == 0 or not use_triton(x):
+    if x.numel() == 0 or select_backend(x.device, "quantize") != "triton":
         return hadamard_quantize_fp8_reference(x, b, dtype, granularity)
     return _hadamard_quantize_triton(x, b, dtype, granularity, fmt)
 
@@ -380,14 +419,12 @@ def hadamard_quantize_int8(
     a rounding boundary can land one code away (as for the FP8 kernels)."""
     _check_x(x, granularity)
     b = check_block_size(x, block_size)
-    if x.numel() == 0 or not use_triton(x):
+    if x.numel() == 0 or select_backend(x.device, "quantize") != "triton":
         return hadamard_quantize_int8_reference(x, b, granularity)
     return _hadamard_quantize_triton(x, b, torch.int8, granularity, (0, 0, float(INT8_MAX)))
 
 
 def _hadamard_quantize_triton(x, b, qdtype, granularity, fmt):
-    from .hadamard import _check_triton_input
-
     _check_triton_input(x, b)
     x2 = _rows(x)
     rows, n = x2.shape

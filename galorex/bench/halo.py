@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..halo import HaloLinear
-from ..halo.projection import PROJ_PRECISIONS, project_lowprec
+from ..lowp.projection import PROJ_PRECISIONS, project_lowprec
 from .common import rel_error, warm_llama
 
 LEVELS = (0, 1, 2)

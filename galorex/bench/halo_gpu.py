@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from ..halo import HaloLinear, fwht, quantize
-    from ..halo import gemm as halo_gemm
+    from ..lowp import gemm as halo_gemm
 
     dev = torch.device(args.device)
     t, k, n = args.tokens, args.in_features, args.out_features
@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     a32 = a16.float()
     s = _time(lambda: fwht(a32, k if (k & (k - 1)) == 0 else None), args.warmup, args.iters)
     rows.append({"what": f"torch FWHT fp32 {t}x{k}", "s": s, "GB/s": 2 * a32.numel() * 4 / s / 1e9})
-    from ..halo.hadamard import fwht_kron
+    from ..lowp.hadamard import fwht_kron
 
     s = _time(lambda: fwht_kron(a32, k if (k & (k - 1)) == 0 else None), args.warmup, args.iters)
     rows.append({"what": f"torch Kronecker-GEMM Hadamard fp32 {t}x{k}", "s": s, "GB/s": 2 * a32.numel() * 4 / s / 1e9})
     s = _time(lambda: quantize(a32, "e4m3", "row"), args.warmup, args.iters)
     rows.append({"what": f"quantize e4m3 row {t}x{k}", "s": s, "GB/s": a32.numel() * 5 / s / 1e9})
 
-    failed = sorted(str(key) for key in halo_gemm._FAILED)
+    failed = sorted(str(key) for key in halo_gemm._REFUSED)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke run)"
     env = {
         "torch": torch.__version__,

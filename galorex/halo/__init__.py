@@ -1,15 +1,16 @@
 """HALO-style Hadamard low-precision linear layers (Ashkboos et al., 2025, "HALO: Hadamard-Assisted
 Lower-Precision Optimization for LLMs").
 
-- :mod:`.hadamard`: Sylvester matrices, block rotations with optional random signs, a torch FWHT;
-- :mod:`.quant`: scaled FP8 (e4m3/e5m2) and INT8 quantisation, per tensor or per row;
-- :mod:`.gemm`: the scaled GEMM (Triton, ``torch._scaled_mm`` / ``torch._int_mm``, or emulation);
-- :mod:`.linear`: ``HaloLinear`` and ``convert_to_halo`` (rotation placement documented there);
-- :mod:`.projection`: low-precision GaLore projections (the ``proj_precision`` group key).
+- :mod:`.linear`: ``HaloLinear`` and ``convert_to_halo`` (rotation placement documented there).
+
+The operations they are built from live in :mod:`galorex.lowp`, which the optimizers use too, and
+are re-exported here: Sylvester matrices, block rotations with optional random signs and the
+FWHT (:mod:`galorex.lowp.hadamard`); scaled FP8 (e4m3/e5m2) and INT8 quantisation, per tensor or
+per row (:mod:`galorex.lowp.quant`); the scaled GEMM (:mod:`galorex.lowp.gemm`).
 """
 
-from .gemm import scaled_gemm, scaled_gemm_reference
-from .hadamard import (
+from ..lowp.gemm import scaled_gemm, scaled_gemm_reference
+from ..lowp.hadamard import (
     block_hadamard_matrix,
     default_block_size,
     fwht,
@@ -19,8 +20,8 @@ from .hadamard import (
     sylvester,
     unrotate,
 )
+from ..lowp.quant import dequantize, format_max, grid_step, quantize
 from .linear import HALO_FORMATS, HALO_LEVELS, HaloConfig, HaloLinear, convert_to_halo, halo_linear
-from .quant import dequantize, format_max, grid_step, quantize
 
 __all__ = [
     "HALO_FORMATS",

@@ -1,7 +1,7 @@
 """``HaloLinear``: an ``nn.Linear`` whose three GEMMs run on quantised operands (FP8 or INT8).
 
 For X (T×K tokens × in_features), W (N×K), E_Y = ∂L/∂Y (T×N), Q(·) the scaled quantiser of
-:mod:`galorex.halo.quant`, R_K / R_N block Hadamard rotations of the K / N dimension:
+:mod:`galorex.lowp.quant`, R_K / R_N block Hadamard rotations of the K / N dimension:
 
     level 0   Y = Q(X) Q(W)ᵀ             E_X = Q(E_Y) Q(Wᵀ)ᵀ               G = Q(E_Yᵀ) Q(Xᵀ)ᵀ
     level 1   Y = Q(X R_K) Q(W R_K)ᵀ     E_X as level 0                   G as level 0
@@ -66,9 +66,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gemm import BACKENDS, scaled_gemm
-from .hadamard import _check_block, default_block_size, random_signs, unrotate
-from .quant import GRANULARITIES, quantize, rotate_quantize
+from ..lowp.gemm import BACKENDS, scaled_gemm
+from ..lowp.hadamard import _check_block, default_block_size, random_signs, unrotate
+from ..lowp.quant import GRANULARITIES, quantize, rotate_quantize
 
 __all__ = ["HALO_FORMATS", "HALO_LEVELS", "HaloConfig", "HaloLinear", "convert_to_halo", "halo_linear"]
 
@@ -315,7 +315,10 @@ class HaloLinear(nn.Linear):
     default each dimension takes the whole dimension if it is a power of two, else its largest
     power-of-two factor up to 256. ``random_signs`` multiplies the Hadamard blocks by a fixed
     random ±1 diagonal (seeded; not saved in the state dict, so checkpoints are those of
-    ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y; ``backend`` forces a GEMM backend.
+    ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y. ``backend`` names the GEMM backend:
+    "auto" as ``triton_kernels.select_backend`` decides (torch on CUDA unless
+    ``GALOREX_BACKEND=triton``), or "triton", "torch", "emulate": that one, or an error
+    (``galorex.lowp.gemm``). Rotation and quantisation follow ``select_backend`` alone.
     ``save_quantized=True`` (needs ``granularity="tensor"``) quantises X, W and E_Y once and keeps
     the 8-bit X R_K (and W R_K) for backward instead of X (module docstring, "Quantise once").
     """

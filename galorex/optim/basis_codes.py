@@ -124,7 +124,7 @@ def basis_rotation_block(dim: int) -> int:
 def rotate_basis(x: torch.Tensor) -> torch.Tensor:
     """x·H along the last dimension, float32 (see the comment above :func:`basis_rotation_block`).
     H is symmetric and orthogonal, so this is also its own inverse."""
-    from ..halo.hadamard import hadamard_transform
+    from ..lowp.hadamard import hadamard_transform
 
     x = x.to(torch.float32)
     block = basis_rotation_block(x.shape[-1])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .. import projection as proj
-from ..halo.projection import PROJ_PRECISION, PROJ_PRECISIONS
+from ..lowp.projection import PROJ_PRECISION, PROJ_PRECISIONS
 
 # Group keys, as galore-torch names them, plus galorex's own.
 RANK = "rank"
@@ -79,7 +79,7 @@ class ProjectionConfig:
         scale: multiplies the projected-back update (the GaLore paper uses 0.25).
         proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full`` (see ``projection``).
         moment_policy: what subspace state does at a refresh: ``keep``, ``reset`` or ``reproject``.
-        proj_precision: None, or a quantised projection GEMM (``galorex.halo.projection``).
+        proj_precision: None, or a quantised projection GEMM (``galorex.lowp.projection``).
     """
 
     rank: int | None = None

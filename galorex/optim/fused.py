@@ -1,5 +1,7 @@
-"""The fused Triton GaLore-Adam step (``triton_kernels.fused_galore_adam_step``): on CUDA with
-Triton (``triton_kernels.dispatch.select_backend``), plain 32-bit Adam groups have their moments
+"""The fused Triton GaLore-Adam step (``triton_kernels.fused_galore_adam_step``): where
+``triton_kernels.select_backend`` picks Triton for op ``galore_adam_step`` (on CUDA only with
+``GALOREX_BACKEND=triton`` until a GPU run has shown it correct and faster), plain 32-bit Adam
+groups have their moments
 updated in place and D = M̂/(√V̂+ε) formed tile by tile inside the GEMM that writes W, so the
 normalised update never exists in full. Everything else — 8-bit state, 4/8-bit bases,
 ``proj_precision``, galore-torch's ε placement, tensor hyperparameters, a compiled step, ``full``
@@ -46,7 +48,7 @@ def fused_path_applies(opt: Any, group: dict[str, Any], works: list[Work]) -> bo
             or not p.is_contiguous()
             or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
             or w.state[EXP_AVG].dtype != torch.float32
-            or select_backend(p.device) != "triton"
+            or select_backend(p.device, "galore_adam_step") != "triton"
         ):
             return False
     return True

@@ -61,7 +61,7 @@ class GaLoreAdamW(LowRankOptimizer):
 
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
       ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
-      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.halo.projection``).
+      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.lowp.projection``).
 
     Weight decay is decoupled and applied to the full weight.
 

@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import projection as proj
-from ..halo.projection import project_lowprec
+from ..lowp.projection import project_lowprec
 from . import codec, config
 from .checkpointing import CheckpointMixin
 from .config import PROJ_STEP, RANK, STEP, CompileOption, compute_dtype

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from triton_kernels import quant as tk_quant
+from triton_kernels.dispatch import select_backend
+
 from . import hadamard
 
 __all__ = [
@@ -30,7 +33,7 @@ FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FORMATS = ("e4m3", "e5m2", "int8")
 GRANULARITIES = ("tensor", "row")
 # (mantissa bits, smallest normal exponent) of the FP8 formats, for the grid spacing.
-_FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
+_FP8_GRID = {name: tk_quant.FP8_FORMATS[dtype] for name, dtype in FP8.items()}
 
 
 def _check_format(fmt: str) -> None:
@@ -49,12 +52,7 @@ def format_max(fmt: str) -> float:
     return 127.0 if fmt == "int8" else float(torch.finfo(FP8[fmt]).max)
 
 
-def quantize(
-    x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, s) with x ≈ q·s; s is float32 of shape () per tensor, (rows, 1) per row (rows = the
-    product of the leading dimensions). A given ``scale`` (of that shape) is used instead of
-    amax/q_max, and values beyond q_max·s saturate. Triton's kernel on CUDA when the backend says so."""
+def _check_input(x: torch.Tensor, fmt: str, granularity: str) -> None:
     _check_format(fmt)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -62,49 +60,41 @@ def quantize(
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    name = "quantize_int8" if fmt == "int8" else "quantize_fp8"
-    kernel = hadamard._triton_op(name, x.device) if scale is None else None
-    if kernel is not None:
-        try:
-            x2 = x.reshape(-1, x.shape[-1])
-            if fmt == "int8":
-                q, s = kernel(x2, granularity=granularity)
-            else:
-                q, s = kernel(x2, dtype=FP8[fmt], granularity=granularity)
-            return q.view(x.shape), s
-        except TypeError:
-            pass  # an older or different signature: the torch path below is the reference anyway
+
+
+def quantize(
+    x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with x ≈ q·s; s is float32 of shape () per tensor, (rows, 1) per row (rows = the
+    product of the leading dimensions). A given ``scale`` (of that shape) is used instead of
+    amax/q_max, and values beyond q_max·s saturate. The Triton kernel where
+    :func:`triton_kernels.select_backend` picks Triton for op ``quantize`` (not for a given
+    ``scale``, which the kernels do not take), else :func:`quantize_reference`.
+
+    Args:
+        x: a float32/float16/bfloat16/float64 tensor with a non-empty last dimension.
+        fmt: "e4m3", "e5m2" or "int8".
+        granularity: "tensor" or "row".
+        scale: None, or the float32 scale to use.
+    """
+    _check_input(x, fmt, granularity)
+    if scale is None and select_backend(x.device, "quantize") == "triton":
+        x2 = x.reshape(-1, x.shape[-1])
+        if fmt == "int8":
+            q, s = tk_quant.quantize_int8(x2, granularity)
+        else:
+            q, s = tk_quant.quantize_fp8(x2, FP8[fmt], granularity)
+        return q.view(x.shape), s
     return quantize_reference(x, fmt, granularity, scale)
 
 
 def quantize_reference(
     x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch implementation of :func:`quantize` (also its fallback everywhere)."""
-    qmax = format_max(fmt)
-    x32 = x.float()
-    rows = x32.reshape(-1, x.shape[-1]).shape[0]
-    if scale is not None:
-        want = () if granularity == "tensor" else (rows, 1)
-        if tuple(scale.shape) != want:
-            raise ValueError(f"scale must have shape {want} for granularity={granularity!r}, got {tuple(scale.shape)}")
-        scale = scale.to(device=x.device, dtype=torch.float32)
-    else:
-        if granularity == "tensor":
-            amax = x32.abs().amax()
-        else:
-            amax = x32.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True)
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    if granularity == "tensor":
-        y = x32 / scale
-    else:
-        y = (x32.reshape(-1, x.shape[-1]) / scale).view(x.shape)
-    y = y.clamp_(-qmax, qmax)  # y is a fresh tensor (the quotient): in place is safe
-    if fmt == "int8":
-        q = y.round_().to(torch.int8)  # round half to even
-    else:
-        q = y.to(FP8[fmt])
-    return q, scale
+    """The torch path of :func:`quantize`: the Triton kernels' own twin,
+    ``triton_kernels.quantize_reference``, in galorex's format names."""
+    _check_input(x, fmt, granularity)
+    return tk_quant.quantize_reference(x, storage_dtype(fmt), granularity, scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -131,22 +121,27 @@ def rotate_quantize(
     t: torch.Tensor, block: int | None, signs: torch.Tensor | None, fmt: str, granularity: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q(t R) with R = diag(signs)·blockdiag(H_block) along the last dimension, or Q(t) when
-    ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. On CUDA
-    with the Triton backend the rotation and quantisation run as one fused kernel
-    (``hadamard_quantize_fp8`` / ``hadamard_quantize_int8``: no float32 copy of t, one read of t and
-    one write of q with per-row scales, two reads of t per tensor; random signs cost one more
-    elementwise pass, t·signs); off CUDA t is rotated as a float32 copy, then quantised. Unrotated
-    tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32 copy)."""
+    ``block`` is None (no rotation). The rotation is computed in float32 from t's own dtype. Where
+    :func:`triton_kernels.select_backend` picks Triton for op ``quantize`` and the kernels take t
+    (float32/float16/bfloat16, 1 < block ≤ 16384) the rotation and quantisation run as one fused
+    kernel (``hadamard_quantize_fp8`` / ``hadamard_quantize_int8``: no float32 copy of t, one read
+    of t and one write of q with per-row scales, two reads of t per tensor; random signs cost one
+    more elementwise pass, t·signs); otherwise t is rotated as a float32 copy, then quantised.
+    Unrotated tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32
+    copy)."""
     if block is None:
         return quantize(t, fmt, granularity)
-    if 1 < block <= hadamard.TRITON_MAX_BLOCK and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        fused = hadamard._triton_op("hadamard_quantize_int8" if fmt == "int8" else "hadamard_quantize_fp8", t.device)
-        if fused is not None:
-            src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
-            src = src.reshape(-1, src.shape[-1])
-            if fmt == "int8":
-                q, s = fused(src, block, granularity=granularity)
-            else:
-                q, s = fused(src, block, dtype=FP8[fmt], granularity=granularity)
-            return q.view(t.shape), s
+    if (
+        1 < block <= hadamard.TRITON_MAX_BLOCK
+        and t.dtype in hadamard.TRITON_DTYPES
+        and select_backend(t.device, "quantize") == "triton"
+    ):
+        _check_input(t, fmt, granularity)
+        src = t if signs is None else t * signs.to(t.dtype)  # ±1: exact in any dtype
+        src = src.reshape(-1, src.shape[-1])
+        if fmt == "int8":
+            q, s = tk_quant.hadamard_quantize_int8(src, block, granularity)
+        else:
+            q, s = tk_quant.hadamard_quantize_fp8(src, block, FP8[fmt], granularity)
+        return q.view(t.shape), s
     return quantize(hadamard.rotate(t.to(torch.float32), block, signs), fmt, granularity)

@@ -15,6 +15,9 @@ import math
 
 import torch
 
+from triton_kernels import hadamard as tk_hadamard
+from triton_kernels.dispatch import select_backend
+
 __all__ = [
     "block_hadamard_matrix",
     "default_block_size",
@@ -28,9 +31,10 @@ __all__ = [
 ]
 
 MAX_DEFAULT_BLOCK = 256
-# The largest block the Triton kernels rotate (triton_kernels.hadamard.MAX_TRITON_BLOCK); beyond it,
-# and for dtypes they do not take, the torch path runs on CUDA too.
-TRITON_MAX_BLOCK = 16384
+# The largest block the Triton kernels rotate, and the dtypes they take; beyond them the torch
+# path runs whichever backend is chosen (the kernels' coverage, not a fallback).
+TRITON_MAX_BLOCK = tk_hadamard.MAX_TRITON_BLOCK
+TRITON_DTYPES = tk_hadamard.TRITON_DTYPES
 
 
 def is_power_of_two(n: int) -> bool:
@@ -61,10 +65,7 @@ def sylvester(n: int, dtype: torch.dtype = torch.float32, device: torch.device |
     """The orthonormal (n×n) Sylvester–Hadamard matrix, H Hᵀ = I, for n a power of two."""
     if not is_power_of_two(n):
         raise ValueError(f"n must be a power of two, got {n!r}")
-    h = torch.ones(1, 1, dtype=torch.float64, device=device)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(dtype)
+    return (tk_hadamard.hadamard_matrix(n).to(device) / math.sqrt(n)).to(dtype)
 
 
 def block_hadamard_matrix(
@@ -103,18 +104,12 @@ def _transform_block(x: torch.Tensor, block_size: int | None) -> tuple[int, int]
 
 def fwht(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     """Orthonormal fast Walsh–Hadamard transform of each block of the last dimension, x ↦ x·H_b:
-    log₂(b) butterfly stages (a, b) ↦ (a + b, a − b), O(d log b), then one scale by 1/√b."""
-    dim, b = _transform_block(x, block_size)
-    lead = x.shape[:-1]
-    y = x.reshape(-1, dim // b, b)
-    h = 1
-    while h < b:
-        # Pair element i with element i + h inside every group of 2h.
-        y = y.reshape(y.shape[0], dim // b, b // (2 * h), 2, h)
-        lo, hi = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((lo + hi, lo - hi), dim=-2)
-        h *= 2
-    return (y.reshape(*lead, dim) * (1.0 / math.sqrt(b))).to(x.dtype)
+    log₂(b) butterfly stages (a, b) ↦ (a + b, a − b), O(d log b), then one scale by 1/√b, in
+    float32 (float64 for float64 input) and rounded once to x's dtype. The reference of every
+    Hadamard path (:func:`fwht_kron`, the Triton kernel): it is the Triton kernel's own twin,
+    ``triton_kernels.hadamard_transform_reference``, behind galorex's argument checks."""
+    _, b = _transform_block(x, block_size)
+    return tk_hadamard.hadamard_transform_reference(x, b)
 
 
 # Factors of the Kronecker form are applied as GEMMs with ±1 matrices of at most this size.
@@ -154,13 +149,13 @@ def fwht_kron(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
 
 
 def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
-    """x·H_b block-wise: Triton's kernel on CUDA when the backend says so, else :func:`fwht_kron`
-    (the butterfly :func:`fwht` is the reference both are tested against)."""
-    kernel = _triton_op("hadamard_transform", x.device)
-    if kernel is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        b = x.shape[-1] if block_size is None else block_size
-        if b <= TRITON_MAX_BLOCK:  # one block lives in one Triton program's registers
-            return kernel(x, block_size)
+    """x·H_b block-wise: the Triton kernel where :func:`triton_kernels.select_backend` picks Triton
+    for op ``hadamard`` (CUDA: only with ``GALOREX_BACKEND=triton`` until a GPU run flips the
+    default) and the kernel takes x (float32/float16/bfloat16, blocks up to 16384); else
+    :func:`fwht_kron`. The butterfly :func:`fwht` is the reference both are tested against."""
+    _, b = _transform_block(x, block_size)
+    if select_backend(x.device, "hadamard") == "triton" and x.dtype in TRITON_DTYPES and b <= TRITON_MAX_BLOCK:
+        return tk_hadamard.hadamard_transform(x, b)
     return fwht_kron(x, block_size)
 
 
@@ -175,19 +170,3 @@ def unrotate(x: torch.Tensor, block_size: int, signs: torch.Tensor | None = None
     """x ↦ x Rᵀ, the inverse of :func:`rotate` (H_b is symmetric)."""
     y = hadamard_transform(x, block_size)
     return y * signs.to(y.dtype) if signs is not None else y
-
-
-def _triton_op(name: str, device: torch.device):
-    """The ``triton_kernels`` function ``name`` when Triton is the backend for a CUDA ``device``;
-    None otherwise, or when that package or function is missing (the torch path then runs)."""
-    if device.type != "cuda":
-        return None
-    try:
-        import triton_kernels
-        from triton_kernels.dispatch import select_backend
-
-        if select_backend(device) != "triton":
-            return None
-        return getattr(triton_kernels, name, None)
-    except Exception:
-        return None
