@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import codec
-from .config import as_step_tensor
+from .config import PROJ_STEP, as_step_tensor
 from .dense import eight_bit
 from .plan import is_dtensor
 
@@ -89,11 +89,17 @@ class CheckpointMixin:
                 continue
             p, group = id_to_param[pid]
             restored = {}
-            projected = codec.has_basis(values)
+            # Subspace state: a stored basis, or the refresh counter every projected parameter has
+            # (a generated projection stores no basis).
+            projected = codec.has_basis(values) or PROJ_STEP in values
             for key, value in values.items():
                 if key in self._cpu_state_keys:
                     keep_on_cpu = projected or not group.get("fused")
-                    restored[key] = as_step_tensor(value, torch.device("cpu") if keep_on_cpu else p.device)
+                    device = torch.device("cpu") if keep_on_cpu else p.device
+                    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                        restored[key] = value.detach().to(device=device, copy=True)  # a seed keeps its int64
+                    else:
+                        restored[key] = as_step_tensor(value, device)
                 elif not isinstance(value, torch.Tensor):
                     restored[key] = value
                 elif (

@@ -234,7 +234,11 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         state = self.state[p]
         plan.step = step = int(state[STEP].item()) if STEP in state else 0
         plan.new_bases = None
-        if state and step % group[config.UPDATE_PROJ_GAP] != 0:
+        refresh_now = not state or step % group[config.UPDATE_PROJ_GAP] == 0
+        if self.rule.basis_is_generated(group):
+            plan.draw = refresh_now  # no gradient needed: the projection comes from a seed
+            return
+        if not refresh_now:
             return
         # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
         # every bf16 gradient at once would cost as much memory as AdamW's moments.
@@ -261,6 +265,8 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         )
 
     def _commit_refresh(self, group: dict[str, Any], plan: Plan) -> None:
+        if plan.draw:
+            return self._commit_generated(group, plan)
         new = plan.new_bases
         if new is None:
             return
@@ -287,11 +293,45 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
             state[PROJ_STEP].fill_(plan.step)
         plan.new_bases = None
 
+    def _commit_generated(self, group: dict[str, Any], plan: Plan) -> None:
+        """A refresh of a generated projection: a first seed, or the next one (the state follows
+        ``moment_policy``; bases that are never stored cannot be reprojected)."""
+        p, side = plan.param, plan.side
+        state = self.state[p]
+        keys, eight = self.rule.moment_keys(group), eight_bit(group)
+        plan.draw = False
+        if not state:
+            state[STEP] = torch.zeros((), dtype=torch.float32)
+            state[PROJ_STEP] = torch.zeros((), dtype=torch.float32)
+            self.rule.init_projection(group, p, state, plan.index)
+            m, n = proj.matrix_shape(p.shape)
+            view: dict[str, Any] = {}
+            self.rule.init_state(group, p, view, proj.lowrank_shape(side, m, n, group[RANK]), compute_dtype(p.dtype))
+            codec.store_view(state, view, keys, eight)
+            return
+        self.rule.advance_projection(group, p, state)
+        if group[config.MOMENT_POLICY] == "reset":
+            view = codec.load_view(state, keys, compute_dtype(p.dtype))
+            self.rule.reset(group, view)
+            codec.store_view(state, view, keys, eight)
+        state[PROJ_STEP].fill_(plan.step)
+
     def _lowrank_step(self, group: dict[str, Any], plans: list[Plan]) -> None:
         """The numeric update of a group's projected parameters, after any refresh: compiled when
         the optimizer was built with ``compile`` (only parameters, sides, gradients and states cross
         into it, not the host's step numbers)."""
-        works = [Work(pl.param, pl.side, pl.param.grad, self.state[pl.param]) for pl in plans]
+        generated = self.rule.basis_is_generated(group)
+        works = [
+            Work(
+                pl.param,
+                pl.side,
+                pl.param.grad,
+                self.state[pl.param],
+                # Drawn here, on the host, so a compiled update takes the matrix as an input.
+                self.rule.make_bases(group, pl.param, self.state[pl.param], pl.side) if generated else None,
+            )
+            for pl in plans
+        ]
         from .fused import fused_update
 
         if self._fused_path_applies(group, works):
@@ -309,7 +349,7 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         params, weights, lows, views, all_bases, records = [], [], [], [], [], []
         for w in works:
             p = w.param
-            bases = codec.load_bases(w.state, w.side, p, group[RANK])
+            bases = w.bases if w.bases is not None else codec.load_bases(w.state, w.side, p, group[RANK])
             g, record = rule.gradient(group, p, w.grad)
             lows.append(self._project_gradient(group, g, bases, w.side))
             w.state[STEP] += 1

@@ -21,6 +21,7 @@ class Plan:
     side: str
     step: int = 0
     new_bases: list[torch.Tensor] | None = None
+    draw: bool = False  # a generated projection moves to its next seed at this step
 
 
 class Work(NamedTuple):
@@ -32,6 +33,7 @@ class Work(NamedTuple):
     side: str
     grad: torch.Tensor
     state: dict[str, Any]
+    bases: list[torch.Tensor] | None = None  # generated on the host (None: stored in the state)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -244,7 +244,7 @@ class AdafactorRule(Rule):
     def write(self, group, p, state, step: Step, bases, side, record) -> None:
         # In place on the weight when it is already in the compute dtype; otherwise on a
         # compute-dtype copy, rounded once at the end (as galore-torch does for bf16).
-        update, decay, back_alpha = step
+        update, decay, back_alpha = step.direction, step.decay, step.alpha
         fast = p.dtype == update.dtype and p.is_contiguous()
         w = proj.as_matrix(p) if fast else proj.as_matrix(p).to(update.dtype, copy=True)
         if decay is not None:

@@ -26,11 +26,13 @@ State = dict[str, Any]
 
 
 class Step(NamedTuple):
-    """One parameter's update: W ← decay·W + alpha·project_back(direction)."""
+    """One parameter's update: W ← decay·W + alpha·project_back(direction). ``extra``: anything
+    else the rule's own :meth:`Rule.write` needs (Fira and APOLLO: the low-rank gradient)."""
 
     direction: torch.Tensor
-    decay: float | torch.Tensor
-    alpha: float | torch.Tensor
+    decay: float | torch.Tensor | None
+    alpha: float | torch.Tensor | None
+    extra: Any = None
 
 
 class Rule:
@@ -91,6 +93,25 @@ class Rule:
             self.reset(group, state)
         elif policy == "reproject":
             self.reproject(group, state, proj.transition_matrices(old_bases, new_bases), side)
+
+    # ------------------------------------------------------------------ generated bases
+    def basis_is_generated(self, group: dict[str, Any]) -> bool:
+        """True when the rule draws its projection from a seed instead of the gradient's SVD
+        (APOLLO's random projection): the loop then stores no basis, calls :meth:`init_projection`
+        and :meth:`advance_projection` on its refresh schedule, and :meth:`make_bases` every step."""
+        return False
+
+    def init_projection(self, group: dict[str, Any], p: torch.Tensor, state: State, index: int) -> None:
+        """Set up a generated projection's seed for the parameter at ``index`` (over all groups)."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate its bases")
+
+    def advance_projection(self, group: dict[str, Any], p: torch.Tensor, state: State) -> None:
+        """Move a generated projection to its next seed (at a refresh step)."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate its bases")
+
+    def make_bases(self, group: dict[str, Any], p: torch.Tensor, state: State, side: str) -> list[torch.Tensor]:
+        """The generated projection of this step (from the seed in ``state``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate its bases")
 
     def bias_step(self, group: dict[str, Any], state: State) -> int | torch.Tensor:
         """Steps the current state has seen (restarting at a reset refresh); a tensor inside a

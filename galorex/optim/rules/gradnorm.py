@@ -86,7 +86,7 @@ class GradNormRule(AdamRule):
         return grad_v, radial
 
     def write(self, group, p, state, step: Step, bases, side, record) -> None:
-        d, decay, alpha = step
+        d, decay, alpha = step.direction, step.decay, step.alpha
         w = proj.as_matrix(p).to(d.dtype)
         norms, v_hat = _unit_rows(w)
         radial = record
