@@ -48,30 +48,49 @@ def parameter_state_bytes(
     optim_bits: int = 32,
     basis_bits: int = 32,
     first_moment: bool = False,
+    **group: Any,
 ) -> int:
     """State bytes of one parameter under galorex's layout, as the optimizer's rule counts them
-    (``Rule.state_bytes``), plus its bases (``basis_bits``: 32, or 4/8 with a float32 scale per 64
-    entries) and two float32 step counters; an unprojected parameter holds its rule's state and one
-    counter. ``optimizer`` is a registered name (``galore``, ``natural-galore``, ``gradnorm-lorp``,
-    ``galore-adafactor``…) or ``adamw`` (torch's AdamW). ``natural_history`` is NaturalGaLoreAdamW's
-    s; ``optim_bits=8`` stores Adam moments of 4096 or more entries in one byte each plus a float32
-    scale per 256; ``first_moment`` says GaLoreAdafactor keeps one (``beta1`` set).
+    (``Rule.state_bytes``), plus its stored bases (``basis_bits``: 32, or 4/8 with a float32 scale
+    per 64 entries; none for a generated projection) and two float32 step counters; an unprojected
+    parameter holds its rule's state and one counter. ``optimizer`` is a registered name
+    (``galore``, ``natural-galore``, ``gradnorm-lorp``, ``galore-adafactor``, ``fira``, ``apollo``…)
+    or ``adamw`` (torch's AdamW). ``natural_history`` is NaturalGaLoreAdamW's s; ``optim_bits=8``
+    stores Adam moments of 4096 or more entries in one byte each plus a float32 scale per 256;
+    ``first_moment`` says GaLoreAdafactor keeps one (``beta1`` set); other group keys (``proj``…)
+    as keywords.
     """
-    shape = tuple(int(s) for s in shape)
-    if optimizer == "galore" and natural_history > 0:
+    settings = {
+        "rank": rank,
+        "proj_type": proj_type,
+        "natural_history": natural_history,
+        "optim_bits": optim_bits,
+        "basis_bits": basis_bits,
+        "beta1": 0.9 if first_moment else None,
+        **group,
+    }
+    return _parameter_bytes(optimizer, settings, tuple(int(s) for s in shape), dtype)
+
+
+def _rule_and_settings(optimizer: str, settings: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    if optimizer == "galore" and settings.get("natural_history", 0) > 0:
         optimizer = "natural-galore"  # GaLoreAdamW's groups with NaturalGaLoreAdamW's window
     rule = registry.rule_for(optimizer)
-    group = {"optim_bits": optim_bits, "natural_history": natural_history, "beta1": 0.9 if first_moment else None}
+    return rule, {**rule.defaults, **{k: v for k, v in settings.items() if v is not None or k == "beta1"}}
+
+
+def _parameter_bytes(optimizer: str, settings: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    rule, group = _rule_and_settings(optimizer, settings)
+    rank = settings.get("rank")
     if optimizer == "adamw" or rank is None or len(shape) < 2 or math.prod(shape) == 0:
         return rule.state_bytes(group, shape, dtype) + _SCALAR_BYTES
     m, n = proj.matrix_shape(shape)
-    side = proj.projection_side(proj_type, m, n)
+    side = proj.projection_side(group.get("proj_type", "std"), m, n)
     low_shape = proj.lowrank_shape(side, m, n, rank)
-    return (
-        rule.state_bytes(group, shape, dtype, low_shape)
-        + codec.bases_nbytes(side, m, n, rank, basis_bits, compute_dtype(dtype))
-        + 2 * _SCALAR_BYTES
-    )
+    bases = 0
+    if not rule.basis_is_generated(group):
+        bases = codec.bases_nbytes(side, m, n, rank, group.get("basis_bits", 32), compute_dtype(dtype))
+    return rule.state_bytes(group, shape, dtype, low_shape) + bases + 2 * _SCALAR_BYTES
 
 
 def estimate_optimizer_state_bytes(
@@ -96,18 +115,12 @@ def estimate_optimizer_state_bytes(
             groups = [{"params": groups}]
     total = 0
     for group in groups:
-        rank = group.get("rank", group_defaults.get("rank"))
-        proj_type = group.get("proj_type", group_defaults.get("proj_type", "std"))
-        history = group.get("natural_history", group_defaults.get("natural_history", 0))
-        bits = group.get("optim_bits", group_defaults.get("optim_bits", 32))
-        basis_bits = group.get("basis_bits", group_defaults.get("basis_bits", 32))
-        first_moment = group.get("beta1", group_defaults.get("beta1")) is not None
+        settings = {**group_defaults, **{k: v for k, v in group.items() if k != "params"}}
+        settings.setdefault("natural_history", 0)
         for p in group["params"]:
             if isinstance(p, tuple):
                 p = p[1]
             if not p.requires_grad:
                 continue
-            total += parameter_state_bytes(
-                p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits, first_moment
-            )
+            total += _parameter_bytes(optimizer, settings, tuple(p.shape), p.dtype)
     return total

@@ -10,7 +10,8 @@ The layers of galorex.optim, lowest first; a module may import only from its own
     2  rules.*                                 what runs inside the subspace (knows no optimizer)
     3  checkpointing, layerwise, fused, sharded  what the loop mixes in or hands a step to
     4  lowrank                                 the one step loop
-    5  galore, natural_galore, gradnorm_lorp, adafactor, base   thin bindings (and the 0.1 import path)
+    5  galore, natural_galore, gradnorm_lorp, adafactor, fira, apollo, base
+                                            thin bindings (and the 0.1 import path)
     6  registry, groups, factory, __init__     names, parameter groups, building by name
 """
 
@@ -43,6 +44,8 @@ OPTIM_LAYERS = {
     "natural_galore": 5,
     "gradnorm_lorp": 5,
     "adafactor": 5,
+    "fira": 5,
+    "apollo": 5,
     "base": 5,
     "registry": 6,
     "groups": 6,

@@ -2,6 +2,8 @@
 ``GaLoreAdamW`` & co. and registered by name (``registry``)."""
 
 from .adafactor import GaLoreAdafactor
+from .apollo import ApolloAdamW
+from .fira import FiraAdamW
 from .galore import GaLoreAdamW, adam_directions
 from .gradnorm_lorp import GradNormLoRPAdamW, weight_norm_gradients
 from .groups import galore_param_groups, select_galore_parameters
@@ -11,6 +13,8 @@ from .registry import register
 from .rules import Rule, Step
 
 __all__ = [
+    "ApolloAdamW",
+    "FiraAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GradNormLoRPAdamW",

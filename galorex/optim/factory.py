@@ -26,7 +26,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     rank: int = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: float | None = None,
     proj_type: str = "std",
     refresh_method: str = "svd",
     moment_policy: str = "keep",
@@ -52,6 +52,10 @@ def build_optimizer(
     second moment follows its own 1 − t^−0.8 schedule). ``layerwise``, ``accumulation_steps`` and
     ``per_param_grad_clip`` are the layer-wise options every galorex optimizer takes (for ``adamw``
     too, the same way)."""
+    if name == "apollo-mini" and scale is not None:
+        raise ValueError("apollo-mini sets its scale itself (128, a √128 multiplier); leave scale unset")
+    if scale is None:
+        scale = DEFAULT_SCALE.get(name, 0.25)
     lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
     adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
@@ -83,6 +87,8 @@ def build_optimizer(
         basis_rotation=basis_rotation,
         **extra,
     )
+    if name == "apollo-mini":
+        return registry.optimizer_class("apollo").mini(groups, **options, **lw)
     return registry.optimizer_class(name)(groups, **options, **lw)
 
 
@@ -116,5 +122,22 @@ BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
     "natural-galore": _natural,
     "gradnorm-lorp": _adam,
     "galore-adafactor": _adafactor,
+    "fira": _adam,  # galore_param_groups' "scale" is fira's alpha (FiraAdamW maps it)
+    "apollo": _adam,
+    "apollo-mini": _adam,  # ApolloAdamW.mini: rank 1, tensor-wise, random, scale 128
 }
+
+# Defaults of the projected-back scale per optimizer: GaLore's and Fira's 0.25 (the papers'
+# scripts), APOLLO's 1 (apollo-torch's Llama scripts; the update is multiplied by √scale).
+DEFAULT_SCALE = {"galore": 0.25, "natural-galore": 0.25, "gradnorm-lorp": 0.25, "galore-adafactor": 0.25}
+DEFAULT_SCALE.update({"fira": 0.25, "apollo": 1.0})
 AVAILABLE = ("adamw", *BUILDERS)
+
+# The learning rate galorex-train uses when --lr is not given: each optimizer's best on llama-tiny
+# (docs/benchmarks.md, "Default learning rates"); the ones not swept there keep the former shared 3e-3.
+DEFAULT_LR = {name: 3e-3 for name in AVAILABLE}
+
+
+def default_lr(name: str) -> float:
+    """galorex-train's learning rate for ``name`` when none is given (:data:`DEFAULT_LR`)."""
+    return DEFAULT_LR.get(name, 3e-3)

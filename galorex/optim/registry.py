@@ -4,6 +4,8 @@ and the binding each names. A new optimizer registers here with :func:`register`
 from __future__ import annotations
 
 from .adafactor import GaLoreAdafactor
+from .apollo import ApolloAdamW
+from .fira import FiraAdamW
 from .galore import GaLoreAdamW
 from .gradnorm_lorp import GradNormLoRPAdamW
 from .lowrank import LowRankOptimizer
@@ -44,5 +46,7 @@ for _name, _cls in (
     ("natural-galore", NaturalGaLoreAdamW),
     ("gradnorm-lorp", GradNormLoRPAdamW),
     ("galore-adafactor", GaLoreAdafactor),
+    ("fira", FiraAdamW),
+    ("apollo", ApolloAdamW),
 ):
     register(_name, _cls)
