@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tokenizer"]:  # galorex-train tokenizer --data DIR --vocab-size N --out tok.json
+        from .tokenizer import main as tokenizer_main
+
+        return tokenizer_main(argv[1:])
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
     try:

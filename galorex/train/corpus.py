@@ -50,7 +50,7 @@ COMPRESSIONS = (".gz", ".zst")
 # Bumped whenever the cached token format or the tokenisation recipe changes.
 CACHE_FORMAT = 2
 PIECE_CHARS = 1 << 20
-_READ_BYTES = 1 << 20
+_READ_BYTES = 1 << 18
 _SEP = "\n\n"
 # A cut goes before a space/tab/newline/return that follows a non-space character.
 _CUT = re.compile(r"(?<=\S)[ \t\n\r]")
@@ -523,7 +523,7 @@ def tokenize_corpus(
                 if pending:
                     emit(encode(pending))
                 with open(work / f"{i:06d}.bin", "rb") as shard:
-                    while block := shard.read(16 << 20):
+                    while block := shard.read(1 << 20):
                         f.write(block)
                         digest.update(block)
                         n_total += len(block) // dtype.itemsize
