@@ -218,7 +218,8 @@ print(len(tokens), before, rss_kib("VmHWM:"))
 def test_corpus_is_never_read_whole(tmp_path):
     # ~59 MiB in three files (one gzip-compressed), tokenised in pieces of 64 Ki characters.
     rng = np.random.default_rng(0)
-    vocab = np.array([w.encode() for w in "the a rank low GaLore gradient projection é ✓ memory of to".split()])
+    words = ["the", "a", "rank", "low", "GaLore", "gradient", "projection", "é", "✓", "memory", "of", "to"]
+    vocab = np.array([w.encode() for w in words])
     corpus = tmp_path / "big"
     corpus.mkdir()
     sizes = []
@@ -265,7 +266,8 @@ def test_trained_tokenizer_round_trips_text(tmp_path, bpe):
     assert tokenizer_main(["--data", str(tmp_path / "c.txt"), "--vocab-size", "300", "--out", str(tmp_path)]) == 0
     tok = HFTokenizer(tmp_path / "tokenizer.json")
     assert tok.vocab_size == 300 and tok.decode(tok.encode(text)) == text
-    assert np.array_equal(prepare_tokens(tmp_path / "c.txt", tok, tmp_path / "cache"), tok.encode((tmp_path / "c.txt").read_text()))
+    tokens = prepare_tokens(tmp_path / "c.txt", tok, tmp_path / "cache")
+    assert np.array_equal(tokens, tok.encode((tmp_path / "c.txt").read_text()))
     assert tokenizer_main(["--data", str(tmp_path / "c.txt"), "--vocab-size", "100", "--out", str(tmp_path)]) == 2
     with pytest.raises(DataError, match="not found"):
         train_bpe(tmp_path / "missing", 300, tmp_path / "x.json")
