@@ -495,3 +495,52 @@ def load_hf_dataset_stream(
     except OSError as exc:
         raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
     return out
+
+
+# --------------------------------------------------------------------------
+# a run's data
+# --------------------------------------------------------------------------
+
+
+class RunData:
+    """The token streams a training run uses (see :func:`prepare_run_data`)."""
+
+    def __init__(self, tokenizer, tokens, train, val, source, val_source) -> None:
+        self.tokenizer, self.tokens, self.train, self.val = tokenizer, tokens, train, val
+        self.source, self.val_source = source, val_source
+
+
+def prepare_run_data(cfg, log=None) -> RunData:
+    """Tokenizer, training and validation tokens for a ``galorex-train`` configuration.
+
+    Training text: ``cfg.data`` (a corpus file or folder), ``cfg.dataset`` (a Hugging Face
+    dataset, streamed; ``cfg.dataset_config``) or the embedded Shakespeare. Validation: the
+    separate corpus ``cfg.val_data``, or with ``--dataset`` its split ``cfg.val_split``; without
+    either, the last 10% of the training tokens. Every evaluation of the run uses this stream.
+    """
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    field = getattr(cfg, "text_field", "text")
+    workers = getattr(cfg, "workers", None)
+    config = getattr(cfg, "dataset_config", None)
+    val_data, val_split = getattr(cfg, "val_data", None), getattr(cfg, "val_split", None)
+    if val_data is not None and val_split is not None:
+        raise DataError("give either --val-data or --val-split, not both")
+    if val_split is not None and cfg.dataset is None:
+        raise DataError("--val-split names a split of --dataset; without --dataset use --val-data")
+    data_path = cfg.data
+    if cfg.dataset is not None:
+        data_path = load_hf_dataset_stream(
+            cfg.dataset, max_chars=cfg.dataset_max_chars, text_field=field, config=config
+        )
+    tokens = prepare_tokens(data_path, tokenizer, cfg.cache_dir, text_field=field, workers=workers, log=log)
+    source = data_path or default_corpus_path()
+    if val_split is not None:
+        max_chars = getattr(cfg, "val_max_chars", 5_000_000)
+        val_data = load_hf_dataset_stream(
+            cfg.dataset, max_chars=max_chars, text_field=field, config=config, split=val_split
+        )
+    if val_data is None:
+        train, val = split_tokens(tokens)
+        return RunData(tokenizer, tokens, train, val, source, source)
+    val = prepare_tokens(val_data, tokenizer, cfg.cache_dir, text_field=field, workers=workers, log=log)
+    return RunData(tokenizer, tokens, tokens, val, source, val_data)
