@@ -390,21 +390,57 @@ def test_hf_dataset_missing_package(monkeypatch, tmp_path):
 def test_hf_dataset_stream_with_fake_package(monkeypatch, tmp_path):
     calls = []
 
-    def load_dataset(name, *args, split, streaming):
+    def load_dataset(name, *args, split, streaming=False):
         calls.append((name, args, split, streaming))
         if name == "broken":
             raise ConnectionError("no network\nsecond line")
         return iter([{"text": "hello"}, {"text": ""}, {"text": "world wide"}, {"text": "never"}])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     path = load_hf_dataset_stream("some/ds", cache_dir=tmp_path, max_chars=12)
-    assert path.read_text(encoding="utf-8") == "hello\n\nworld"
+    assert read_corpus_texts(path) == "hello\n\nworld"
     assert calls == [("some/ds", (), "train", True)]
     assert load_hf_dataset_stream("some/ds", cache_dir=tmp_path, max_chars=12) == path
-    assert len(calls) == 1  # cached file reused without streaming again
+    assert len(calls) == 1  # cached folder reused without streaming again
+
+    # Shards of about shard_chars characters: the folder's text is the records' text.
+    sharded = load_hf_dataset_stream("some/ds", cache_dir=tmp_path, max_chars=100, shard_chars=4)
+    assert sorted(p.name for p in sharded.glob("*.txt")) == ["part-00000.txt", "part-00001.txt", "part-00002.txt"]
+    assert read_corpus_texts(sharded) == "hello\n\nworld wide\n\nnever"
+
+    # Offline: the dataset comes from the local HF cache (not streamed).
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    load_hf_dataset_stream("some/ds", cache_dir=tmp_path, max_chars=7)
+    assert calls[-1] == ("some/ds", (), "train", False)
 
     with pytest.raises(DataError, match="broken") as info:
         load_hf_dataset_stream("broken", cache_dir=tmp_path)
     assert "\n" not in str(info.value) and "no network" in str(info.value)
     with pytest.raises(DataError, match="'body'"):
         load_hf_dataset_stream("other", cache_dir=tmp_path, text_field="body")
+
+
+def test_hf_dataset_stream_resumes_after_its_finished_shards(monkeypatch, tmp_path):
+    served = []
+
+    def records():
+        for i in range(6):
+            if i == 4 and not served.count("again"):
+                raise ConnectionError("lost the network")
+            served.append(i)
+            yield {"text": f"record {i}"}
+
+    def load_dataset(name, *args, split, streaming=False):
+        return records()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(DataError, match="lost the network"):
+        load_hf_dataset_stream("ds", cache_dir=tmp_path, shard_chars=15)
+    served.append("again")
+    path = load_hf_dataset_stream("ds", cache_dir=tmp_path, shard_chars=15)
+    assert read_corpus_texts(path) == "\n\n".join(f"record {i}" for i in range(6))
+    assert len(list(path.glob("part-*.txt"))) == 3

@@ -466,7 +466,7 @@ def tokenize_corpus(
         raise DataError(f"{cache}: cannot write token cache ({_one_line(exc)})") from None
     n_workers = int(workers) if workers is not None else _default_workers(files)
     n_workers = min(n_workers, len(files))
-    if log is not None:
+    if log is not None and (resumed or sum(f.stat().st_size for f in files) >= (16 << 20)):
         what = "resuming the tokenisation of" if resumed else "tokenising"
         log(f"{what} {root} ({len(files)} file(s), {n_workers} worker(s)) into {cache}")
     jobs = [

@@ -147,7 +147,9 @@ class HFTokenizer:
 def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
     """``None``/``"byte"`` -> :class:`ByteTokenizer`; a path -> :class:`HFTokenizer`.
 
-    A directory containing ``tokenizer.json`` is accepted as well.
+    A directory containing ``tokenizer.json`` (a saved Hugging Face tokenizer) is accepted as
+    well, and so is a Hugging Face model id (``t5-base``) whose ``tokenizer.json`` is in the local
+    HF cache (looked up without network access).
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "byte"):
         return ByteTokenizer()
@@ -157,8 +159,29 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
             raise DataError(f"{path}: folder has no tokenizer.json")
         path = path / "tokenizer.json"
     if not path.exists():
-        raise DataError(f"{path}: tokenizer not found (expected 'byte' or a path to a tokenizer.json)")
+        cached = _hub_cached_tokenizer(str(spec))
+        if cached is None:
+            raise DataError(
+                f"{path}: tokenizer not found (expected 'byte', a tokenizer.json, a folder holding one, or a "
+                "Hugging Face model id already in the local HF cache: huggingface-cli download ID tokenizer.json)"
+            )
+        path = cached
     return HFTokenizer(path)
+
+
+def _hub_cached_tokenizer(repo_id: str) -> Path | None:
+    """``tokenizer.json`` of a Hugging Face model id from the local HF cache (no network), or None."""
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/")) or repo_id.endswith(".json"):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "tokenizer.json")
+    except Exception:  # an id the hub library rejects: not a model id
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 # --------------------------------------------------------------------------
@@ -422,15 +445,19 @@ def load_hf_dataset_stream(
     text_field: str = "text",
     config: str | None = None,
     split: str = "train",
+    shard_chars: int = 256 << 20,
 ) -> Path:
-    """Stream up to ``max_chars`` characters of a HF dataset into a cached text file.
+    """Stream up to ``max_chars`` characters of a HF dataset into a cached folder of text shards.
 
-    Records' ``text_field`` values are joined with ``"\\n\\n"`` and written as they arrive
-    (never held together in memory). The file is named by a hash of the arguments and reused
-    when present, so a second run needs no network. Offline (``HF_DATASETS_OFFLINE=1`` or
-    ``HF_HUB_OFFLINE=1``) the dataset is read, memory-mapped, from the local Hugging Face cache
-    (where an earlier ``datasets.load_dataset`` put it) instead of streamed. Returns the path,
-    ready for :func:`prepare_tokens`.
+    Records' ``text_field`` values (non-blank) are written as they arrive, never held together
+    in memory, into ``part-NNNNN.txt`` files of about ``shard_chars`` characters (a record is
+    never split; the last one is cut at ``max_chars``), joined by ``"\\n\\n"`` inside a shard
+    and, as a corpus, between shards: the folder's text is the records' text. The shards are
+    what :func:`prepare_tokens` tokenises in parallel. The folder is named by a hash of the
+    arguments and reused once complete, so a second run needs no network; a killed download
+    keeps its finished shards and continues after their records. Offline (``HF_DATASETS_OFFLINE=1``
+    or ``HF_HUB_OFFLINE=1``) the dataset is read, memory-mapped, from the local Hugging Face cache
+    (where an earlier ``datasets.load_dataset`` put it) instead of streamed.
     """
     try:
         import datasets
@@ -441,24 +468,32 @@ def load_hf_dataset_stream(
         ) from None
     if int(max_chars) < 1:
         raise DataError(f"max_chars must be >= 1, got {max_chars}")
+    if int(shard_chars) < 1:
+        raise DataError(f"shard_chars must be >= 1, got {shard_chars}")
 
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir().parent / "datasets"
-    key = json.dumps([name, config, split, text_field, int(max_chars)])
+    key = json.dumps([name, config, split, text_field, int(max_chars), int(shard_chars)])
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-    out = cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}.txt"
-    if out.is_file() and out.stat().st_size > 0:
+    out = cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}"
+    progress_path = out / "progress.json"
+    progress = {"shards": 0, "records": 0, "chars": 0, "complete": False}
+    with contextlib.suppress(OSError, ValueError):
+        progress.update(json.loads(progress_path.read_text("utf-8")))
+    if progress["complete"]:
         return out
 
     offline = _hf_offline()
 
-    def texts() -> Iterator[str]:
+    def records() -> Iterator[str | None]:
         args = (name, config) if config is not None else (name,)
         try:
             if offline:  # the local HF cache, memory-mapped Arrow files: nothing is downloaded
-                records = datasets.load_dataset(*args, split=split)
+                stream = datasets.load_dataset(*args, split=split)
             else:
-                records = datasets.load_dataset(*args, split=split, streaming=True)
-            for record in records:
+                stream = datasets.load_dataset(*args, split=split, streaming=True)
+            for i, record in enumerate(stream):
+                if i < progress["records"]:
+                    continue  # in a finished shard already
                 if text_field not in record:
                     raise DataError(
                         f"dataset {name}: records have no {text_field!r} field (fields: {', '.join(sorted(record))})"
@@ -471,29 +506,50 @@ def load_hf_dataset_stream(
             hint = "" if offline else "; offline, set HF_DATASETS_OFFLINE=1 to read the local Hugging Face cache"
             raise DataError(f"dataset {name}: cannot {how} ({_one_line(exc)}){hint}") from None
 
-    def write(f) -> None:
-        total = 0
-        for text in texts():
+    f, in_shard = None, 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        total, n_records, shard = progress["chars"], progress["records"], progress["shards"]
+
+        def finish_shard() -> None:
+            nonlocal f, shard, in_shard
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(out / f".part-{shard:05d}.txt.tmp", out / f"part-{shard:05d}.txt")
+            shard, in_shard, f = shard + 1, 0, None
+            progress.update(shards=shard, records=n_records, chars=total)
+            atomic_write(progress_path, lambda g: g.write(json.dumps(progress).encode("utf-8")))
+
+        for text in records():
+            n_records += 1
             if not isinstance(text, str) or not text.strip():
                 continue
             sep = 2 if total else 0
             room = int(max_chars) - total - sep
             if room <= 0:
                 break
-            f.write((("\n\n" if sep else "") + text[:room]).encode("utf-8"))
-            total += sep + min(room, len(text))
+            if f is None:
+                f = open(out / f".part-{shard:05d}.txt.tmp", "wb")  # noqa: SIM115 (closed by finish_shard)
+            piece = text[:room]
+            f.write((("\n\n" if in_shard else "") + piece).encode("utf-8"))
+            in_shard += (2 if in_shard else 0) + len(piece)
+            total += sep + len(piece)
+            if in_shard >= int(shard_chars):
+                finish_shard()
             if total >= int(max_chars):
                 break
+        if f is not None:
+            finish_shard()
         if total == 0:
             raise DataError(f"dataset {name}: no non-empty {text_field!r} text in split {split!r}")
-
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, write)
-    except DataError:
-        raise
+        progress["complete"] = True
+        atomic_write(progress_path, lambda g: g.write(json.dumps(progress).encode("utf-8")))
     except OSError as exc:
-        raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
+        raise DataError(f"{out}: cannot write dataset cache ({_one_line(exc)})") from None
+    finally:
+        if f is not None and not f.closed:
+            f.close()
     return out
 
 

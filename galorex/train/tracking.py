@@ -59,7 +59,8 @@ class GradNorm:
     def _record(self, p: torch.Tensor) -> None:
         if p.grad is not None:
             with torch.no_grad():
-                self._squares[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+                dtype = torch.promote_types(p.grad.dtype, torch.float32)  # bf16 sums in float32
+                self._squares[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=dtype).square()
 
     def take(self, model: torch.nn.Module, needed: bool) -> float | None:
         """The norm of the step just taken's gradient (call between backward and ``step()``);
@@ -68,7 +69,7 @@ class GradNorm:
             squares, self._squares = self._squares, {}
             if not needed or not squares:
                 return None
-            return math.sqrt(float(torch.stack([s.to("cpu") for s in squares.values()]).sum()))
+            return math.sqrt(sum(float(s) for s in squares.values()))
         if not needed:
             return None
         grads = [p.grad for p in model.parameters() if p.grad is not None]
