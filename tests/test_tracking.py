@@ -105,7 +105,7 @@ def test_report_to_names_the_missing_package(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(TrackingError, match=r"--report-to wandb needs the `wandb` package \(pip install wandb\)"):
+    with pytest.raises(TrackingError, match=r"--report-to wandb needs the `wandb` package \(pip install wandb"):
         check_report_to("wandb")
     check_report_to("tensorboard")  # installed with galorex[test] / [train]
     check_report_to("none")

@@ -89,20 +89,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "hardware": "64 x A100 80GB (8 nodes)",
     },
     "cpu-tiny": {
+        # What `python -m galorex.bench convergence` runs for every optimizer (it overrides the
+        # optimizer, lr and seed): the same data, seeds and tokens for each.
         "settings": {
             "model": "llama-tiny",
             "optimizer": "galore",
             "rank": 32,
-            "update_proj_gap": 50,
+            "update_proj_gap": 100,
             "scale": 0.25,
             "lr": 3e-3,
             "warmup": 20,
             "batch_size": 16,
             "seq_len": 128,
             "steps": 300,
-            "eval_every": 100,
+            "eval_every": 30,
             "dtype": "fp32",
             "seed": 0,
+            "tokenizer": None,  # bytes
+            "data": None,  # the embedded Shakespeare
         },
         "paper_perplexity": {},
         "paper_tokens": f"{300 * 16 * 128:,} tokens (embedded Shakespeare, byte-level)",
