@@ -401,6 +401,24 @@ def _valid_entry(cache: Path, meta_path: Path, dtype: np.dtype, name: str) -> tu
     return (bin_path, n) if ok else None
 
 
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (flock on the folder itself, where the platform has it):
+    processes preparing the same cache (the ranks of a torchrun, two runs started together) take
+    turns, and the later ones find the finished entry."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _default_workers(files: list[Path]) -> int:
     total = sum(f.stat().st_size for f in files)
     if len(files) < 2 or total < (64 << 20):
@@ -455,8 +473,18 @@ def tokenize_corpus(
     stem = _cache_stem(root)
     meta_path = cache / f"{stem}-{key[:20]}.tok.json"
     found = _valid_entry(cache, meta_path, dtype, name)
-    if found is not None:
-        return np.memmap(found[0], dtype=dtype, mode="r", shape=(found[1],))
+    if found is None:
+        with locked(cache):
+            found = _valid_entry(cache, meta_path, dtype, name)  # another process may have made it
+            if found is None:
+                found = _tokenize(root, files, tokenizer, cache, stem, key, meta_path, dtype, name, settings,
+                                  workers, on_piece, log)  # fmt: skip
+    return np.memmap(found[0], dtype=dtype, mode="r", shape=(found[1],))
+
+
+def _tokenize(root, files, tokenizer, cache, stem, key, meta_path, dtype, name, settings, workers, on_piece, log):
+    """Tokenise every file (resuming), join the shards, write the cache entry: ``(path, n_tokens)``."""
+    text_field, piece_chars = settings["text_field"], settings["piece_chars"]
 
     work = cache / f"{stem}-{key[:20]}.work"
     try:
@@ -561,4 +589,4 @@ def tokenize_corpus(
         with contextlib.suppress(OSError):
             joined.unlink()
     shutil.rmtree(work, ignore_errors=True)
-    return np.memmap(cache / tokens_file, dtype=dtype, mode="r", shape=(n_total,))
+    return cache / tokens_file, n_total

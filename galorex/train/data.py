@@ -475,6 +475,17 @@ def load_hf_dataset_stream(
     key = json.dumps([name, config, split, text_field, int(max_chars), int(shard_chars)])
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
     out = cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
+    from .corpus import locked
+
+    with locked(cache):  # torchrun's ranks (or two runs) take turns; the later ones find it complete
+        return _stream_dataset(datasets, name, out, max_chars, text_field, config, split, shard_chars)
+
+
+def _stream_dataset(datasets, name, out, max_chars, text_field, config, split, shard_chars) -> Path:
     progress_path = out / "progress.json"
     progress = {"shards": 0, "records": 0, "chars": 0, "complete": False}
     with contextlib.suppress(OSError, ValueError):
