@@ -66,7 +66,7 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     tags = set(acc.Tags()["scalars"])
     names = {"train_loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "val_loss": "val/loss"}
     names.update(val_perplexity="val/perplexity", tokens_per_s="perf/tokens_per_s", mfu="perf/mfu")
-    names.update(memory_bytes="perf/memory_bytes")
+    names.update(memory_bytes="perf/memory_bytes", peak_memory_bytes="perf/peak_memory_bytes")
     assert set(names.values()) <= tags
     rows = _metrics(out)
     for key, tag in names.items():

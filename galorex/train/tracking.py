@@ -3,7 +3,8 @@ the trackers (``--report-to tensorboard|wandb|none``) that receive it.
 
 Every line of ``metrics.jsonl`` goes to the tracker as scalars under the same names (``train/``
 and ``val/`` prefixes for the losses), at the step it belongs to; this module adds to those
-lines ``grad_norm``, ``mfu`` and ``memory_bytes``.
+lines ``grad_norm``, ``mfu``, ``memory_bytes`` and ``peak_memory_bytes`` (and ``val_perplexity``
+next to ``val_loss``).
 """
 
 from __future__ import annotations
@@ -150,17 +151,21 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     return measured_matmul_flops(device, dtype), f"measured {str(dtype).removeprefix('torch.')} matmul on {device.type}"
 
 
-def memory_bytes(device: torch.device) -> int:
-    """Memory in use now: CUDA: the allocator's peak since the last call; CPU: the resident set."""
+def memory_bytes(device: torch.device) -> tuple[int, int]:
+    """``(now, peak)``: CUDA: the caching allocator's allocated bytes now and at most since the
+    start (its statistics are never reset here); CPU: the resident set now and at most."""
     if device.type == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device))
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
+        return int(torch.cuda.memory_allocated(device)), int(torch.cuda.max_memory_allocated(device))
+    now = peak = 0
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (OSError, ValueError, IndexError, ImportError):
+        pass
+    return now, max(now, peak)
 
 
 # ----------------------------------------------------------------------------- trackers
@@ -199,7 +204,7 @@ def _scalar_name(key: str) -> str:
         return "train/" + key[len("train_") :]
     if key.startswith("val_"):
         return "val/" + key[len("val_") :]
-    return "perf/" + key if key in ("tokens_per_s", "mfu", "memory_bytes") else "train/" + key
+    return "perf/" + key if key in ("tokens_per_s", "mfu", "memory_bytes", "peak_memory_bytes") else "train/" + key
 
 
 def open_tracker(kind: str, out: Path, config: dict[str, Any], resume_step: int | None = None) -> Tracker:
@@ -276,8 +281,8 @@ class RunMetrics:
     """The trainer's side of tracking: gradient norms, MFU, memory and the tracker, in one place.
 
     ``grad_norm(...)`` between backward and the step; ``extend(record)`` adds ``grad_norm``,
-    ``mfu``, ``memory_bytes`` (and ``val_perplexity`` next to ``val_loss``) to a metrics
-    record and sends it to the tracker.
+    ``mfu``, ``memory_bytes``, ``peak_memory_bytes`` (and ``val_perplexity`` next to
+    ``val_loss``) to a metrics record and sends it to the tracker.
     """
 
     def __init__(self, cfg: Any, model: torch.nn.Module, model_cfg: Any, device: torch.device, world_size: int):
@@ -289,6 +294,7 @@ class RunMetrics:
         self.last_grad_norm: float | None = None
 
     def open(self, out: Path, config: dict[str, Any], is_main: bool, resume_step: int | None) -> None:
+        self.peak()  # measured (on a CPU) now, not inside a throughput window
         if is_main:
             self.tracker = open_tracker(self.cfg.report_to, out, config, resume_step)
 
@@ -315,7 +321,7 @@ class RunMetrics:
                 record["grad_norm"] = self.last_grad_norm
             peak, _ = self.peak()
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / peak
-            record["memory_bytes"] = memory_bytes(self.device)
+            record["memory_bytes"], record["peak_memory_bytes"] = memory_bytes(self.device)
         if "val_loss" in record:
             record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
         self.tracker.log(record)
