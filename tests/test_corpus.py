@@ -278,3 +278,28 @@ def test_cli_dispatches_the_tokenizer_command(tmp_path, capsys):
     argv = ["tokenizer", "--data", str(tmp_path / "c.txt"), "--vocab-size", "260", "--out", str(tmp_path / "t.json")]
     assert main(argv) == 0
     assert "260 tokens" in capsys.readouterr().out and (tmp_path / "t.json").is_file()
+
+
+def test_tokenizer_from_a_folder_or_the_local_hf_cache(tmp_path, monkeypatch, bpe):
+    import types
+
+    from galorex.train.data import load_tokenizer
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(bpe.path.read_bytes())
+    assert load_tokenizer(folder).name == bpe.name  # named by content: the same cache entries
+    # A model id resolves through huggingface_hub's local cache only (no network).
+    lookups = []
+
+    def try_to_load_from_cache(repo_id, filename):
+        lookups.append((repo_id, filename))
+        return str(bpe.path) if repo_id == "org/model" else None
+
+    monkeypatch.setitem(
+        sys.modules, "huggingface_hub", types.SimpleNamespace(try_to_load_from_cache=try_to_load_from_cache)
+    )
+    assert load_tokenizer("org/model").name == bpe.name
+    with pytest.raises(DataError, match=r"not found .*huggingface-cli download ID tokenizer\.json"):
+        load_tokenizer("org/absent")
+    assert lookups == [("org/model", "tokenizer.json"), ("org/absent", "tokenizer.json")]

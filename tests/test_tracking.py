@@ -156,3 +156,36 @@ def test_recipes_set_defaults_that_flags_override(monkeypatch):
         for key in recipe["settings"]:
             assert hasattr(cfg, key), (name, key)  # every setting is a TrainConfig field
     assert "| `galore-paper-7b` | llama-7b | 1024 | 500 | 0.005 | 150,000 |" in recipe_table()
+
+
+def test_wandb_runs_offline_without_a_key_and_gets_every_record(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from galorex.train.tracking import open_tracker
+
+    calls = {"log": [], "finish": 0}
+
+    class Run:
+        def log(self, scalars, step):
+            calls["log"].append((step, scalars))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    tracker = open_tracker("wandb", tmp_path / "run", {"lr": 0.01})
+    tracker.log({"step": 3, "train_loss": 2.5, "lr": 0.01, "val_loss": 2.75})
+    tracker.close()
+    assert calls["init"]["mode"] == "offline" and calls["init"]["config"] == {"lr": 0.01}
+    assert calls["log"] == [(3, {"train/loss": 2.5, "train/lr": 0.01, "val/loss": 2.75})]
+    assert calls["finish"] == 1
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    open_tracker("wandb", tmp_path / "run2", {}).close()
+    assert calls["init"]["mode"] == "online"
