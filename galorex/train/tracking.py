@@ -232,7 +232,9 @@ def open_tracker(kind: str, out: Path, config: dict[str, Any], resume_step: int 
     try:
         import wandb
     except ImportError:
-        raise TrackingError("--report-to wandb needs the `wandb` package (pip install wandb)") from None
+        raise TrackingError(
+            "--report-to wandb needs the `wandb` package (pip install wandb, or galorex[wandb])"
+        ) from None
     mode = os.environ.get("WANDB_MODE")
     if mode is None:
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -271,9 +273,10 @@ def check_report_to(kind: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(package) is None:
-        extra = (
-            "pip install tensorboard, or pip install galorex[train]" if kind == "tensorboard" else "pip install wandb"
-        )
+        extra = {
+            "tensorboard": "pip install tensorboard, or galorex[train]",
+            "wandb": "pip install wandb, or galorex[wandb]",
+        }[kind]
         raise TrackingError(f"--report-to {kind} needs the `{package}` package ({extra})")
 
 
