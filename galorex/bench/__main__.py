@@ -469,11 +469,14 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
     sweep on the first seed, then the best rate of each optimizer over every seed (mean ± std)."""
     import tempfile
 
+    from ..train.recipes import recipe_settings
     from ..train.trainer import TrainConfig, train
 
     def run(optimizer: str, lr: float, seed: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(
+            # galorex-train --recipe cpu-tiny: one model, corpus, batch and schedule for every optimizer.
+            settings = recipe_settings("cpu-tiny")
+            settings.update(
                 optimizer=optimizer,
                 lr=lr,
                 seed=seed,
@@ -490,6 +493,7 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
                 basis_rotation=getattr(args, "basis_rotation", False),
                 **_train_overrides(args),
             )
+            cfg = TrainConfig(**settings)
             summary = train(cfg, log=lambda *a: None)
             curve = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         bar.update(1)

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .recipes import RECIPES, recipe_settings
+from .tracking import REPORT_TO
 from .trainer import TrainConfig, TrainError, train
 
 
@@ -128,11 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="data parallel under torchrun: ddp (replicated) or fsdp2 (sharded weights and optimizer state); "
         "--batch-size is the global batch",
     )
+    # Data at scale, tracking, compile and recipes (galorex.train.corpus/.data/.tracking/.recipes).
+    a(
+        "--dataset-config",
+        default=d.dataset_config,
+        help="--dataset's configuration (e.g. en for allenai/c4)",
+    )
+    a("--text-field", default=d.text_field, help="the .jsonl field / .parquet column / dataset field with the text")
+    a(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="processes tokenising a corpus's files in parallel (default: one per file up to the CPUs and 8, "
+        "for corpora over 64 MiB)",
+    )
+    a("--val-data", default=d.val_data, help="a separate validation corpus (file or folder) for every evaluation")
+    a("--val-split", default=d.val_split, help="with --dataset: the split evaluated on (e.g. validation)")
+    a("--val-max-chars", type=int, default=d.val_max_chars, help="characters of --val-split streamed")
+    a(
+        "--report-to",
+        default=d.report_to,
+        choices=REPORT_TO,
+        help="also log metrics to TensorBoard (OUT/tensorboard) or Weights & Biases (offline without a key)",
+    )
+    a("--compile", action="store_true", help="torch.compile the model")
+    a(
+        "--recipe",
+        default=d.recipe,
+        choices=tuple(RECIPES),
+        help="a published run's settings as defaults (flags given override them); see docs/recipes.md",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tokenizer"]:  # galorex-train tokenizer --data DIR --vocab-size N --out tok.json
+        from .tokenizer import main as tokenizer_main
+
+        return tokenizer_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.recipe is not None:  # the recipe's values become the defaults; flags given still win
+        parser = build_parser()
+        parser.set_defaults(**recipe_settings(args.recipe))
+        args = parser.parse_args(argv)
     cfg = TrainConfig(**vars(args))
     try:
         s = train(cfg)
@@ -157,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({s['tokens_per_s']:,.0f} tokens/s); optimizer state {s['optimizer_state_bytes'] / 2**20:.2f} MiB, "
         f"peak memory {s['peak_memory_bytes'] / gib:.2f} GiB"
     )
+    if s.get("mfu") is not None:
+        print(
+            f"model FLOPs utilisation {100 * s['mfu']:.1f}% of {s['peak_flops'] / 1e12:.3g} TFLOP/s "
+            f"({s['peak_flops_source']})"
+        )
     if s["sample"]:
         print("sample:\n" + s["sample"].strip() + "\n")
     outputs = ["metrics.jsonl", "summary.json"] + (["model.safetensors"] if s.get("model_file") else [])

@@ -44,10 +44,6 @@ __all__ = [
     "load_hf_dataset_stream",
 ]
 
-# Bumped whenever the cached token format or tokenisation recipe changes, so
-# stale caches are never reused.
-_CACHE_FORMAT = 1
-
 
 class DataError(ValueError):
     """A user-facing data problem (bad path, empty corpus, too little data...)."""
@@ -151,7 +147,9 @@ class HFTokenizer:
 def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
     """``None``/``"byte"`` -> :class:`ByteTokenizer`; a path -> :class:`HFTokenizer`.
 
-    A directory containing ``tokenizer.json`` is accepted as well.
+    A directory containing ``tokenizer.json`` (a saved Hugging Face tokenizer) is accepted as
+    well, and so is a Hugging Face model id (``t5-base``) whose ``tokenizer.json`` is in the local
+    HF cache (looked up without network access).
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "byte"):
         return ByteTokenizer()
@@ -161,8 +159,29 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
             raise DataError(f"{path}: folder has no tokenizer.json")
         path = path / "tokenizer.json"
     if not path.exists():
-        raise DataError(f"{path}: tokenizer not found (expected 'byte' or a path to a tokenizer.json)")
+        cached = _hub_cached_tokenizer(str(spec))
+        if cached is None:
+            raise DataError(
+                f"{path}: tokenizer not found (expected 'byte', a tokenizer.json, a folder holding one, or a "
+                "Hugging Face model id already in the local HF cache: huggingface-cli download ID tokenizer.json)"
+            )
+        path = cached
     return HFTokenizer(path)
+
+
+def _hub_cached_tokenizer(repo_id: str) -> Path | None:
+    """``tokenizer.json`` of a Hugging Face model id from the local HF cache (no network), or None."""
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/")) or repo_id.endswith(".json"):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "tokenizer.json")
+    except Exception:  # an id the hub library rejects: not a model id
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 # --------------------------------------------------------------------------
@@ -171,53 +190,30 @@ def load_tokenizer(spec: str | os.PathLike[str] | None = None) -> Tokenizer:
 
 
 def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The text files that make up a corpus, in the order they are joined.
+    """The files that make up a corpus, in the order they are joined (see
+    :func:`galorex.train.corpus.corpus_files`: ``.txt``, ``.jsonl``, ``.parquet``, ``.gz``/``.zst``)."""
+    from .corpus import corpus_files as files
 
-    A file is used as is; a folder contributes every ``*.txt`` below it,
-    sorted by relative path so the order does not depend on the filesystem.
+    return files(path)
+
+
+def read_corpus_texts(path: str | os.PathLike[str], text_field: str = "text") -> str:
+    """Read a (small) corpus as one string: its non-blank documents joined by ``"\\n\\n"``.
+
+    ``path`` is a file, or a folder whose ``.txt``/``.jsonl``/``.parquet`` files (plain or
+    ``.gz``/``.zst``; recursive, sorted by relative path) are joined. A ``.txt`` file is one
+    document, a ``.jsonl`` line or ``.parquet`` row one more (its ``text_field``). Files must be
+    UTF-8: invalid bytes raise :class:`DataError` instead of being replaced, so a mis-encoded
+    corpus is never silently trained on. A blank single file or an all-blank folder is an error.
+    This holds the whole text in memory; :func:`prepare_tokens` never does.
     """
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"{root}: data path not found")
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise DataError(f"{root}: data path is neither a file nor a folder")
-    files = [p for p in root.rglob("*") if p.suffix.lower() == ".txt" and p.is_file()]
-    if not files:
-        raise DataError(f"{root}: folder contains no .txt files")
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    from .corpus import iter_text
 
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not valid UTF-8 (bad byte at offset {exc.start}); re-encode the file as UTF-8"
-        ) from None
-
-
-def read_corpus_texts(path: str | os.PathLike[str]) -> str:
-    """Read a corpus as one string.
-
-    ``path`` is a text file, or a folder whose ``*.txt`` files (recursive,
-    sorted by relative path) are joined with ``"\\n\\n"``. Files must be UTF-8:
-    invalid bytes raise :class:`DataError` instead of being replaced, so a
-    mis-encoded corpus is never silently trained on. Blank files inside a
-    folder are skipped; a blank single file or an all-blank folder is an error.
-    """
     root = Path(path)
     files = corpus_files(root)
-    if root.is_file():
-        text = _read_text(root)
-        if not text.strip():
-            raise DataError(f"{root}: file is empty")
-        return text
-    texts = [t for t in (_read_text(f) for f in files) if t.strip()]
+    texts = [t for t in ("".join(iter_text(f, text_field)) for f in files) if t]
     if not texts:
-        raise DataError(f"{root}: all .txt files in the folder are empty")
+        raise DataError(f"{root}: file is empty" if root.is_file() else f"{root}: all files in the folder are empty")
     return "\n\n".join(texts)
 
 
@@ -235,93 +231,31 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def _cache_stem(source: Path) -> str:
-    # A readable prefix helps users find which cache belongs to which corpus.
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.stem or source.name)[:40]
-    return stem or "corpus"
-
-
-def _valid_cache(bin_path: Path, meta_path: Path, dtype: np.dtype, name: str) -> int | None:
-    """Token count of a usable cache entry, or None if it must be rebuilt."""
-    try:
-        meta = json.loads(meta_path.read_text("utf-8"))
-        n = int(meta["n_tokens"])
-        ok = (
-            meta.get("format") == _CACHE_FORMAT
-            and meta.get("dtype") == dtype.name
-            and meta.get("tokenizer") == name
-            and n > 0
-            and bin_path.stat().st_size == n * dtype.itemsize
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return n if ok else None
-
-
 def prepare_tokens(
     data_path: str | os.PathLike[str] | None,
     tokenizer: Tokenizer,
     cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    text_field: str = "text",
+    workers: int | None = None,
+    log=None,
 ) -> np.memmap:
     """Tokenise a corpus once and return the cached token stream, memory-mapped.
 
-    The cache file is keyed by a sha256 over the tokenizer name and the exact
-    corpus text (so edits, renames that change order, or a different tokenizer
-    all produce a new entry). It is stored as ``uint16`` when the vocabulary
-    fits, else ``uint32``, next to a JSON sidecar ``{format, dtype, n_tokens,
-    tokenizer, source, sha256}``. Both are written atomically, so an
-    interrupted run never leaves a cache that a later run would trust.
+    The corpus is streamed, cut into pieces, tokenised (in parallel over its files with
+    ``workers``) and joined into one ``uint16`` (vocabulary <= 65536) or ``uint32`` file, resumably;
+    see :func:`galorex.train.corpus.tokenize_corpus` for the format, the cache key (the files,
+    the tokenizer and the settings) and why the tokens are those of the whole text. A second call
+    with the same corpus, tokenizer and settings reads the cache.
 
     ``data_path=None`` means the embedded tinyshakespeare corpus;
     ``cache_dir=None`` means ``$XDG_CACHE_HOME/galorex/tokens``.
     """
+    from .corpus import tokenize_corpus
+
     source = Path(data_path) if data_path is not None else default_corpus_path()
-    text = read_corpus_texts(source)
-    dtype = _token_dtype(int(tokenizer.vocab_size))
-    name = str(tokenizer.name)
-
-    h = hashlib.sha256()
-    h.update(f"galorex-tokens-v{_CACHE_FORMAT}\0{name}\0{dtype.name}\0".encode())
-    h.update(text.encode("utf-8"))
-    digest = h.hexdigest()
-
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{cache}: cannot create token cache folder ({_one_line(exc)})") from None
-    stem = f"{_cache_stem(source)}-{digest[:20]}"
-    bin_path = cache / f"{stem}.tok.bin"
-    meta_path = cache / f"{stem}.tok.json"
-
-    n = _valid_cache(bin_path, meta_path, dtype, name)
-    if n is None:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-        if ids.size == 0:
-            raise DataError(f"{source}: tokenizer {name} produced no tokens")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= int(tokenizer.vocab_size):
-            raise DataError(
-                f"{source}: tokenizer {name} produced id {hi if hi >= 0 else lo} "
-                f"outside its vocab_size {tokenizer.vocab_size}"
-            )
-        tokens = ids.astype(dtype)
-        n = int(tokens.size)
-        meta = {
-            "format": _CACHE_FORMAT,
-            "dtype": dtype.name,
-            "n_tokens": n,
-            "tokenizer": name,
-            "source": str(source.resolve()),
-            "sha256": digest,
-        }
-        try:
-            # Tokens before sidecar: a sidecar only ever describes a complete file.
-            atomic_write(bin_path, lambda f: f.write(tokens.tobytes()))
-            atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
-        except OSError as exc:
-            raise DataError(f"{cache}: cannot write token cache ({_one_line(exc)})") from None
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
+    return tokenize_corpus(source, tokenizer, cache, text_field=text_field, workers=workers, log=log)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -477,7 +411,16 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     arr = np.asarray(tokens).ravel()
     if arr.size == 0:
         raise DataError("cannot compute unigram entropy of an empty token stream")
-    counts = np.bincount(arr.astype(np.int64, copy=False))
+    # In chunks: a memory-mapped corpus larger than memory is never copied whole.
+    counts = np.zeros(0, dtype=np.int64)
+    step = 1 << 24
+    for lo in range(0, arr.size, step):
+        c = np.bincount(np.asarray(arr[lo : lo + step], dtype=np.int64))
+        if c.size > counts.size:
+            c[: counts.size] += counts
+            counts = c
+        else:
+            counts[: c.size] += c
     p = counts[counts > 0] / arr.size
     return float(-(p * np.log(p)).sum())
 
@@ -485,6 +428,13 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 # --------------------------------------------------------------------------
 # Hugging Face datasets
 # --------------------------------------------------------------------------
+
+
+def _hf_offline() -> bool:
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def load_hf_dataset_stream(
@@ -495,58 +445,169 @@ def load_hf_dataset_stream(
     text_field: str = "text",
     config: str | None = None,
     split: str = "train",
+    shard_chars: int = 256 << 20,
 ) -> Path:
-    """Stream up to ``max_chars`` characters of a HF dataset into a cached text file.
+    """Stream up to ``max_chars`` characters of a HF dataset into a cached folder of text shards.
 
-    Records' ``text_field`` values are joined with ``"\\n\\n"``. The file is
-    named by a hash of the arguments and reused when present, so a second run
-    needs no network. Returns the path, ready for :func:`prepare_tokens`.
+    Records' ``text_field`` values (non-blank) are written as they arrive, never held together
+    in memory, into ``part-NNNNN.txt`` files of about ``shard_chars`` characters (a record is
+    never split; the last one is cut at ``max_chars``), joined by ``"\\n\\n"`` inside a shard
+    and, as a corpus, between shards: the folder's text is the records' text. The shards are
+    what :func:`prepare_tokens` tokenises in parallel. The folder is named by a hash of the
+    arguments and reused once complete, so a second run needs no network; a killed download
+    keeps its finished shards and continues after their records. Offline (``HF_DATASETS_OFFLINE=1``
+    or ``HF_HUB_OFFLINE=1``) the dataset is read, memory-mapped, from the local Hugging Face cache
+    (where an earlier ``datasets.load_dataset`` put it) instead of streamed.
     """
     try:
         import datasets
     except ImportError:
-        raise DataError("--dataset needs the `datasets` package (pip install datasets) and network access") from None
+        raise DataError(
+            "--dataset needs the `datasets` package (pip install datasets, or galorex[train]) and network "
+            "access or a copy in the local Hugging Face cache"
+        ) from None
     if int(max_chars) < 1:
         raise DataError(f"max_chars must be >= 1, got {max_chars}")
+    if int(shard_chars) < 1:
+        raise DataError(f"shard_chars must be >= 1, got {shard_chars}")
 
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir().parent / "datasets"
-    key = json.dumps([name, config, split, text_field, int(max_chars)])
+    key = json.dumps([name, config, split, text_field, int(max_chars), int(shard_chars)])
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-    out = cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}.txt"
-    if out.is_file() and out.stat().st_size > 0:
+    out = cache / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:40]}-{digest}"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
+    from .corpus import locked
+
+    with locked(cache):  # torchrun's ranks (or two runs) take turns; the later ones find it complete
+        return _stream_dataset(datasets, name, out, max_chars, text_field, config, split, shard_chars)
+
+
+def _stream_dataset(datasets, name, out, max_chars, text_field, config, split, shard_chars) -> Path:
+    progress_path = out / "progress.json"
+    progress = {"shards": 0, "records": 0, "chars": 0, "complete": False}
+    with contextlib.suppress(OSError, ValueError):
+        progress.update(json.loads(progress_path.read_text("utf-8")))
+    if progress["complete"]:
         return out
 
-    parts: list[str] = []
-    total = 0
-    try:
+    offline = _hf_offline()
+
+    def records() -> Iterator[str | None]:
         args = (name, config) if config is not None else (name,)
-        stream = datasets.load_dataset(*args, split=split, streaming=True)
-        for record in stream:
-            if text_field not in record:
-                raise DataError(
-                    f"dataset {name}: records have no {text_field!r} field (fields: {', '.join(sorted(record))})"
-                )
-            text = record[text_field]
+        try:
+            if offline:  # the local HF cache, memory-mapped Arrow files: nothing is downloaded
+                stream = datasets.load_dataset(*args, split=split)
+            else:
+                stream = datasets.load_dataset(*args, split=split, streaming=True)
+            for i, record in enumerate(stream):
+                if i < progress["records"]:
+                    continue  # in a finished shard already
+                if text_field not in record:
+                    raise DataError(
+                        f"dataset {name}: records have no {text_field!r} field (fields: {', '.join(sorted(record))})"
+                    )
+                yield record[text_field]
+        except DataError:
+            raise
+        except Exception as exc:
+            how = "read it from the local Hugging Face cache (offline)" if offline else "stream it"
+            hint = "" if offline else "; offline, set HF_DATASETS_OFFLINE=1 to read the local Hugging Face cache"
+            raise DataError(f"dataset {name}: cannot {how} ({_one_line(exc)}){hint}") from None
+
+    f, in_shard = None, 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        total, n_records, shard = progress["chars"], progress["records"], progress["shards"]
+
+        def finish_shard() -> None:
+            nonlocal f, shard, in_shard
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(out / f".part-{shard:05d}.txt.tmp", out / f"part-{shard:05d}.txt")
+            shard, in_shard, f = shard + 1, 0, None
+            progress.update(shards=shard, records=n_records, chars=total)
+            atomic_write(progress_path, lambda g: g.write(json.dumps(progress).encode("utf-8")))
+
+        for text in records():
+            n_records += 1
             if not isinstance(text, str) or not text.strip():
                 continue
-            sep = 2 if parts else 0
+            sep = 2 if total else 0
             room = int(max_chars) - total - sep
             if room <= 0:
                 break
-            parts.append(text[:room])
-            total += sep + len(parts[-1])
+            if f is None:
+                f = open(out / f".part-{shard:05d}.txt.tmp", "wb")  # noqa: SIM115 (closed by finish_shard)
+            piece = text[:room]
+            f.write((("\n\n" if in_shard else "") + piece).encode("utf-8"))
+            in_shard += (2 if in_shard else 0) + len(piece)
+            total += sep + len(piece)
+            if in_shard >= int(shard_chars):
+                finish_shard()
             if total >= int(max_chars):
                 break
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"dataset {name}: cannot stream it ({_one_line(exc)})") from None
-    if not parts:
-        raise DataError(f"dataset {name}: no non-empty {text_field!r} text in split {split!r}")
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        data = "\n\n".join(parts).encode("utf-8")
-        atomic_write(out, lambda f: f.write(data))
+        if f is not None:
+            finish_shard()
+        if total == 0:
+            raise DataError(f"dataset {name}: no non-empty {text_field!r} text in split {split!r}")
+        progress["complete"] = True
+        atomic_write(progress_path, lambda g: g.write(json.dumps(progress).encode("utf-8")))
     except OSError as exc:
-        raise DataError(f"{cache}: cannot write dataset cache ({_one_line(exc)})") from None
+        raise DataError(f"{out}: cannot write dataset cache ({_one_line(exc)})") from None
+    finally:
+        if f is not None and not f.closed:
+            f.close()
     return out
+
+
+# --------------------------------------------------------------------------
+# a run's data
+# --------------------------------------------------------------------------
+
+
+class RunData:
+    """The token streams a training run uses (see :func:`prepare_run_data`)."""
+
+    def __init__(self, tokenizer, tokens, train, val, source, val_source) -> None:
+        self.tokenizer, self.tokens, self.train, self.val = tokenizer, tokens, train, val
+        self.source, self.val_source = source, val_source
+
+
+def prepare_run_data(cfg, log=None) -> RunData:
+    """Tokenizer, training and validation tokens for a ``galorex-train`` configuration.
+
+    Training text: ``cfg.data`` (a corpus file or folder), ``cfg.dataset`` (a Hugging Face
+    dataset, streamed; ``cfg.dataset_config``) or the embedded Shakespeare. Validation: the
+    separate corpus ``cfg.val_data``, or with ``--dataset`` its split ``cfg.val_split``; without
+    either, the last 10% of the training tokens. Every evaluation of the run uses this stream.
+    """
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    field = getattr(cfg, "text_field", "text")
+    workers = getattr(cfg, "workers", None)
+    config = getattr(cfg, "dataset_config", None)
+    val_data, val_split = getattr(cfg, "val_data", None), getattr(cfg, "val_split", None)
+    if val_data is not None and val_split is not None:
+        raise DataError("give either --val-data or --val-split, not both")
+    if val_split is not None and cfg.dataset is None:
+        raise DataError("--val-split names a split of --dataset; without --dataset use --val-data")
+    data_path = cfg.data
+    if cfg.dataset is not None:
+        data_path = load_hf_dataset_stream(
+            cfg.dataset, max_chars=cfg.dataset_max_chars, text_field=field, config=config
+        )
+    tokens = prepare_tokens(data_path, tokenizer, cfg.cache_dir, text_field=field, workers=workers, log=log)
+    source = data_path or default_corpus_path()
+    if val_split is not None:
+        max_chars = getattr(cfg, "val_max_chars", 5_000_000)
+        val_data = load_hf_dataset_stream(
+            cfg.dataset, max_chars=max_chars, text_field=field, config=config, split=val_split
+        )
+    if val_data is None:
+        train, val = split_tokens(tokens)
+        return RunData(tokenizer, tokens, train, val, source, source)
+    val = prepare_tokens(val_data, tokenizer, cfg.cache_dir, text_field=field, workers=workers, log=log)
+    return RunData(tokenizer, tokens, tokens, val, source, val_data)

@@ -35,14 +35,11 @@ from .checkpoint import (
 from .data import (
     DataError,
     TokenBatcher,
-    default_corpus_path,
     eval_batches,
-    load_hf_dataset_stream,
-    load_tokenizer,
-    prepare_tokens,
-    split_tokens,
+    prepare_run_data,
     unigram_entropy,
 )
+from .tracking import RunMetrics, TrackingError, check_report_to, compile_model
 
 CHECKPOINT_FORMAT = 1
 # Settings a resumed run may change; every other one defines the model, the optimizer, the
@@ -67,6 +64,16 @@ RESUME_MAY_CHANGE = frozenset(
         "dataset",
         "dataset_max_chars",
         "init_from",
+        # galorex.train.data / tracking: the data is compared by content; the rest only observes.
+        "dataset_config",
+        "text_field",
+        "workers",
+        "val_data",
+        "val_split",
+        "val_max_chars",
+        "report_to",
+        "compile",
+        "recipe",
     }
 )
 
@@ -125,6 +132,16 @@ class TrainConfig:
     progress: bool = True
     layerwise: bool = False
     distributed: str = "none"
+    # Data at scale, tracking and compile (galorex.train.data, .corpus, .tracking, .recipes).
+    dataset_config: str | None = None
+    text_field: str = "text"
+    workers: int | None = None
+    val_data: str | None = None
+    val_split: str | None = None
+    val_max_chars: int = 5_000_000
+    report_to: str = "none"
+    compile: bool = False
+    recipe: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -422,22 +439,22 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     except ValueError as e:
         raise TrainError(f"--model: {e}") from None
 
-    # Data: tokenised once into a memory-mapped cache, split deterministically.
+    # Data: tokenised once into a memory-mapped cache; validation on --val-data or the tail.
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        data_path = cfg.data
-        if cfg.dataset is not None:
-            data_path = load_hf_dataset_stream(cfg.dataset, max_chars=cfg.dataset_max_chars)
-        tokens = prepare_tokens(data_path, tokenizer, cache_dir=cfg.cache_dir)
-    except DataError as e:
+        check_report_to(cfg.report_to)
+        run_data = prepare_run_data(cfg, log)
+    except (DataError, TrackingError) as e:
         raise TrainError(str(e)) from None
-    source = data_path or default_corpus_path()
+    tokenizer, tokens, source = run_data.tokenizer, run_data.tokens, run_data.source
+    train_tokens, val_tokens = run_data.train, run_data.val
     try:
-        train_tokens, val_tokens = split_tokens(tokens)
         batcher = TokenBatcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-        next(iter(eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, 1)))
     except DataError as e:
         raise TrainError(f"{source}: {e}") from None
+    try:
+        next(iter(eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, 1)))
+    except DataError as e:
+        raise TrainError(f"{run_data.val_source}: {e}") from None
 
     # Model.
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -466,6 +483,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             raise TrainError(f"--resume: {ckpt['path']} does not fit this model ({str(e).splitlines()[0]})") from None
     # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
     runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
+    runner = compile_model(runner, cfg.compile)
+    # Its gradient-norm hooks must come before the optimizer's --layerwise hooks.
+    run_metrics = RunMetrics(cfg, model, model_cfg, device, ctx.world_size)
 
     # Optimizer and schedule.
     layerwise = {}
@@ -535,6 +555,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
+    try:
+        run_metrics.open(out, cfg.to_dict(), ctx.is_main, step if ckpt is not None else None)
+    except TrackingError as e:
+        raise TrainError(str(e)) from None
 
     def checkpoint() -> Path | None:
         extra = {
@@ -594,8 +618,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
                 except FloatingPointError as e:
                     raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
                 loss_sum += loss.detach() / cfg.grad_accum
+            clipped = None
             if cfg.grad_clip > 0 and not cfg.layerwise:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            run_metrics.grad_norm(model, step + 1, clipped)
             lr = optimizer.param_groups[0]["lr"]
             try:
                 optimizer.step()
@@ -627,6 +653,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
                 record["val_loss"] = val_loss
                 t_window = time.perf_counter()  # evaluation time is not training throughput
             if record is not None:
+                run_metrics.extend(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if progress is not None:
@@ -673,6 +700,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         "distributed": cfg.distributed,
         "world_size": ctx.world_size,
     }
+    summary.update(run_metrics.summary(summary["tokens_per_s"]), val_data=str(run_data.val_source))
+    run_metrics.close()
     weights = distributed.full_state_dict(ctx, model)  # a collective under FSDP2
     if not ctx.is_main:
         summary.update(out=str(out), rank=ctx.rank)  # rank 0 writes the outputs and reports
