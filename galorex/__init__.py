@@ -2,6 +2,8 @@
 
 from .memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from .optim import (
+    ApolloAdamW,
+    FiraAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GradNormLoRPAdamW,
@@ -14,6 +16,8 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApolloAdamW",
+    "FiraAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GradNormLoRPAdamW",

@@ -21,6 +21,7 @@ from .optim import state8bit
 from .optim.base import compute_dtype
 
 _SCALAR_BYTES = 4  # float32 step counters
+_SEED_BYTES = 8  # ApolloAdamW's int64 projection seed
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -52,9 +53,10 @@ def parameter_state_bytes(
     optim_bits: int = 32,
     basis_bits: int = 32,
     first_moment: bool = False,
+    proj: str = "random",
 ) -> int:
     # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw",
-    # "adafactor" (GaLoreAdafactor; ``first_moment`` when its beta1 is set)
+    # "adafactor" (GaLoreAdafactor; ``first_moment`` when its beta1 is set), "fira", "apollo"
     """State bytes of one parameter under galorex's layout (``optimizer="adamw"``: torch's AdamW).
 
     ``optimizer="gradnorm_lorp"`` adds the row magnitudes' Adam moments (2·m entries).
@@ -65,6 +67,10 @@ def parameter_state_bytes(
     ``optimizer="adafactor"`` (GaLoreAdafactor): a factored second moment — for an (a×b) update
     a + b numbers, for ≥ 2-D shapes prod(shape[:-1]) + prod(shape[:-2])·shape[-1], for vectors one
     per entry — in float32 (float64 for float64 weights), plus a first moment with ``first_moment``.
+    ``optimizer="fira"`` (FiraAdamW): GaLore's state plus the limiter's norm (one compute-dtype
+    scalar). ``optimizer="apollo"`` (ApolloAdamW): with ``proj="svd"`` the same as Fira; with
+    ``proj="random"`` no basis — the two moments, the two step counters, the projection's int64 seed
+    and the limiter's norm.
     """
     shape = tuple(int(s) for s in shape)
     numel = 1
@@ -80,8 +86,11 @@ def parameter_state_bytes(
         return _adafactor_bytes(shape, dtype, rank, proj_type, first_moment, basis_bits)
     if optimizer == "adamw" or rank is None or len(shape) < 2 or numel == 0:
         return moments(numel, _bytes_of(dtype)) + _SCALAR_BYTES
-    if optimizer not in ("galore", "gradnorm_lorp"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'galore', 'gradnorm_lorp', 'adafactor' or 'adamw'")
+    if optimizer not in ("galore", "gradnorm_lorp", "fira", "apollo"):
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; expected 'galore', 'gradnorm_lorp', 'fira', 'apollo', "
+            "'adafactor' or 'adamw'"
+        )
     m, n = proj.matrix_shape(shape)
     side = proj.projection_side(proj_type, m, n)
     lm, ln = proj.lowrank_shape(side, m, n, rank)
@@ -91,7 +100,11 @@ def parameter_state_bytes(
         basis_bytes = sum(state8bit.basis_nbytes(a * b, basis_bits) for a, b in proj.basis_shapes(side, m, n, rank))
     else:
         basis_bytes = basis * cbytes
+    if optimizer == "apollo" and proj == "random":
+        basis_bytes = _SEED_BYTES  # regenerated from its seed at every step
     total = moments(lm * ln, cbytes) + basis_bytes + 2 * _SCALAR_BYTES
+    if optimizer in ("fira", "apollo"):  # the norm-growth limiter's last norm
+        total += cbytes
     if optimizer == "gradnorm_lorp":  # the row magnitudes' two Adam moments (m entries each)
         total += moments(m, cbytes)
     if natural_history > 0:
@@ -140,7 +153,9 @@ def estimate_optimizer_state_bytes(
     With ``optimizer="adamw"`` every parameter is counted as torch.optim.AdamW holds it. For
     NaturalGaLoreAdamW pass ``natural_history=s`` (or have the key in the groups): its window of s
     low-rank gradients per matrix is counted too. For GaLoreAdafactor pass
-    ``optimizer="adafactor"`` (and ``beta1`` when it keeps a first moment).
+    ``optimizer="adafactor"`` (and ``beta1`` when it keeps a first moment). For FiraAdamW pass
+    ``optimizer="fira"``; for ApolloAdamW ``optimizer="apollo"`` (its ``proj`` read per group, default
+    ``"random"``; ApolloAdamW.mini's groups carry it).
     """
     if isinstance(model_or_groups, nn.Module):
         groups = [{"params": list(model_or_groups.parameters())}]
@@ -156,12 +171,13 @@ def estimate_optimizer_state_bytes(
         bits = group.get("optim_bits", group_defaults.get("optim_bits", 32))
         basis_bits = group.get("basis_bits", group_defaults.get("basis_bits", 32))
         first_moment = group.get("beta1", group_defaults.get("beta1")) is not None
+        apollo_proj = group.get("proj", group_defaults.get("proj", "random"))
         for p in group["params"]:
             if isinstance(p, tuple):
                 p = p[1]
             if not p.requires_grad:
                 continue
             total += parameter_state_bytes(
-                p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits, first_moment
+                p.shape, p.dtype, rank, proj_type, optimizer, history, bits, basis_bits, first_moment, apollo_proj
             )
     return total

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from .adafactor import GaLoreAdafactor
+from .apollo import ApolloAdamW
+from .fira import FiraAdamW
 from .galore import GaLoreAdamW
 from .gradnorm_lorp import GradNormLoRPAdamW
 from .groups import galore_param_groups
 from .natural_galore import NaturalGaLoreAdamW
 
-AVAILABLE = ("adamw", "galore", "natural-galore", "gradnorm-lorp", "galore-adafactor")
+AVAILABLE = ("adamw", "galore", "natural-galore", "gradnorm-lorp", "galore-adafactor", "fira", "apollo", "apollo-mini")
 # Names of optimizers still to come, so that asking for one gives a clear answer.
 PLANNED: tuple[str, ...] = ()
 
@@ -29,7 +31,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     rank: int = 128,
     update_proj_gap: int = 200,
-    scale: float = 0.25,
+    scale: float | None = None,
     proj_type: str = "std",
     refresh_method: str = "svd",
     moment_policy: str = "keep",
@@ -54,7 +56,16 @@ def build_optimizer(
     no first moment) and ``weight_decay``; β₂ and ``eps`` are Adam's and do not apply (Adafactor's
     second moment follows its own 1 − t^−0.8 schedule). ``layerwise``, ``accumulation_steps`` and
     ``per_param_grad_clip`` are the layer-wise options every galorex optimizer takes (for ``adamw``
-    too, the same way)."""
+    too, the same way).
+
+    ``fira``: FiraAdamW on the same groups, ``scale`` as its ``alpha``. ``apollo``: ApolloAdamW
+    (random projection, channel-wise, ``scale`` as apollo-torch's). ``apollo-mini``:
+    ``ApolloAdamW.mini`` (rank 1, tensor-wise, scale 128: ``rank`` does not apply and ``scale``
+    must stay None). ``scale=None``: each optimizer's own default (:data:`DEFAULT_SCALE`)."""
+    if name == "apollo-mini" and scale is not None:
+        raise ValueError("apollo-mini sets its scale itself (128, a √128 multiplier); leave scale unset")
+    if scale is None:
+        scale = DEFAULT_SCALE.get(name, 0.25)
     if name == "galore-adafactor" and optim_bits != 32:
         raise ValueError(
             "optim_bits=8 is not available for galore-adafactor (its factored second "
@@ -69,7 +80,7 @@ def build_optimizer(
         )
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if name in ("galore", "natural-galore", "gradnorm-lorp", "galore-adafactor"):
+    if name in ("galore", "natural-galore", "gradnorm-lorp", "galore-adafactor", "fira", "apollo", "apollo-mini"):
         groups = galore_param_groups(
             model,
             rank=rank,
@@ -105,6 +116,8 @@ def build_optimizer(
                 optim_bits=optim_bits,
                 **lw,
             )
+        if name in ("fira", "apollo", "apollo-mini"):
+            return _build_norm_scaled(name, groups, lr, betas, eps, weight_decay, optim_bits, lw)
         cls = GradNormLoRPAdamW if name == "gradnorm-lorp" else GaLoreAdamW
         return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
     if name in PLANNED:
@@ -112,3 +125,33 @@ def build_optimizer(
             f"optimizer {name!r} is not available in this version of galorex yet; available: {', '.join(AVAILABLE)}"
         )
     raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(AVAILABLE)}")
+
+
+# Defaults of the projected-back scale per optimizer: GaLore's and Fira's 0.25 (the papers'
+# scripts), APOLLO's 1 (apollo-torch's Llama scripts; the update is multiplied by √scale).
+DEFAULT_SCALE = {"galore": 0.25, "natural-galore": 0.25, "gradnorm-lorp": 0.25, "galore-adafactor": 0.25}
+DEFAULT_SCALE.update({"fira": 0.25, "apollo": 1.0})
+
+
+def _build_norm_scaled(name, groups, lr, betas, eps, weight_decay, optim_bits, lw) -> torch.optim.Optimizer:
+    """FiraAdamW / ApolloAdamW / APOLLO-Mini on galore_param_groups' groups, whose ``scale`` key
+    becomes Fira's ``alpha`` (the same role: it multiplies project_back)."""
+    common = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
+    if name == "fira":
+        for g in groups:
+            if "rank" in g:
+                g["alpha"] = g.pop("scale")
+        return FiraAdamW(groups, **common)
+    if name == "apollo":
+        return ApolloAdamW(groups, **common)
+    return ApolloAdamW.mini(groups, **common)
+
+
+# The learning rate galorex-train uses when --lr is not given: each optimizer's best on llama-tiny
+# (docs/benchmarks.md, "Default learning rates"); the ones not swept there keep the former shared 3e-3.
+DEFAULT_LR = {name: 3e-3 for name in AVAILABLE}
+
+
+def default_lr(name: str) -> float:
+    """galorex-train's learning rate for ``name`` when none is given (:data:`DEFAULT_LR`)."""
+    return DEFAULT_LR.get(name, 3e-3)

@@ -1,0 +1,275 @@
+"""FiraAdamW: GaLore plus the residual gradient, norm-scaled (Chen et al., 2024, "Fira: Can We
+Achieve Full-rank Training of LLMs Under Low-rank Constraint?").
+
+GaLore steps only the part of the gradient inside its subspace; Fira adds the rest, scaled so that
+it moves like Adam would move it. With R = project(G), Adam's direction N in the subspace, and
+channels c the rows (right projection, R is m×r) or columns (left projection, R is r×n) of G —
+the dimension the projection keeps:
+
+    φ_c = ‖N_c‖ / (‖R_c‖ + 1e-8)                                  (norm-based scaling)
+    S   = (G − α·project_back(R)) ⊙ φ                              (the residual, scaled per channel)
+    S   ← S / max(‖S‖ / (s_prev + 1e-8), γ) · γ,  s_prev ← ‖S‖      (norm-growth limiter, γ = 1.01)
+    W   ← W − lr·c_t·(α·project_back(N) + S),  decoupled weight decay
+
+The limiter lets the residual term's norm grow by at most γ per step (its first step is free).
+c_t is Adam's step factor: with ``eps_mode="galore_torch"`` (the reference package's arithmetic)
+N = m/(√v + ε) and c_t = √(1−β₂ᵗ)/(1−β₁ᵗ), so the limiter sees the term before the bias correction
+as ``fira.FiraAdamW`` does; with ``eps_mode="torch"`` N = m̂/(√v̂ + ε) and c_t = 1. State: GaLore's
+plus one scalar per matrix (s_prev).
+
+The maths lives in the pure functions :func:`channel_norm_ratio`, :func:`limit_norm_growth` and
+:func:`fira_update` (APOLLO uses the first two as well); :class:`FiraAdamW` only feeds them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .. import projection as proj
+from .base import (
+    EPS_MODE,
+    PROJ_TYPE,
+    SCALE,
+    STEP,
+    _is_dtensor,
+    _is_real,
+    hyperparameter,
+    load_bases,
+)
+from .galore import GaLoreAdamW
+
+# Group keys, as the reference packages name them.
+ALPHA = "alpha"  # fira: multiplies project_back (GaLore's "scale")
+DISABLE_NL = "disable_nl"  # apollo-torch's flag; galorex gives Fira the same switch
+
+# State key: the norm of the last residual term after limiting (+inf before the first step).
+LIMITER_NORM = "limiter_norm"
+
+NORM_GROWTH_LIMIT = 1.01  # γ of both papers and both reference packages
+RATIO_EPS = 1e-8  # the reference packages' guard in ‖N‖/(‖R‖ + 1e-8) and s_prev + 1e-8
+
+
+def channel_axis(side: str) -> int:
+    """The axis of the low-rank matrix along which a channel's norm is taken: a right projection
+    keeps G's rows (R is m×r, one norm per row: axis 1), a left one its columns (R is r×n: axis 0).
+    ``full`` keeps neither, so it has no channels."""
+    if side == "right":
+        return 1
+    if side == "left":
+        return 0
+    raise ValueError(f"channel-wise scaling needs a one-sided projection (left or right), got side {side!r}")
+
+
+def channel_norm_ratio(direction: torch.Tensor, low: torch.Tensor, side: str) -> torch.Tensor:
+    """φ_c = ‖direction_c‖ / (‖low_c‖ + 1e-8) per channel c of the unprojected dimension, shaped to
+    broadcast against the full (m×n) gradient: (m, 1) for a right projection, (n,) for a left one."""
+    axis = channel_axis(side)
+    ratio = torch.linalg.vector_norm(direction, dim=axis) / (torch.linalg.vector_norm(low, dim=axis) + RATIO_EPS)
+    return ratio.unsqueeze(1) if axis == 1 else ratio
+
+
+def tensor_norm_ratio(direction: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """‖direction‖ / (‖low‖ + 1e-8) over the whole matrix (a 0-dim tensor)."""
+    return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low) + RATIO_EPS)
+
+
+def limit_norm_growth(
+    update: torch.Tensor, previous_norm: torch.Tensor, gamma: float = NORM_GROWTH_LIMIT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's norm-growth limiter: (update / ℓ, ‖update‖ / ℓ) with ℓ = max(‖update‖ / (prev + 1e-8), γ) / γ.
+
+    The returned norm is the next step's ``previous_norm``. A ``previous_norm`` of +inf (the first
+    step) gives ℓ = 1: the first update passes unchanged. No host synchronisation.
+    """
+    norm = torch.linalg.vector_norm(update)
+    limiter = torch.clamp(norm / (previous_norm + RATIO_EPS), min=gamma) / gamma
+    return update / limiter, norm / limiter
+
+
+def fira_update(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    direction: torch.Tensor,
+    bases: list[torch.Tensor],
+    side: str,
+    alpha: float,
+    previous_norm: torch.Tensor | None,
+    gamma: float = NORM_GROWTH_LIMIT,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fira's update U = α·project_back(N) + limit((G − α·project_back(R)) ⊙ φ) and the limiter's
+    new norm (None when ``previous_norm`` is None: the limiter is off).
+
+    ``grad`` is G (m×n), ``low`` R = project(G), ``direction`` N (Adam's direction in the subspace,
+    before any step factor), φ from :func:`channel_norm_ratio`. The caller steps W ← W − lr·c_t·U.
+    """
+    scaling = channel_norm_ratio(direction, low, side)
+    residual = proj.add_projected_back_(grad.clone(), low, bases, side, alpha=-alpha)
+    residual.mul_(scaling)
+    new_norm = None
+    if previous_norm is not None:
+        residual, new_norm = limit_norm_growth(residual, previous_norm, gamma)
+    return proj.add_projected_back_(residual, direction, bases, side, alpha=alpha), new_norm
+
+
+def adam_step_factor(group: dict[str, Any], bias_step: int | torch.Tensor) -> float | torch.Tensor:
+    """c_t: what multiplies Adam's direction N as the caller sees it. 1 with ``eps_mode="torch"``
+    (N is m̂/(√v̂+ε) already); √(1−β₂ᵗ)/(1−β₁ᵗ) with ``eps_mode="galore_torch"`` (N = m/(√v+ε))."""
+    if group[EPS_MODE] != "galore_torch":
+        return 1.0
+    beta1, beta2 = (hyperparameter(b) for b in group["betas"])
+    if isinstance(bias_step, torch.Tensor) or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
+        t = torch.as_tensor(bias_step, dtype=torch.float64)
+        b1 = torch.as_tensor(beta1, dtype=torch.float64)
+        b2 = torch.as_tensor(beta2, dtype=torch.float64)
+        return (1.0 - b2**t).sqrt() / (1.0 - b1**t)
+    return math.sqrt(1.0 - beta2**bias_step) / (1.0 - beta1**bias_step)
+
+
+def write_update(
+    p: torch.Tensor,
+    update: torch.Tensor,
+    *,
+    lr: float | torch.Tensor,
+    step_factor: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    decay_after: bool,
+) -> None:
+    """W ← (1 − lr·wd)·W − lr·c_t·U (decay first, as torch's AdamW), or (1 − lr·wd)·(W − lr·c_t·U)
+    (``decay_after``: the reference packages' order, ``eps_mode="galore_torch"``). ``update`` is an
+    (m×n) matrix in the compute dtype; low-precision weights are accumulated there and rounded once."""
+    decay = 1.0 - lr * weight_decay
+    coef = lr * step_factor
+    if decay_after:
+        coef = coef * decay
+    in_place = p.dtype == update.dtype and p.is_contiguous()
+    w = proj.as_matrix(p) if in_place else proj.as_matrix(p).to(update.dtype, copy=True)
+    if isinstance(decay, torch.Tensor) or decay != 1.0:
+        w.mul_(decay)
+    if isinstance(coef, torch.Tensor):
+        w.sub_(update * coef.to(update.dtype))
+    else:
+        w.add_(update, alpha=-coef)
+    if not in_place:
+        p.copy_(w.view_as(p))
+
+
+def check_no_dtensor(optimizer_name: str, param_group: dict[str, Any]) -> None:
+    params = param_group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    for p in params:
+        p = p[1] if isinstance(p, tuple) else p
+        if isinstance(p, torch.Tensor) and _is_dtensor(p):
+            raise NotImplementedError(
+                f"{optimizer_name} does not support FSDP2 (DTensor) parameters yet: its full-rank term "
+                "needs the whole gradient of each matrix; use DDP (replicated parameters) instead"
+            )
+
+
+class FiraAdamW(GaLoreAdamW):
+    """Fira: GaLoreAdamW whose update also carries the residual gradient G − α·P Pᵀ G, scaled per
+    channel by Adam's norm ratio in the subspace and held back by the norm-growth limiter (see the
+    module docstring for the maths).
+
+    Group keys are ``fira``'s: ``rank``, ``update_proj_gap`` (200), ``alpha`` (1.0; the reference
+    scripts use 0.25) and ``proj_type`` (``std``, ``reverse_std``, ``left`` or ``right``; ``full``
+    has no channels and raises). galorex adds ``disable_nl`` (False: True turns the limiter off) and
+    takes every other GaLoreAdamW key and argument the same way: ``refresh_method``,
+    ``moment_policy``, ``eps_mode`` (``"galore_torch"`` reproduces ``fira.FiraAdamW``'s arithmetic,
+    ε on √v and decay after the update; the default ``"torch"`` is torch.optim.AdamW's), ``optim_bits``,
+    ``basis_bits``, ``compile``, ``layerwise`` … GaLore's ``scale`` is not a Fira key: use ``alpha``.
+    Groups without ``rank`` and 1-D parameters are plain AdamW (``torch.optim.AdamW``).
+
+    The α in the residual is the reference's: with α ≠ 1 the term keeps (1 − α) of the in-subspace
+    gradient too. FSDP2 (DTensor) parameters raise; DDP works as for every galorex optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        alpha: float = 1.0,
+        disable_nl: bool = False,
+        **galore_options: Any,
+    ) -> None:
+        if SCALE in galore_options:
+            raise TypeError("FiraAdamW takes alpha (fira's key) for the projected-back scale, not scale")
+        self._extra_defaults = {ALPHA: alpha, DISABLE_NL: disable_nl}
+        super().__init__(params, lr, betas, eps, weight_decay, **galore_options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        check_no_dtensor(type(self).__name__, param_group)
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        super()._validate_group(group, index)
+        alpha = group[ALPHA]
+        if not _is_real(alpha) or isinstance(alpha, torch.Tensor) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"param_groups[{index}]: {ALPHA!r} must be a finite number > 0, got {alpha!r}")
+        if not isinstance(group[DISABLE_NL], bool):
+            raise ValueError(f"param_groups[{index}]: {DISABLE_NL!r} must be True or False, got {group[DISABLE_NL]!r}")
+        if group.get("rank") is None:
+            return
+        if group[SCALE] != 1.0:
+            raise ValueError(
+                f"param_groups[{index}]: 'scale' is GaLore's key; FiraAdamW scales the projected-back "
+                f"update with {ALPHA!r} (fira's key), got scale={group[SCALE]!r}"
+            )
+        if group[PROJ_TYPE] == "full":
+            raise ValueError(
+                f"param_groups[{index}]: {PROJ_TYPE!r} 'full' projects both sides, which leaves no channel "
+                "for Fira's column-wise scaling; use std, reverse_std, left or right"
+            )
+
+    def _init_lowrank_state(self, group, p, state, shape, dtype) -> None:
+        super()._init_lowrank_state(group, p, state, shape, dtype)
+        state[LIMITER_NORM] = torch.full((), math.inf, dtype=dtype, device=p.device)
+
+    def _lowrank_update(self, group: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        params = [it["param"] for it in items]
+        states = [it["state"] if "state" in it else self.state[p] for p, it in zip(params, items)]
+        all_bases = [load_bases(s, it["side"], p, group["rank"]) for p, it, s in zip(params, items, states)]
+        grads, lows = [], []
+        for p, state, bases, it in zip(params, states, all_bases, items):
+            g = self._gradient_matrix(group, p, it.get("grad"))
+            grads.append(g)
+            lows.append(self._project_gradient(group, g, bases, it["side"]))
+            state[STEP] += 1
+        directions = self._lowrank_directions(group, params, lows, states)
+        alpha = float(group[ALPHA])
+        lr, wd = hyperparameter(group["lr"]), hyperparameter(group["weight_decay"])
+        for p, state, bases, it, g, low, d in zip(params, states, all_bases, items, grads, lows, directions):
+            factor = adam_step_factor(group, self._bias_step(group, state))
+            raw = d if isinstance(factor, float) and factor == 1.0 else d / _as(factor, d)
+            previous = None if group[DISABLE_NL] else state[LIMITER_NORM]
+            update, norm = fira_update(g, low, raw, bases, it["side"], alpha, previous)
+            if norm is not None:
+                state[LIMITER_NORM].copy_(norm)
+            write_update(
+                p,
+                update,
+                lr=lr,
+                step_factor=factor,
+                weight_decay=wd,
+                decay_after=group[EPS_MODE] == "galore_torch",
+            )
+
+
+def _as(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    return x.to(device=like.device, dtype=like.dtype) if isinstance(x, torch.Tensor) else x
+
+
+__all__ = [
+    "FiraAdamW",
+    "channel_norm_ratio",
+    "fira_update",
+    "limit_norm_growth",
+    "tensor_norm_ratio",
+]
