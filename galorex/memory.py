@@ -53,7 +53,7 @@ def parameter_state_bytes(
     optim_bits: int = 32,
     basis_bits: int = 32,
     first_moment: bool = False,
-    proj: str = "random",
+    apollo_proj: str = "random",
 ) -> int:
     # optimizer: "galore" (also NaturalGaLoreAdamW with natural_history), "gradnorm_lorp", "adamw",
     # "adafactor" (GaLoreAdafactor; ``first_moment`` when its beta1 is set), "fira", "apollo"
@@ -68,9 +68,9 @@ def parameter_state_bytes(
     a + b numbers, for ≥ 2-D shapes prod(shape[:-1]) + prod(shape[:-2])·shape[-1], for vectors one
     per entry — in float32 (float64 for float64 weights), plus a first moment with ``first_moment``.
     ``optimizer="fira"`` (FiraAdamW): GaLore's state plus the limiter's norm (one compute-dtype
-    scalar). ``optimizer="apollo"`` (ApolloAdamW): with ``proj="svd"`` the same as Fira; with
-    ``proj="random"`` no basis — the two moments, the two step counters, the projection's int64 seed
-    and the limiter's norm.
+    scalar). ``optimizer="apollo"`` (ApolloAdamW): with ``apollo_proj="svd"`` the same as Fira; with
+    ``apollo_proj="random"`` (its group key ``proj``) no basis — the two moments, the two step
+    counters, the projection's int64 seed and the limiter's norm.
     """
     shape = tuple(int(s) for s in shape)
     numel = 1
@@ -100,7 +100,7 @@ def parameter_state_bytes(
         basis_bytes = sum(state8bit.basis_nbytes(a * b, basis_bits) for a, b in proj.basis_shapes(side, m, n, rank))
     else:
         basis_bytes = basis * cbytes
-    if optimizer == "apollo" and proj == "random":
+    if optimizer == "apollo" and apollo_proj == "random":
         basis_bytes = _SEED_BYTES  # regenerated from its seed at every step
     total = moments(lm * ln, cbytes) + basis_bytes + 2 * _SCALAR_BYTES
     if optimizer in ("fira", "apollo"):  # the norm-growth limiter's last norm

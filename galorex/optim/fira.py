@@ -141,20 +141,26 @@ def write_update(
     """W ← (1 − lr·wd)·W − lr·c_t·U (decay first, as torch's AdamW), or (1 − lr·wd)·(W − lr·c_t·U)
     (``decay_after``: the reference packages' order, ``eps_mode="galore_torch"``). ``update`` is an
     (m×n) matrix in the compute dtype; low-precision weights are accumulated there and rounded once."""
-    decay = 1.0 - lr * weight_decay
     coef = lr * step_factor
-    if decay_after:
-        coef = coef * decay
+    shrink = lr * weight_decay  # W ← W − lr·wd·W
     in_place = p.dtype == update.dtype and p.is_contiguous()
     w = proj.as_matrix(p) if in_place else proj.as_matrix(p).to(update.dtype, copy=True)
-    if isinstance(decay, torch.Tensor) or decay != 1.0:
-        w.mul_(decay)
-    if isinstance(coef, torch.Tensor):
-        w.sub_(update * coef.to(update.dtype))
-    else:
-        w.add_(update, alpha=-coef)
+    decays = isinstance(shrink, torch.Tensor) or shrink != 0.0
+    if decays and not decay_after:
+        _axpy_(w, w, -shrink)
+    _axpy_(w, update, -coef)
+    if decays and decay_after:
+        _axpy_(w, w, -shrink)  # as the reference packages write it: p.add_(p, alpha=−lr·wd)
     if not in_place:
         p.copy_(w.view_as(p))
+
+
+def _axpy_(y: torch.Tensor, x: torch.Tensor, a: float | torch.Tensor) -> None:
+    """y ← y + a·x in place; a tensor ``a`` (a compiled step's lr) is applied as a multiplication."""
+    if isinstance(a, torch.Tensor):
+        y.add_(x * a.to(device=x.device, dtype=x.dtype))
+    else:
+        y.add_(x, alpha=a)
 
 
 def check_no_dtensor(optimizer_name: str, param_group: dict[str, Any]) -> None:
