@@ -144,16 +144,17 @@ class ApolloAdamW(GaLoreAdamW):
     Group keys are apollo-torch's: ``rank``; ``proj`` (``"random"``, default, or ``"svd"``);
     ``scale_type`` (``"channel"``, default, or ``"tensor"``); ``scale`` (1.0; the update is
     multiplied by √scale); ``update_proj_gap`` (200); ``proj_type`` (``std`` default,
-    ``reverse_std``, ``left``, ``right``; ``full`` only with ``proj="svd"`` and tensor-wise scaling,
-    the only case with a meaning). apollo-torch's optimizer flags ``scale_front`` and ``disable_nl``
-    are constructor arguments here (and per-group keys). Every other GaLoreAdamW key and argument
-    works as there (``eps_mode="galore_torch"`` reproduces apollo-torch's arithmetic: ε on √v,
-    decay after the update; the default ``"torch"`` is torch.optim.AdamW's), with these limits, each
-    of which raises: with ``proj="random"`` there is no stored basis, so ``basis_bits`` must stay 32,
-    ``refresh_method`` "svd" (it applies to ``proj="svd"``) and ``moment_policy`` "keep" or "reset"
-    (moments cannot be carried between two unrelated random spaces). ``refresh_seed`` (0) offsets the
-    random projections' seeds. Groups without ``rank`` and 1-D parameters are plain AdamW.
-    The rank is clipped to min(m, n) (apollo-torch would draw more rows than the matrix has).
+    ``reverse_std``, ``left``, ``right``; ``full`` raises). apollo-torch's optimizer flags
+    ``scale_front`` and ``disable_nl`` are constructor arguments here (and per-group keys).
+
+    Every other GaLoreAdamW key and argument works as there (``eps_mode="galore_torch"``
+    reproduces apollo-torch's arithmetic: ε on √v, decay after the update; the default ``"torch"``
+    is torch.optim.AdamW's), with these limits, each of which raises: with ``proj="random"`` there
+    is no stored basis, so ``basis_bits`` must stay 32, ``refresh_method`` "svd" (it applies to
+    ``proj="svd"``) and ``moment_policy`` "keep" or "reset" (moments cannot be carried between two
+    unrelated random spaces). ``refresh_seed`` (0) offsets the random projections' seeds. Groups
+    without ``rank`` and 1-D parameters are plain AdamW. The rank is clipped to min(m, n)
+    (apollo-torch would draw more rows than the matrix has).
 
     Differences from apollo-torch, none of which changes a run it can do: ``proj_type`` other than
     ``std`` with channel-wise scaling, which apollo-torch computes along the wrong axis (a shape
@@ -229,11 +230,11 @@ class ApolloAdamW(GaLoreAdamW):
             return
         if isinstance(group[SCALE], torch.Tensor):
             raise bad(SCALE, "must be a number (it enters the update as √scale)")
-        if group[PROJ_TYPE] == "full" and (group[PROJ] == "random" or group[SCALE_TYPE] == "channel"):
+        if group[PROJ_TYPE] == "full":
             raise bad(
                 PROJ_TYPE,
-                "'full' projects both sides: it needs proj='svd' (the random projection is one-sided) "
-                "and scale_type='tensor' (no channel is left unprojected)",
+                "'full' is not an APOLLO projection (the random one is one-sided, channels need an "
+                "unprojected side, and apollo-torch fails on it); use std, reverse_std, left or right",
             )
         if group[PROJ] == "random":
             if group[BASIS_BITS] != 32:
