@@ -26,7 +26,7 @@ from problems import assert_resume_is_bit_for_bit, make_regression_model, regres
 import galorex
 from galorex import ApolloAdamW, galore_param_groups
 from galorex.models.llama import Llama, get_config
-from galorex.optim.apollo import PROJ_SEED, next_seed, random_projection
+from galorex.optim.apollo import PROJ_SEED, apollo_multiplier, apollo_update, next_seed, random_projection
 from galorex.optim.fira import LIMITER_NORM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -81,6 +81,34 @@ def test_other_projection_sides_match_apollo_torch_tensorwise(proj, proj_type):
     there — NotImplementedError for the random projection, a crash at the second SVD step — and
     galorex refuses it, see test_bad_group_keys_name_group_and_key)."""
     _reference_run({"proj": proj, "scale_type": "tensor", "scale": 1.0, "proj_type": proj_type}, {})
+
+
+@pytest.mark.parametrize("limiter", [True, False])
+@pytest.mark.parametrize("scale_front", [False, True])
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_pass_multiplier_equals_the_plain_update(side, scale_type, scale_front, limiter):
+    """The optimizer's path (a multiplier μ, G ⊙ μ written in one addcmul, ‖G ⊙ s‖ from channel
+    norms) against apollo_update, which forms G ⊙ s and limits it as the paper writes it: float64
+    rounding apart (a few ε), for the first step and a limited one."""
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    basis = (
+        torch.randn(9, 3, generator=g, dtype=torch.float64)
+        if side == "left"
+        else torch.randn(7, 3, generator=g, dtype=torch.float64)
+    )
+    low = basis.T @ G if side == "left" else G @ basis
+    direction = torch.randn(low.shape, generator=g, dtype=torch.float64)
+    for previous in (torch.tensor(float("inf"), dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)):
+        prev = previous if limiter else None
+        u, n1 = apollo_update(G, low, direction, side, scale_type, 3.0, scale_front, prev)
+        mu, n2 = apollo_multiplier(G, low, direction, side, scale_type, 3.0, scale_front, prev)
+        torch.testing.assert_close(G * mu, u, rtol=1e-13, atol=0)
+        if limiter:
+            torch.testing.assert_close(n2, n1, rtol=1e-13, atol=0)
+        else:
+            assert n1 is None and n2 is None
 
 
 def test_next_seed_and_projection_are_apollo_torchs():

@@ -217,7 +217,7 @@ def test_llama60m_state_equals_galores_on_meta():
     "keys, match",
     [
         ({"proj_type": "full"}, r"param_groups\[0\]: 'proj_type' 'full'"),
-        ({"scale": 0.25}, r"param_groups\[0\]: 'scale' is GaLore's key.*'alpha'"),
+        ({"scale": 0.25, "alpha": 0.5}, r"param_groups\[0\]: give 'alpha' .* or 'scale' .*not both"),
         ({"alpha": -1.0}, r"param_groups\[0\]: 'alpha' must be a finite number > 0"),
         ({"alpha": float("nan")}, r"'alpha' must be a finite number > 0"),
         ({"disable_nl": 1}, r"param_groups\[0\]: 'disable_nl' must be True or False"),
@@ -227,6 +227,13 @@ def test_bad_group_keys_name_group_and_key(keys, match):
     model = make_regression_model()
     with pytest.raises(ValueError, match=match):
         FiraAdamW(regression_groups(model, rank=8, **keys), lr=1e-3)
+
+
+def test_galore_groups_scale_is_alpha():
+    model = make_regression_model()
+    opt = FiraAdamW(galore_param_groups(model, rank=8, scale=0.3, target_modules="all-linear"), lr=1e-3)
+    assert opt.param_groups[1]["alpha"] == 0.3 and "scale" in opt.param_groups[1]
+    assert opt.param_groups[1]["scale"] == 1.0  # GaLore's key itself is unused (its default)
 
 
 def test_scale_argument_is_refused():

@@ -54,12 +54,14 @@ from .base import (
 from .fira import (
     DISABLE_NL,
     LIMITER_NORM,
+    NORM_GROWTH_LIMIT,
+    RATIO_EPS,
+    _axpy_,
     adam_step_factor,
     channel_norm_ratio,
     check_no_dtensor,
     limit_norm_growth,
     tensor_norm_ratio,
-    write_update,
 )
 from .galore import GaLoreAdamW
 
@@ -136,6 +138,41 @@ def apollo_update(
     if not scale_front:
         update = update * root
     return update, new_norm
+
+
+def apollo_multiplier(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    direction: torch.Tensor,
+    side: str,
+    scale_type: str,
+    scale: float,
+    scale_front: bool,
+    previous_norm: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same step as :func:`apollo_update` as a multiplier μ with U = G ⊙ μ — per channel
+    ((m, 1) or (n,)) or one number — and the limiter's new norm, without forming G ⊙ s: the
+    limiter needs only ‖G ⊙ s‖ = ‖(‖G_c‖·s_c)_c‖. The optimizer then writes W in one pass
+    (``addcmul``) instead of five over full-size temporaries."""
+    if scale_type == "channel":
+        ratio = channel_norm_ratio(direction, low, side)
+    elif scale_type == "tensor":
+        ratio = tensor_norm_ratio(direction, low)
+    else:
+        raise ValueError(f"unknown scale_type {scale_type!r}; expected one of {SCALE_TYPES}")
+    root = math.sqrt(scale)
+    if previous_norm is None:
+        return ratio * root, None
+    if scale_type == "channel":
+        axis = 1 if side == "right" else 0
+        grad_norms = torch.linalg.vector_norm(grad, dim=axis)
+        norm = torch.linalg.vector_norm(grad_norms * ratio.reshape(grad_norms.shape))
+    else:
+        norm = torch.linalg.vector_norm(grad) * ratio
+    if scale_front:
+        norm = norm * root
+    limiter = torch.clamp(norm / (previous_norm + RATIO_EPS), min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+    return ratio * (root / limiter), norm / limiter
 
 
 class ApolloAdamW(GaLoreAdamW):
@@ -319,13 +356,19 @@ class ApolloAdamW(GaLoreAdamW):
             factor = adam_step_factor(group, self._bias_step(group, state))
             raw = d if isinstance(factor, float) and factor == 1.0 else d / _as(factor, d)
             previous = None if group[DISABLE_NL] else state[LIMITER_NORM]
-            update, norm = apollo_update(
+            multiplier, norm = apollo_multiplier(
                 g, low, raw, it["side"], group[SCALE_TYPE], float(group[SCALE]), group[SCALE_FRONT], previous
             )
             if norm is not None:
                 state[LIMITER_NORM].copy_(norm)
-            write_update(
-                p, update, lr=lr, step_factor=factor, weight_decay=wd, decay_after=group[EPS_MODE] == "galore_torch"
+            _write_scaled_gradient(
+                p,
+                g,
+                multiplier,
+                lr=lr,
+                step_factor=factor,
+                weight_decay=wd,
+                decay_after=group[EPS_MODE] == "galore_torch",
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -353,8 +396,36 @@ class ApolloAdamW(GaLoreAdamW):
             self.state[p] = restored
 
 
+def _write_scaled_gradient(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    multiplier: torch.Tensor,
+    *,
+    lr: float | torch.Tensor,
+    step_factor: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    decay_after: bool,
+) -> None:
+    """W ← W − lr·c_t·(G ⊙ μ) with decoupled decay before it (torch's AdamW) or after it
+    (``decay_after``, the reference packages' order), as fira.write_update does with U = G ⊙ μ,
+    but in one ``addcmul`` over G and W (μ is per channel or one number)."""
+    shrink = lr * weight_decay
+    in_place = p.dtype == grad.dtype and p.is_contiguous()
+    w = proj.as_matrix(p) if in_place else proj.as_matrix(p).to(grad.dtype, copy=True)
+    decays = isinstance(shrink, torch.Tensor) or shrink != 0.0
+    if decays and not decay_after:
+        _axpy_(w, w, -shrink)
+    coef = lr * step_factor
+    coef = coef.to(device=multiplier.device, dtype=multiplier.dtype) if isinstance(coef, torch.Tensor) else coef
+    w.addcmul_(grad, multiplier * -coef)
+    if decays and decay_after:
+        _axpy_(w, w, -shrink)
+    if not in_place:
+        p.copy_(w.view_as(p))
+
+
 def _as(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
     return x.to(device=like.device, dtype=like.dtype) if isinstance(x, torch.Tensor) else x
 
 
-__all__ = ["ApolloAdamW", "apollo_update", "next_seed", "random_projection"]
+__all__ = ["ApolloAdamW", "apollo_multiplier", "apollo_update", "next_seed", "random_projection"]

@@ -134,13 +134,10 @@ DEFAULT_SCALE.update({"fira": 0.25, "apollo": 1.0})
 
 
 def _build_norm_scaled(name, groups, lr, betas, eps, weight_decay, optim_bits, lw) -> torch.optim.Optimizer:
-    """FiraAdamW / ApolloAdamW / APOLLO-Mini on galore_param_groups' groups, whose ``scale`` key
-    becomes Fira's ``alpha`` (the same role: it multiplies project_back)."""
+    """FiraAdamW / ApolloAdamW / APOLLO-Mini on galore_param_groups' groups (whose ``scale`` key
+    FiraAdamW takes as its ``alpha``: the same role, it multiplies project_back)."""
     common = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, **lw)
     if name == "fira":
-        for g in groups:
-            if "rank" in g:
-                g["alpha"] = g.pop("scale")
         return FiraAdamW(groups, **common)
     if name == "apollo":
         return ApolloAdamW(groups, **common)

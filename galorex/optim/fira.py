@@ -186,7 +186,8 @@ class FiraAdamW(GaLoreAdamW):
     takes every other GaLoreAdamW key and argument the same way: ``refresh_method``,
     ``moment_policy``, ``eps_mode`` (``"galore_torch"`` reproduces ``fira.FiraAdamW``'s arithmetic,
     ε on √v and decay after the update; the default ``"torch"`` is torch.optim.AdamW's), ``optim_bits``,
-    ``basis_bits``, ``compile``, ``layerwise`` … GaLore's ``scale`` is not a Fira key: use ``alpha``.
+    ``basis_bits``, ``compile``, ``layerwise`` … A group's ``scale`` (GaLore's name, as
+    ``galore_param_groups`` writes it) is taken as its ``alpha``; a group with both raises.
     Groups without ``rank`` and 1-D parameters are plain AdamW (``torch.optim.AdamW``).
 
     The α in the residual is the reference's: with α ≠ 1 the term keeps (1 − α) of the in-subspace
@@ -212,6 +213,15 @@ class FiraAdamW(GaLoreAdamW):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_no_dtensor(type(self).__name__, param_group)
+        if SCALE in param_group:
+            # GaLore's groups (galore_param_groups) name the same multiplier "scale".
+            if ALPHA in param_group:
+                raise ValueError(
+                    f"param_groups[{len(self.param_groups)}]: give {ALPHA!r} (fira's key) or 'scale' (GaLore's, "
+                    f"taken as alpha), not both; got alpha={param_group[ALPHA]!r}, scale={param_group[SCALE]!r}"
+                )
+            param_group = dict(param_group)
+            param_group[ALPHA] = param_group.pop(SCALE)
         super().add_param_group(param_group)
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -223,11 +233,6 @@ class FiraAdamW(GaLoreAdamW):
             raise ValueError(f"param_groups[{index}]: {DISABLE_NL!r} must be True or False, got {group[DISABLE_NL]!r}")
         if group.get("rank") is None:
             return
-        if group[SCALE] != 1.0:
-            raise ValueError(
-                f"param_groups[{index}]: 'scale' is GaLore's key; FiraAdamW scales the projected-back "
-                f"update with {ALPHA!r} (fira's key), got scale={group[SCALE]!r}"
-            )
         if group[PROJ_TYPE] == "full":
             raise ValueError(
                 f"param_groups[{index}]: {PROJ_TYPE!r} 'full' projects both sides, which leaves no channel "
