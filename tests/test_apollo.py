@@ -333,3 +333,33 @@ def test_unprojected_groups_are_torch_adamw():
     train_regression(ref, torch_opt, 5)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fira", "apollo", "apollo-mini"])
+def test_galorex_train_runs_them_with_their_own_defaults(tmp_path, name):
+    """`galorex-train --optimizer fira|apollo|apollo-mini`: without --lr/--scale each gets its own
+    defaults (factory.DEFAULT_LR, DEFAULT_SCALE; APOLLO-Mini its preset), recorded in the run's
+    config, and the checkpoint loads with weights_only=True."""
+    from problems import tiny_train_args
+
+    from galorex.optim.factory import DEFAULT_LR
+    from galorex.train.cli import main
+
+    out = tmp_path / "run"
+    assert main(tiny_train_args(sample_tokens=0) + ["--optimizer", name, "--steps", "2", "--out", str(out)]) == 0
+    ckpt = torch.load(sorted(out.glob("**/ckpt-*.pt"))[-1], weights_only=True)
+    assert ckpt["config"]["lr"] == DEFAULT_LR[name]
+    projected = [g for g in ckpt["optimizer"]["param_groups"] if g.get("rank")]
+    expected = {
+        "fira": {"alpha": 0.25, "rank": 32},
+        "apollo": {"scale": 1.0, "proj": "random", "scale_type": "channel", "rank": 32},
+        "apollo-mini": {"scale": 128.0, "proj": "random", "scale_type": "tensor", "rank": 1},
+    }[name]
+    assert projected and all({k: g[k] for k in expected} == expected for g in projected)
+
+
+def test_factory_refuses_a_scale_for_apollo_mini():
+    from galorex.optim.factory import build_optimizer
+
+    with pytest.raises(ValueError, match="apollo-mini sets its scale"):
+        build_optimizer("apollo-mini", Llama(get_config("llama-tiny")), lr=1e-3, scale=2.0)
