@@ -363,3 +363,22 @@ def test_factory_refuses_a_scale_for_apollo_mini():
 
     with pytest.raises(ValueError, match="apollo-mini sets its scale"):
         build_optimizer("apollo-mini", Llama(get_config("llama-tiny")), lr=1e-3, scale=2.0)
+
+
+def test_fsdp2_parameters_are_refused():
+    """A DTensor (FSDP2-sharded) parameter raises a ValueError naming the optimizer, for both."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from galorex import FiraAdamW
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        for cls in (FiraAdamW, ApolloAdamW):
+            with pytest.raises(ValueError, match=f"{cls.__name__} does not support FSDP2"):
+                cls([{"params": [w], "rank": 2}], lr=1e-3)
+    finally:
+        dist.destroy_process_group()

@@ -169,7 +169,7 @@ def check_no_dtensor(optimizer_name: str, param_group: dict[str, Any]) -> None:
     for p in params:
         p = p[1] if isinstance(p, tuple) else p
         if isinstance(p, torch.Tensor) and _is_dtensor(p):
-            raise NotImplementedError(
+            raise ValueError(
                 f"{optimizer_name} does not support FSDP2 (DTensor) parameters yet: its full-rank term "
                 "needs the whole gradient of each matrix; use DDP (replicated parameters) instead"
             )
