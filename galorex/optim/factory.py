@@ -144,8 +144,9 @@ def _build_norm_scaled(name, groups, lr, betas, eps, weight_decay, optim_bits, l
     return ApolloAdamW.mini(groups, **common)
 
 
-# The learning rate galorex-train uses when --lr is not given: each optimizer's best on llama-tiny
-# (docs/benchmarks.md, "Default learning rates"); the ones not swept there keep the former shared 3e-3.
+# The learning rate galorex-train uses when --lr is not given, per optimizer. Meant to hold each
+# optimizer's best on llama-tiny; the sweep that would choose them has not been run to the end
+# (docs/benchmarks.md, "Quality on llama-tiny"), so every optimizer keeps the former shared 3e-3.
 DEFAULT_LR = {name: 3e-3 for name in AVAILABLE}
 
 

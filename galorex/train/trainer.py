@@ -90,7 +90,7 @@ class TrainConfig:
     optim_bits: int = 32
     basis_bits: int = 32
     basis_rotation: bool = False
-    lr: float | None = None  # None: the optimizer's own best on llama-tiny (factory.DEFAULT_LR)
+    lr: float | None = None  # None: the optimizer's own (factory.DEFAULT_LR)
     min_lr_ratio: float = 0.1
     warmup: int = 20
     weight_decay: float = 0.0
