@@ -156,6 +156,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     runs[FLOOR] = _ArithmeticFloor(groups())
     if args.natural_history > 0:
         runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
+    runs.update(_norm_scaled_optimizers(model, args.rank, gap))
 
     # Warm-up (includes the first refresh), then interleave the optimizers so that machine noise
     # hits all of them alike. Parameters drift a little; the work per step does not change.
@@ -179,6 +180,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         refresh_runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(
             every(), lr=1e-3, natural_history=args.natural_history
         )
+    refresh_runs.update(_norm_scaled_optimizers(model, args.rank, 1))
     refresh_times = _time_interleaved(refresh_runs, args.refresh_repeats, set_grads, device)
     del refresh_runs
 
@@ -199,6 +201,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             "galorex GaLoreAdamW (fused=True)": analytic_galore,
             "galorex NaturalGaLoreAdamW": analytic_natural,
             "torch AdamW (foreach)": analytic_adamw,
+            **_norm_scaled_estimates(model, args.rank),
         }.get(name)
         ratio = med / ref_median if ref_median else None  # galore-torch not installed
         refresh = statistics.median(refresh_times[name]) if refresh_times.get(name) else None
@@ -321,6 +324,7 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         "Natural GaLore 32-bit (s=8)": (NaturalGaLoreAdamW, "galore", {"natural_history": 8}),
         "GradNormLoRP 8-bit": (GradNormLoRPAdamW, "gradnorm_lorp", {"optim_bits": 8}),
         "GradNormLoRP 8-bit, 4-bit basis": (GradNormLoRPAdamW, "gradnorm_lorp", {"optim_bits": 8, "basis_bits": 4}),
+        **NORM_SCALED_MEMORY_VARIANTS,
     }
     rows, results = [], []
     for name in args.models:
@@ -335,6 +339,7 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         }
         projected_only = {}
         for label, (_, kind, options) in variants.items():
+            groups = _memory_groups(model, args.rank, label)
             row[label] = estimate_optimizer_state_bytes(groups, optimizer=kind, **options)
             projected_only[label] = estimate_optimizer_state_bytes([groups[-1]], optimizer=kind, **options)
         row["projected_ratio_gradnorm8_vs_galore32"] = (
@@ -347,7 +352,7 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         if model.num_parameters() <= args.measure_up_to:
             for label, (cls, _kind, options) in variants.items():
                 real = Llama(cfg)
-                opt = cls(galore_param_groups(real, rank=args.rank, scale=0.25), lr=1e-3, **options)
+                opt = cls(_memory_groups(real, args.rank, label), lr=1e-3, **options)
                 for p in real.parameters():
                     p.grad = torch.randn_like(p) * 1e-3
                 opt.step()
@@ -381,6 +386,52 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     data = {"env": _env(), "rank": args.rank, "results": results}
     _write(Path(args.out), "memory", table, data)
     return data
+
+
+def _memory_groups(model, rank: int, label: str) -> list[dict[str, Any]]:
+    """The memory table's groups: GaLore's at ``rank``, with Fira's ``alpha`` for Fira and rank 1
+    for APOLLO-Mini."""
+    if label.startswith("Fira"):
+        return galore_param_groups(model, rank=rank, scale=0.25)  # FiraAdamW reads it as alpha
+    if label.startswith("APOLLO-Mini"):
+        return galore_param_groups(model, rank=1, scale=128.0, scale_type="tensor")
+    return galore_param_groups(model, rank=rank, scale=1.0 if label.startswith("APOLLO") else 0.25)
+
+
+def _norm_scaled_optimizers(model, rank: int, gap: int) -> dict[str, torch.optim.Optimizer]:
+    """The step benchmark's FiraAdamW, ApolloAdamW (random, channel-wise) and APOLLO-Mini."""
+    from ..optim import ApolloAdamW, FiraAdamW
+
+    return {
+        "galorex FiraAdamW": FiraAdamW(galore_param_groups(model, rank=rank, update_proj_gap=gap), lr=1e-3),
+        "galorex ApolloAdamW": ApolloAdamW(
+            galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=1.0), lr=1e-3
+        ),
+        "galorex APOLLO-Mini": ApolloAdamW.mini(galore_param_groups(model, update_proj_gap=gap), lr=1e-3),
+    }
+
+
+def _norm_scaled_estimates(model, rank: int) -> dict[str, int]:
+    return {
+        "galorex FiraAdamW": estimate_optimizer_state_bytes(galore_param_groups(model, rank=rank), optimizer="fira"),
+        "galorex ApolloAdamW": estimate_optimizer_state_bytes(
+            galore_param_groups(model, rank=rank), optimizer="apollo"
+        ),
+        "galorex APOLLO-Mini": estimate_optimizer_state_bytes(galore_param_groups(model, rank=1), optimizer="apollo"),
+    }
+
+
+def _norm_scaled_memory_variants() -> dict[str, tuple[Any, str, dict[str, Any]]]:
+    from ..optim import ApolloAdamW, FiraAdamW
+
+    return {
+        "Fira 32-bit": (FiraAdamW, "fira", {}),
+        "APOLLO 32-bit": (ApolloAdamW, "apollo", {}),
+        "APOLLO-Mini 32-bit": (ApolloAdamW, "apollo", {}),
+    }
+
+
+NORM_SCALED_MEMORY_VARIANTS = _norm_scaled_memory_variants()
 
 
 # ----------------------------------------------------------------------------- train-reference

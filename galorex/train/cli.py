@@ -28,10 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.model,
         help="llama-tiny, llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, or a JSON config file",
     )
-    a("--optimizer", default=d.optimizer, help="adamw | galore | natural-galore | gradnorm-lorp | galore-adafactor")
+    a(
+        "--optimizer",
+        default=d.optimizer,
+        help="adamw | galore | natural-galore | gradnorm-lorp | galore-adafactor | fira | apollo | apollo-mini "
+        "(apollo-mini: rank 1, tensor-wise, scale 128 of its own; --rank and --scale do not apply)",
+    )
     a("--rank", type=int, default=d.rank, help="GaLore rank")
     a("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between basis refreshes")
-    a("--scale", type=float, default=d.scale, help="GaLore scale of the projected-back update")
+    a(
+        "--scale",
+        type=float,
+        default=d.scale,
+        help="scale of the projected-back update (GaLore's scale, Fira's alpha, APOLLO's scale); "
+        "default: the optimizer's own (0.25; apollo 1)",
+    )
     a("--proj-type", default=d.proj_type, help="std | reverse_std | left | right | full")
     a("--refresh-method", default=d.refresh_method, help="svd | randomized")
     a("--moment-policy", default=d.moment_policy, help="keep | reset | reproject")
@@ -62,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.basis_rotation,
         help="Hadamard-rotate 4/8-bit bases before quantising them (needs --basis-bits 4 or 8)",
     )
-    a("--lr", type=float, default=d.lr, help="peak learning rate")
+    a(
+        "--lr",
+        type=float,
+        default=d.lr,
+        help="peak learning rate (default: the optimizer's own, galorex.optim.factory.DEFAULT_LR; 3e-3 for all today)",
+    )
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
     a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     a("--weight-decay", type=float, default=d.weight_decay)

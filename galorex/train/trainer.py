@@ -22,7 +22,7 @@ import torch
 
 from ..memory import optimizer_state_bytes
 from ..models.llama import Llama, LlamaConfig, get_config
-from ..optim.factory import AVAILABLE, PLANNED, build_optimizer
+from ..optim.factory import AVAILABLE, DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
 from ..optim.sharded import local_state_bytes
 from . import distributed
 from .atomic import atomic_write
@@ -88,7 +88,7 @@ class TrainConfig:
     optimizer: str = "galore"
     rank: int = 32
     update_proj_gap: int = 100
-    scale: float = 0.25
+    scale: float | None = None  # None: the optimizer's own (factory.DEFAULT_SCALE)
     proj_type: str = "std"
     refresh_method: str = "svd"
     moment_policy: str = "keep"
@@ -97,7 +97,7 @@ class TrainConfig:
     optim_bits: int = 32
     basis_bits: int = 32
     basis_rotation: bool = False
-    lr: float = 3e-3
+    lr: float | None = None  # None: the optimizer's own (factory.DEFAULT_LR)
     min_lr_ratio: float = 0.1
     warmup: int = 20
     weight_decay: float = 0.0
@@ -185,7 +185,7 @@ def _check_config(cfg: TrainConfig) -> None:
     for key in ("steps", "warmup", "eval_every", "save_every", "sample_tokens"):
         if getattr(cfg, key) < 0:
             raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.halo is not None and cfg.halo not in (0, 1, 2):
         raise TrainError(f"--halo must be 0, 1 or 2, got {cfg.halo}")
@@ -405,6 +405,10 @@ def train(
     ``make_optimizer(model, **options)`` replaces :func:`galorex.optim.factory.build_optimizer`
     (same options), e.g. to run another library's optimizer through the same loop.
     """
+    if cfg.lr is None and cfg.optimizer in AVAILABLE:
+        cfg = dataclasses.replace(cfg, lr=default_lr(cfg.optimizer))
+    if cfg.scale is None and cfg.optimizer in DEFAULT_SCALE:  # apollo-mini keeps None: it sets its own
+        cfg = dataclasses.replace(cfg, scale=DEFAULT_SCALE[cfg.optimizer])
     _check_config(cfg)
     try:
         ctx, device_name = distributed.setup(cfg.distributed, cfg.device, cfg.batch_size)
