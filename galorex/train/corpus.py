@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
-from .data import DataError, Tokenizer, _one_line
+from .tokens import DataError, Tokenizer, _one_line
 
 __all__ = ["TEXT_KINDS", "COMPRESSIONS", "corpus_files", "iter_text", "iter_pieces", "tokenize_corpus"]
 
@@ -284,7 +284,7 @@ def iter_pieces(blocks: Iterator[str], piece_chars: int = PIECE_CHARS) -> Iterat
 
 # --------------------------------------------------------------------------- encoding
 def _encoder(tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
-    from .data import ByteTokenizer
+    from .tokens import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer) and type(tokenizer).encode is ByteTokenizer.encode:
         # Same ids as ByteTokenizer.encode, without a Python int per byte.
@@ -461,7 +461,7 @@ def tokenize_corpus(
         raise DataError(f"--workers must be >= 1, got {workers}")
     if on_piece is not None and workers not in (None, 1):
         raise DataError("on_piece needs workers=1 (it runs in the tokenising process)")
-    from .data import _token_dtype
+    from .tokens import _token_dtype
 
     dtype = _token_dtype(int(tokenizer.vocab_size))
     name = str(tokenizer.name)

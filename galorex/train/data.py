@@ -20,12 +20,12 @@ import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write
+from .tokens import ByteTokenizer, DataError, Tokenizer, _one_line
 
 __all__ = [
     "DataError",
@@ -43,15 +43,6 @@ __all__ = [
     "unigram_entropy",
     "load_hf_dataset_stream",
 ]
-
-
-class DataError(ValueError):
-    """A user-facing data problem (bad path, empty corpus, too little data...)."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------
@@ -78,37 +69,6 @@ def default_corpus_path() -> Path:
 # --------------------------------------------------------------------------
 # tokenizers
 # --------------------------------------------------------------------------
-
-
-class Tokenizer(Protocol):
-    """What the pipeline needs from a tokenizer.
-
-    ``name`` must identify the exact token mapping: it keys the token cache.
-    """
-
-    name: str
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256); needs no files and never fails."""
-
-    name = "byte"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        # Sampled byte sequences are often not valid UTF-8.
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer()"
 
 
 class HFTokenizer:
@@ -225,10 +185,6 @@ def read_corpus_texts(path: str | os.PathLike[str], text_field: str = "text") ->
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "galorex" / "tokens"
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 def prepare_tokens(
