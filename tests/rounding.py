@@ -121,6 +121,25 @@ def adam_step_bounds(
 def worst_ratio(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> float:
     """max |actual − expected| / tol (0 where both are equal): ≤ 1 means within the bound."""
     diff = (actual.detach().double() - expected.detach().double()).abs()
-    tol = tol.reshape(diff.shape)
+    tol = torch.as_tensor(tol, dtype=torch.float64).expand_as(diff) if tol.numel() == 1 else tol.reshape(diff.shape)
     ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / tol.clamp_min(1e-300))
     return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def update_bounds(w0: torch.Tensor, w_ref: torch.Tensor, k: int) -> torch.Tensor:
+    """Bound on |a − b| for two float32 evaluations a, b of one step W0 → W' from the same gradient and
+    state, where the reference took W0 to ``w_ref``: 2·(4u·|W0| + (γ_k + 16u)·max|W' − W0|).
+
+    For a step that is not written out term by term here (Adafactor, the natural gradient's
+    Woodbury solve, the weight-norm reparametrisation): its update is a chain of products whose
+    sums have at most ``k`` terms (γ_k) and of at most 16 elementwise roundings, each error bounded
+    relative to the largest update entry (norm-wise, not entry by entry), plus the rounding of
+    decay·W0 + update (4u·|W0|)."""
+    w0 = w0.detach().double()
+    update = (w_ref.detach().double() - w0).abs().max()
+    return 2 * (4 * U32 * w0.abs() + (gamma(k) + 16 * U32) * update)
+
+
+def state_bounds(ref: torch.Tensor, k: int) -> torch.Tensor:
+    """The same for an optimizer state tensor: 2·(γ_k + 16u)·max|s| (norm-wise)."""
+    return 2 * (gamma(k) + 16 * U32) * ref.detach().double().abs().max()
