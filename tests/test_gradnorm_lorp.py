@@ -122,16 +122,22 @@ class Reference:
         d = (m / (1 - b1**self.t)) / (v.sqrt() / math.sqrt(1 - b2**self.t) + self.eps)
         return m, v, d
 
-    def step(self, grad):
+    def step(self, grad, bases=None):
+        """One step on ``grad``; at a refresh, with ``bases`` given, those are used instead of the SVD's
+        own (which, with the refreshed matrix and its singular values, stay in ``self.refresh``)."""
+        self.refresh = None
         g = self.w.norm(dim=1)
         vh = self.w / g[:, None]
         radial = (grad * vh).sum(dim=1)
         d = g[:, None] * (grad - radial[:, None] * vh)
         if self.t % self.gap == 0:
-            u, _, vt = torch.linalg.svd(d, full_matrices=False)
+            u, s, vt = torch.linalg.svd(d, full_matrices=False)
             r = min(self.rank, *d.shape)
             left, right = u[:, :r], vt[:r].T
             self.bases = {"left": [left], "right": [right], "full": [left, right]}[self.side]
+            self.refresh = (d, s)
+            if bases is not None:
+                self.bases = bases
         self.t += 1
         low = _project(d, self.bases, self.side)
         if self.m is None:
@@ -148,6 +154,34 @@ def _ref_loss(w, x, y):
     return (torch.tanh(x @ w.T) - y).square().mean()
 
 
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def _assert_basis_within_davis_kahan(ours, d, s, r, what):
+    """Each of our basis vectors against the reference's SVD of the same refreshed matrix d, up to
+    sign. Ours came from a d computed by other float64 operations (weight_norm_gradients), and
+    both SVDs are backward stable, so ours are singular vectors of d + E with ‖E‖ ≤ 64·k·ε·‖d‖
+    (k = the larger dimension: the entries of d are sums of k products, the SVD's backward error is
+    a small multiple of k·ε·‖d‖). A singular vector then moves by at most √2·‖E‖/gapᵢ (Davis–Kahan,
+    Wedin), gapᵢ the distance from σᵢ to its neighbours; a vector whose σᵢ is not separated by
+    more than 2‖E‖ is not determined by d and is not checked alone (the span is, by the same bound
+    with the gap σᵣ − σᵣ₊₁)."""
+    k = max(d.shape)
+    e = 64 * k * EPS64 * float(s[0])
+    sigma = torch.cat([s.new_tensor([math.inf]), s, s.new_tensor([0.0])])
+    for basis, exact in ours:
+        if float(sigma[r] - sigma[r + 1]) > 2 * e:
+            span = (basis @ basis.T - exact @ exact.T).norm(2)
+            assert span <= math.sqrt(2) * e / float(sigma[r] - sigma[r + 1]), f"{what}: span off by {span:.3g}"
+        for i in range(r):
+            gap = float(torch.minimum(sigma[i] - sigma[i + 1], sigma[i + 1] - sigma[i + 2]))
+            if gap <= 2 * e:
+                continue
+            sign = 1.0 if float(basis[:, i] @ exact[:, i]) >= 0 else -1.0
+            off = float((basis[:, i] - sign * exact[:, i]).norm())
+            assert off <= math.sqrt(2) * e / gap, f"{what}: vector {i} off by {off:.3g} > {math.sqrt(2) * e / gap:.3g}"
+
+
 @pytest.mark.parametrize(
     "proj_type,shape,side",
     [
@@ -158,6 +192,12 @@ def _ref_loss(w, x, y):
     ],
 )
 def test_step_matches_float64_reference(proj_type, shape, side):
+    """15 steps (refreshes at 0, 5, 10), each from our weights and moments: the reference's step,
+    written out in float64, to 1e-10 of the weights' scale (one float64 step differs by up to ~2e-12
+    here: Adam's first step D = R/(|R| + ε) turns rounding of a near-zero R into ~ε⁻¹ times more). At a
+    refresh our bases are checked against the reference's SVD of the same matrix within the
+    Davis–Kahan bound, and the step is then compared on our bases: a whole-trajectory comparison
+    would let each refresh amplify float64 rounding by 1/gap (it reached 4e-11 of 1e-10 for full)."""
     m, n = shape
     gen = torch.Generator().manual_seed(m * 100 + n)
     w0 = torch.randn(m, n, generator=gen, dtype=torch.float64) / math.sqrt(n)
@@ -180,19 +220,36 @@ def test_step_matches_float64_reference(proj_type, shape, side):
         weight_decay=kw["wd"],
     )
     assert opt.side_of(opt.param_groups[0], p) == side
-    for _ in range(15):
+    keys = ["basis_left", "basis_right"] if side == "full" else ["basis"]
+    for step in range(15):
+        st_ = opt.state[p]
+        if st_:  # the reference continues from our weights and moments
+            ref.w = p.detach().clone()
+            ref.m, ref.v = st_["exp_avg"].clone(), st_["exp_avg_sq"].clone()
+            ref.gm, ref.gv = st_["mag_exp_avg"].clone(), st_["mag_exp_avg_sq"].clone()
+            ref.bases = [st_[k].clone() for k in keys]
         opt.zero_grad()
         _ref_loss(p, x, y).backward()
         opt.step()
+        ours = [opt.state[p][k] for k in keys]
         w_ref = ref.w.clone().requires_grad_(True)
         _ref_loss(w_ref, x, y).backward()
-        ref.step(w_ref.grad)
+        ref.step(w_ref.grad, bases=[b.clone() for b in ours] if step % kw["gap"] == 0 else None)
+        if ref.refresh is not None:
+            d, s = ref.refresh
+            u, _, vt = torch.linalg.svd(d, full_matrices=False)
+            exact = {"left": [u], "right": [vt.T], "full": [u, vt.T]}[side]
+            r = ours[0].shape[1]
+            _assert_basis_within_davis_kahan([(b, e[:, :r]) for b, e in zip(ours, exact)], d, s, r, f"step {step}")
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(ours, ref.bases))  # unchanged between refreshes
         err = (p.detach() - ref.w).abs().max() / ref.w.abs().max()
         assert err < 1e-10, f"step {ref.t}: relative error {err:.3g}"
         # 3. each row's norm is the updated magnitude's absolute value
         row_err = (p.detach().norm(dim=1) - ref.last_g.abs()).abs().max() / ref.last_g.abs().max()
         assert row_err < 1e-10
     assert p.detach().norm(dim=1).min() > 0
+    assert (p.detach() - w0).abs().max() > 1e-2  # it moved: the comparison is not vacuous
 
 
 def test_row_norms_equal_abs_magnitude_through_a_sign_flip():
