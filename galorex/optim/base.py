@@ -48,6 +48,10 @@ BASIS_ROTATION = "basis_rotation"
 
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
+# Elements per slice of an unprojected weight stepped with 8-bit moments (a multiple of the 8-bit
+# block size, so each slice quantises exactly the blocks the whole tensor would).
+DENSE_8BIT_CHUNK = 1 << 22
+
 # ``compile=``: False (eager), True (torch.compile with fullgraph=True), or torch.compile options.
 CompileOption = bool | dict[str, Any]
 
@@ -620,6 +624,15 @@ class LowRankOptimizer(Optimizer):
         from .galore import adam_directions
 
         eight_bit = _eight_bit(group)
+        if eight_bit:
+            # A large weight (an embedding or output head) steps slice by slice: its float32
+            # moments, gradient and direction would otherwise be ~8x its 8-bit state at once.
+            big = [p for p in params if p.numel() > DENSE_8BIT_CHUNK and p.is_contiguous()]
+            for p in big:
+                _dense_adamw_8bit_chunked(self.state[p], p, group)
+            params = [p for p in params if not any(p is b for b in big)]
+            if not params:
+                return
         states = []
         for p in params:
             state = self.state[p]
@@ -825,6 +838,66 @@ class LowRankOptimizer(Optimizer):
                 else:
                     restored[key] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
             self.state[p] = restored
+
+
+@torch.no_grad()
+def _dense_adamw_8bit_chunked(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
+    """``_dense_adamw_foreach``'s 8-bit step of one contiguous weight, DENSE_8BIT_CHUNK elements
+    at a time: every operation is elementwise or per 8-bit block and slices align with the blocks,
+    so the result is bit for bit the unsliced one, with float32 temporaries of one slice only (on
+    one intra-op thread; with several, torch's elementwise kernels round a bf16 weight's update
+    differently at the edges of each thread's range, which sit elsewhere in a slice: one bf16
+    rounding at those few elements, the moments unchanged)."""
+    from .galore import adam_directions
+
+    block = state8bit.BLOCK_SIZE
+    assert DENSE_8BIT_CHUNK % block == 0
+    n = p.numel()
+    if not state:
+        state[STEP] = torch.zeros((), dtype=torch.float32)
+        for key in ADAM_MOMENTS:
+            state[key + "_q"] = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+            state[key + "_absmax"] = torch.empty(-(-n // block), dtype=torch.float32, device=p.device)
+        fresh = True
+    else:
+        fresh = False
+    state[STEP] += 1
+    step = int(state[STEP].item())
+    beta1, beta2 = group["betas"]
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+    for a in range(0, n, DENSE_8BIT_CHUNK):
+        b = min(n, a + DENSE_8BIT_CHUNK)
+        blocks = slice(a // block, -(-b // block))
+        moments = []
+        for key in ADAM_MOMENTS:
+            q, absmax = state[key + "_q"].view(-1)[a:b], state[key + "_absmax"][blocks]
+            if fresh:
+                moments.append(torch.zeros(b - a, dtype=torch.float32, device=p.device))
+            else:
+                moments.append(state8bit.unpack_moment({"q": q, "absmax": absmax}, (b - a,), _moment_kind(key)))
+        m, v = moments
+        g = flat_g[a:b].to(m.dtype)
+        (direction,) = adam_directions(
+            [g], [m], [v], [step], float(beta1), float(beta2), float(group["eps"]), group[EPS_MODE]
+        )
+        # pack_moment's two codes, called directly: a short last slice is still 8-bit here.
+        q, absmax = state8bit.quantize_blockwise(m, state8bit.signed_code(p.device), block)
+        state[EXP_AVG + "_q"].view(-1)[a:b].copy_(q)
+        state[EXP_AVG + "_absmax"][blocks].copy_(absmax)
+        q, absmax = state8bit.quantize_second_moment(v, block)
+        state[EXP_AVG_SQ + "_q"].view(-1)[a:b].copy_(q)
+        state[EXP_AVG_SQ + "_absmax"][blocks].copy_(absmax)
+        w = flat_p[a:b]
+        direction = direction.to(p.dtype)
+        if group[EPS_MODE] == "galore_torch":
+            w.add_(direction, alpha=-lr)
+            if wd > 0:
+                w.mul_(1.0 - lr * wd)
+        else:
+            if wd > 0:
+                w.mul_(1.0 - lr * wd)
+            w.add_(direction, alpha=-lr)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
