@@ -9,6 +9,7 @@ own dtype and a float32 ``step``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import projection as proj
 from .optim import state8bit
-from .optim.base import compute_dtype
+from .optim.base import DENSE_8BIT_CHUNK, compute_dtype
 
 _SCALAR_BYTES = 4  # float32 step counters
 
@@ -175,6 +176,53 @@ GiB = 1024**3
 CPU_RUNTIME_BYTES = int(0.4 * GiB)
 
 
+def _saved_bytes(model_cfg: Any, batch_size: int, seq_len: int, dtype: torch.dtype, checkpointing: bool) -> int:
+    """Distinct storages (parameters excluded) autograd saves in one training forward, counted
+    under FakeTensorMode: CPU kernels are chosen as on the CPU (its fused attention, which keeps no
+    T×T matrix), but nothing is allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from .models.llama import Llama
+
+    seen: dict[int, int] = {}
+    with torch.device("meta"):  # structure only: no initialisation runs on real (or fake) storage
+        model = Llama(model_cfg, activation_checkpointing=checkpointing).to(dtype)
+    model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        own = {p.untyped_storage()._cdata for p in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st._cdata not in own:
+                seen[st._cdata] = st.nbytes()
+            return t
+
+        idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        with saved_tensors_hooks(pack, lambda t: t):
+            model(idx, idx)
+    return sum(seen.values())
+
+
+@functools.lru_cache(maxsize=64)
+def _activation_bytes(cfg_items: tuple, batch_size: int, seq_len: int, dtype: torch.dtype, ckpt: bool) -> int:
+    import dataclasses
+
+    from .models.llama import LlamaConfig
+
+    cfg = LlamaConfig(**dict(cfg_items))
+    # Every block saves the same: count models of 1 and 2 blocks and extrapolate (exact).
+    one = _saved_bytes(dataclasses.replace(cfg, num_layers=1), batch_size, seq_len, dtype, ckpt)
+    two = _saved_bytes(dataclasses.replace(cfg, num_layers=2), batch_size, seq_len, dtype, ckpt)
+    total = one + (cfg.num_layers - 1) * (two - one)
+    if ckpt:  # backward recomputes one block at a time, saving what it saves without checkpointing
+        plain_one = _saved_bytes(dataclasses.replace(cfg, num_layers=1), batch_size, seq_len, dtype, False)
+        plain_two = _saved_bytes(dataclasses.replace(cfg, num_layers=2), batch_size, seq_len, dtype, False)
+        total += plain_two - plain_one
+    return total
+
+
 def activation_bytes(
     model_cfg: Any,
     batch_size: int,
@@ -183,40 +231,15 @@ def activation_bytes(
     activation_checkpointing: bool = False,
 ) -> int:
     """Bytes autograd keeps for backward during a training forward of ``model_cfg`` (a
-    :class:`~galorex.models.llama.LlamaConfig`), counted exactly by running the forward on the meta
-    device with a ``saved_tensors_hooks`` that sums the distinct storages saved (parameters
-    excluded): nothing is allocated. With ``activation_checkpointing`` each block keeps only its
-    input, and backward recomputes one block at a time: the count is what the checkpointed forward
-    saves plus one block's own saved activations (the peak while that block is recomputed)."""
-    from torch.autograd.graph import saved_tensors_hooks
-
-    from .models.llama import Llama
-
-    with torch.device("meta"):
-        model = Llama(model_cfg, activation_checkpointing=activation_checkpointing).to(dtype)
-    model.train()
-    own = {p.untyped_storage()._cdata for p in model.parameters()}
-
-    def saved_bytes(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st._cdata not in own:
-                seen[st._cdata] = st.nbytes()
-            return t
-
-        with saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
-
-    idx = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    total = saved_bytes(lambda: model(idx, idx))
-    if activation_checkpointing:
-        x = torch.zeros(batch_size, seq_len, model_cfg.hidden_size, dtype=dtype, device="meta", requires_grad=True)
-        cos, sin = model.rotary(seq_len)
-        total += saved_bytes(lambda: model.layers[0](x, cos, sin))
-    return total
+    :class:`~galorex.models.llama.LlamaConfig`), counted by running the forward under
+    ``FakeTensorMode`` with a ``saved_tensors_hooks`` that sums the distinct storages saved
+    (parameters excluded): nothing is allocated, and the kernels are the CPU's. Models of one and
+    two blocks are counted and the difference scaled to ``num_layers`` (the blocks are identical).
+    With ``activation_checkpointing`` each block keeps only its input, and backward recomputes one
+    block at a time: the count is what the checkpointed forward saves plus one block's own saved
+    activations (the peak while that block is recomputed)."""
+    items = tuple(sorted(model_cfg.to_dict().items()))
+    return _activation_bytes(items, int(batch_size), int(seq_len), dtype, bool(activation_checkpointing))
 
 
 def training_memory_breakdown(
@@ -246,8 +269,8 @@ def training_memory_breakdown(
     - ``activations``: :func:`activation_bytes` for the batch;
     - ``step_workspace``: float32 temporaries of the optimizer's largest single update: the full
       gradient in float32 and the low-rank Adam step of the largest projected weight, or the
-      dequantised moments, gradient and direction of the largest unprojected weight when
-      ``optim_bits=8`` (4 float32 tensors of its size), whichever is larger;
+      float32 temporaries of one slice of the largest unprojected weight when ``optim_bits=8``
+      (stepped ``DENSE_8BIT_CHUNK`` elements at a time), whichever is larger;
     - ``runtime``: the interpreter and torch themselves (:data:`CPU_RUNTIME_BYTES`).
 
     ``total`` is their sum. Built on the meta device: nothing is allocated.
@@ -292,7 +315,8 @@ def training_memory_breakdown(
             # The float32 gradient and update, three low-rank tensors (projected gradient, m, v).
             workspace = max(workspace, 2 * p.numel() * cbytes + 3 * lm * ln * cbytes)
         elif optim_bits == 8:
-            workspace = max(workspace, 4 * p.numel() * cbytes)
+            # Stepped DENSE_8BIT_CHUNK elements at a time: about 8 float32 temporaries of a slice.
+            workspace = max(workspace, 8 * min(p.numel(), DENSE_8BIT_CHUNK) * cbytes)
         else:
             workspace = max(workspace, p.numel() * cbytes)
     parts = {
