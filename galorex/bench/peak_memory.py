@@ -170,12 +170,13 @@ def _figure(args: argparse.Namespace) -> dict[str, Any]:
                 train_args += ["--rank", str(rank)]
             row: dict[str, Any] = {"label": label, "train_args": train_args, "estimate": estimate(train_args)}
             if (model, label) in given:
-                row.update(given[(model, label)], source="separate run")
+                row.update({k: v for k, v in given[(model, label)].items() if k != "estimate"}, source="separate run")
             elif model in args.measure:
                 if row["estimate"]["total"] > _available_bytes():
                     row["note"] = "estimate exceeds the available memory: not run"
                 else:
-                    row.update(row_from_summary(run_fresh(train_args, args.steps)), source="measured")
+                    measured = row_from_summary(run_fresh(train_args, args.steps))
+                    row.update({k: v for k, v in measured.items() if k != "estimate"}, source="measured")
             rows.append(row)
             measured = _gib(row.get("peak_bytes"))
             print(f"{model} {label}: estimate {_gib(row['estimate']['total'])} GiB, measured {measured}")
@@ -253,7 +254,7 @@ def _plot(results: dict[str, list[dict[str, Any]]], png: Path) -> bool:
                 color="#555555",
             )
         ax.axhline(24, color="black", ls="--", lw=1)
-        ax.text(len(rows) - 0.5, 24.3, "24 GiB", ha="right", fontsize=8)
+        ax.text(-0.45, 24.3, "24 GiB", ha="left", va="bottom", fontsize=8, bbox={"color": "white", "pad": 1})
         ax.set_title(f"{model} (bf16, batch 1 × 256)")
         ax.set_ylabel("GiB")
         ax.tick_params(axis="x", labelrotation=25, labelsize=8)
