@@ -94,15 +94,16 @@ def test_construction_peak_is_the_weights_not_a_float32_copy():
     that building then casting would hold."""
     r = _run_python(
         """
-        import json, resource, torch
+        import json, torch
         from galorex.models.llama import build_llama, get_config
+        from galorex.train.trainer import _peak_memory_bytes  # VmHWM: this process's own peak
         torch.set_num_threads(1)
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096
         before = rss()
         m = build_llama(get_config("llama-130m"), dtype=torch.bfloat16, seed=0)
         weights = sum(p.numel() * p.element_size() for p in m.parameters())
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_memory_bytes(torch.device("cpu"))
         print(json.dumps({"before": before, "peak": peak, "weights": weights}))
         """
     )
@@ -269,13 +270,13 @@ def test_saving_and_loading_weights_needs_no_copy_of_them():
     save cloned every tensor (+221 MiB)."""
     r = _run_python(
         """
-        import json, resource, tempfile, torch
+        import json, tempfile, torch
         from pathlib import Path
         from galorex.models.llama import build_llama, get_config
-        from galorex.train.trainer import _save_weights, _load_initial_weights
+        from galorex.train.trainer import _save_weights, _load_initial_weights, _peak_memory_bytes
         torch.set_num_threads(1)
         def peak():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return _peak_memory_bytes(torch.device("cpu"))
         def reset():
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

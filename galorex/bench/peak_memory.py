@@ -288,4 +288,4 @@ def add_parser(sub: Any) -> None:
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="galorex-train flags, after --")
 
 
-QUICK = {"steps": 2}
+QUICK = {"steps": 2, "train_args": ["--model", "llama-tiny", "--batch-size", "2", "--seq-len", "32", "--rank", "8"]}

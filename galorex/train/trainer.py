@@ -206,6 +206,15 @@ def _peak_memory_bytes(device: torch.device) -> int:
     """CUDA: the allocator's peak. CPU: the process's peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    # Linux: VmHWM, this process's own peak. getrusage's ru_maxrss is not: a child started by
+    # vfork + exec (Python's subprocess) inherits its parent's peak as its starting value.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
 
