@@ -9,6 +9,7 @@ own dtype and a float32 ``step``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 from . import projection as proj
 from .optim import codec, registry
 from .optim.config import compute_dtype
+from .optim.dense import DENSE_8BIT_CHUNK
 
 _SCALAR_BYTES = 4  # float32 step counters
 
@@ -124,3 +126,166 @@ def estimate_optimizer_state_bytes(
                 continue
             total += _parameter_bytes(optimizer, settings, tuple(p.shape), p.dtype)
     return total
+
+
+# ----------------------------------------------------------------------------- a training run's peak
+GiB = 1024**3
+
+# Bytes of a fresh interpreter with torch imported (measured max RSS of `python -c "import torch"`
+# and of galorex-train before it builds anything, on the CPU, 2026-12-03: 0.3-0.4 GiB).
+CPU_RUNTIME_BYTES = int(0.4 * GiB)
+
+
+def _saved_bytes(model_cfg: Any, batch_size: int, seq_len: int, dtype: torch.dtype, checkpointing: bool) -> int:
+    """Distinct storages (parameters excluded) autograd saves in one training forward, counted
+    under FakeTensorMode: CPU kernels are chosen as on the CPU (its fused attention, which keeps no
+    T×T matrix), but nothing is allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from .models.llama import Llama
+
+    seen: dict[int, int] = {}
+    with torch.device("meta"):  # structure only: no initialisation runs on real (or fake) storage
+        model = Llama(model_cfg, activation_checkpointing=checkpointing).to(dtype)
+    model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        own = {p.untyped_storage()._cdata for p in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st._cdata not in own:
+                seen[st._cdata] = st.nbytes()
+            return t
+
+        idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        with saved_tensors_hooks(pack, lambda t: t):
+            model(idx, idx)
+    return sum(seen.values())
+
+
+@functools.lru_cache(maxsize=64)
+def _activation_bytes(cfg_items: tuple, batch_size: int, seq_len: int, dtype: torch.dtype, ckpt: bool) -> int:
+    import dataclasses
+
+    from .models.llama import LlamaConfig
+
+    cfg = LlamaConfig(**dict(cfg_items))
+    # Every block saves the same: count models of 1 and 2 blocks and extrapolate (exact).
+    one = _saved_bytes(dataclasses.replace(cfg, num_layers=1), batch_size, seq_len, dtype, ckpt)
+    two = _saved_bytes(dataclasses.replace(cfg, num_layers=2), batch_size, seq_len, dtype, ckpt)
+    total = one + (cfg.num_layers - 1) * (two - one)
+    if ckpt:  # backward recomputes one block at a time, saving what it saves without checkpointing
+        plain_one = _saved_bytes(dataclasses.replace(cfg, num_layers=1), batch_size, seq_len, dtype, False)
+        plain_two = _saved_bytes(dataclasses.replace(cfg, num_layers=2), batch_size, seq_len, dtype, False)
+        total += plain_two - plain_one
+    return total
+
+
+def activation_bytes(
+    model_cfg: Any,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+) -> int:
+    """Bytes autograd keeps for backward during a training forward of ``model_cfg`` (a
+    :class:`~galorex.models.llama.LlamaConfig`), counted by running the forward under
+    ``FakeTensorMode`` with a ``saved_tensors_hooks`` that sums the distinct storages saved
+    (parameters excluded): nothing is allocated, and the kernels are the CPU's. Models of one and
+    two blocks are counted and the difference scaled to ``num_layers`` (the blocks are identical).
+    With ``activation_checkpointing`` each block keeps only its input, and backward recomputes one
+    block at a time: the count is what the checkpointed forward saves plus one block's own saved
+    activations (the peak while that block is recomputed)."""
+    items = tuple(sorted(model_cfg.to_dict().items()))
+    return _activation_bytes(items, int(batch_size), int(seq_len), dtype, bool(activation_checkpointing))
+
+
+def training_memory_breakdown(
+    model_cfg: Any,
+    *,
+    dtype: torch.dtype = torch.float32,
+    optimizer: str = "galore",
+    rank: int = 128,
+    proj_type: str = "std",
+    optim_bits: int = 32,
+    basis_bits: int = 32,
+    natural_history: int = 0,
+    layerwise: bool = False,
+    activation_checkpointing: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 256,
+    beta1: float = 0.9,
+) -> dict[str, int]:
+    """The analytic peak of a ``galorex-train`` step, in bytes, by part:
+
+    - ``weights``: every parameter in ``dtype``;
+    - ``gradients``: every gradient at once, or with ``layerwise`` the largest live one (each is
+      stepped and freed as soon as it is complete);
+    - ``optimizer_state``: :func:`estimate_optimizer_state_bytes` on the groups ``galorex-train``
+      builds (attention and MLP weights projected at ``rank``, the rest on AdamW; ``adamw`` alone
+      keeps its moments in ``dtype``, in 8 bits with ``optim_bits=8``);
+    - ``activations``: :func:`activation_bytes` for the batch;
+    - ``step_workspace``: float32 temporaries of the optimizer's largest single update: the full
+      gradient in float32 and the low-rank Adam step of the largest projected weight, or the
+      float32 temporaries of one slice of the largest unprojected weight when ``optim_bits=8``
+      (stepped ``DENSE_8BIT_CHUNK`` elements at a time), whichever is larger;
+    - ``runtime``: the interpreter and torch themselves (:data:`CPU_RUNTIME_BYTES`).
+
+    ``total`` is their sum. Built on the meta device: nothing is allocated.
+    """
+    from .models.llama import Llama
+    from .optim.groups import galore_param_groups
+
+    with torch.device("meta"):
+        model = Llama(model_cfg).to(dtype)
+    params = list(model.parameters())
+    sizes = [p.numel() * p.element_size() for p in params]
+    weights = sum(sizes)
+    gradients = max(sizes) if layerwise else weights
+    name = {"natural-galore": "galore", "gradnorm-lorp": "gradnorm_lorp", "galore-adafactor": "adafactor"}.get(
+        optimizer, optimizer
+    )
+    if name == "adamw":
+        # 8 bits: a galorex optimizer with no rank group (its moments packed), else torch's AdamW.
+        if optim_bits == 8:
+            state = estimate_optimizer_state_bytes(model, optimizer="galore", optim_bits=8)
+        else:
+            state = estimate_optimizer_state_bytes(model, optimizer="adamw")
+        projected: set[int] = set()
+    else:
+        groups = galore_param_groups(model, rank=rank, proj_type=proj_type)
+        state = estimate_optimizer_state_bytes(
+            groups,
+            optimizer=name,
+            optim_bits=optim_bits,
+            basis_bits=basis_bits,
+            natural_history=natural_history if optimizer == "natural-galore" else 0,
+            beta1=beta1 if beta1 > 0 else None,
+        )
+        projected = {id(p) for _, p in groups[-1]["params"]}
+    cbytes = 8 if dtype == torch.float64 else 4
+    workspace = 0
+    for p in params:
+        if id(p) in projected:
+            m, n = proj.matrix_shape(p.shape)
+            side = proj.projection_side(proj_type, m, n)
+            lm, ln = proj.lowrank_shape(side, m, n, rank)
+            # The float32 gradient and update, three low-rank tensors (projected gradient, m, v).
+            workspace = max(workspace, 2 * p.numel() * cbytes + 3 * lm * ln * cbytes)
+        elif optim_bits == 8:
+            # Stepped DENSE_8BIT_CHUNK elements at a time: about 8 float32 temporaries of a slice.
+            workspace = max(workspace, 8 * min(p.numel(), DENSE_8BIT_CHUNK) * cbytes)
+        else:
+            workspace = max(workspace, p.numel() * cbytes)
+    parts = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer_state": state,
+        "activations": activation_bytes(model_cfg, batch_size, seq_len, dtype, activation_checkpointing),
+        "step_workspace": workspace,
+        "runtime": CPU_RUNTIME_BYTES,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

@@ -9,6 +9,7 @@
     python -m galorex.bench halo [--tokens 2048 --in-features 512 --out-features 512]
     python -m galorex.bench basis [--model llama-60m --rank 128 --steps 20]
     python -m galorex.bench hf-trainer [--steps 300 --seed 0]
+    python -m galorex.bench peak-memory [--steps 2] -- <galorex-train flags>   (or --figure)
     python -m galorex.bench all [--quick]
 
 Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
@@ -34,6 +35,7 @@ from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
 from . import basis as basis_bench
 from . import halo as halo_bench
 from . import hf_trainer as hf_trainer_bench
+from . import peak_memory as peak_memory_bench
 from .common import _env, _write
 from .layerwise import add_arguments as add_layerwise_arguments
 from .layerwise import bench_layerwise_memory
@@ -650,6 +652,7 @@ COMMANDS = {
 QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
 QUICK["basis"], COMMANDS["basis"] = basis_bench.QUICK, basis_bench.bench_basis
 QUICK["hf-trainer"], COMMANDS["hf-trainer"] = hf_trainer_bench.QUICK, hf_trainer_bench.bench_hf_trainer
+QUICK["peak-memory"], COMMANDS["peak-memory"] = peak_memory_bench.QUICK, peak_memory_bench.bench_peak_memory
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -719,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     halo_bench.add_parser(sub)
     basis_bench.add_parser(sub)
     hf_trainer_bench.add_parser(sub)
+    peak_memory_bench.add_parser(sub)
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 __all__ = [
     "LlamaConfig",
@@ -39,6 +40,8 @@ __all__ = [
     "MLP",
     "Block",
     "Llama",
+    "build_llama",
+    "materialize_",
 ]
 
 
@@ -353,9 +356,15 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    """The model. ``activation_checkpointing`` (an attribute, settable at any time): in training
+    with gradients enabled, each decoder block keeps only its input for backward and recomputes
+    its activations there (``torch.utils.checkpoint``, non-reentrant), trading one more forward
+    of every block for the memory of all but one block's activations."""
+
+    def __init__(self, cfg: LlamaConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.config = cfg
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -385,6 +394,31 @@ class Llama(nn.Module):
             nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=out_std)
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=out_std)
 
+    def pieces(self) -> list[tuple[str, nn.Module]]:
+        """The model in the order :func:`materialize_` builds it: embedding, each block, the final
+        norm, the head (left out when tied to the embedding), the rotary tables."""
+        out = [("embed", self.embed)]
+        out += [(f"layers.{i}", block) for i, block in enumerate(self.layers)]
+        out.append(("norm", self.norm))
+        if not self.config.tie_embeddings:
+            out.append(("lm_head", self.lm_head))
+        out.append(("rotary", self.rotary))
+        return out
+
+    @torch.no_grad()
+    def init_piece_(self, name: str, module: nn.Module, generator: torch.Generator | None = None) -> None:
+        """Initialise one piece of :meth:`pieces` as :meth:`init_weights` does, drawing from
+        ``generator``: N(0, init_std) for the embedding, the head and every projection but the two
+        that write into the residual stream (N(0, init_std / √(2·num_layers))), ones for norms."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for sub_name, sub in module.named_modules():
+            if isinstance(sub, (nn.Linear, nn.Embedding)):
+                into_residual = sub_name in ("attn.o_proj", "mlp.down_proj")
+                nn.init.normal_(sub.weight, mean=0.0, std=out_std if into_residual else std, generator=generator)
+            elif isinstance(sub, RMSNorm):
+                nn.init.ones_(sub.weight)
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, counting a tied embedding/head once.
 
@@ -404,8 +438,14 @@ class Llama(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rotary(T)
         x = self.embed(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin)
+            if recompute:
+                # Non-reentrant: gradients reach the parameters (and their post-accumulate hooks,
+                # which --layerwise steps from) exactly as without checkpointing.
+                x = _checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -448,3 +488,59 @@ class Llama(nn.Module):
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, next_id.to(idx.dtype)], dim=1)
         return idx
+
+
+# ---------------------------------------------------------------------------
+# Construction without a full-precision copy
+# ---------------------------------------------------------------------------
+
+
+def _piece_seed(seed: int, index: int) -> int:
+    # One generator per piece, seeded from (seed, index): a piece's values do not depend on the
+    # order the pieces are built in, nor on any global RNG.
+    return (int(seed) * 1_000_003 + 7919 * (index + 1)) % (2**63 - 1)
+
+
+@torch.no_grad()
+def materialize_(
+    model: Llama,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int | None = 0,
+) -> Llama:
+    """Give a model built on the meta device storage, one piece at a time, in ``dtype`` on
+    ``device``, and initialise each piece there (``seed=None``: leave the storage uninitialised,
+    for weights that are about to be loaded).
+
+    Each piece (:meth:`Llama.pieces`) is allocated directly in the target dtype and initialised
+    with its own generator on ``device`` seeded from ``(seed, piece index)``, so no float32 copy
+    of the model ever exists and the memory used while building is the weights' bytes plus one
+    piece's workspace. The same seed gives the same weights on the same device and dtype. A tied
+    head is re-tied to the materialised embedding. Rotary tables are rebuilt in float32.
+    """
+    device = torch.device(device)
+    if dtype is not None:
+        model.to(dtype=dtype)  # on the meta device: changes dtypes, allocates nothing
+    for index, (name, module) in enumerate(model.pieces()):
+        module.to_empty(device=device)
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(_piece_seed(seed, index))
+            model.init_piece_(name, module, gen)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def build_llama(
+    cfg: LlamaConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+    activation_checkpointing: bool = False,
+) -> Llama:
+    """A Llama built on the meta device and materialised piece by piece in ``dtype`` on ``device``
+    (:func:`materialize_`): a 7B model in bf16 never passes through float32. ``seed=None`` leaves
+    the weights uninitialised (load them next)."""
+    with torch.device("meta"):
+        model = Llama(cfg, activation_checkpointing=activation_checkpointing)
+    return materialize_(model, device, dtype, seed)

@@ -18,10 +18,13 @@ are *not* allowed: convert them to tensors or plain Python values first.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import pickle
 import random
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,9 @@ from .atomic import atomic_write, fsync_dir
 
 __all__ = [
     "CheckpointError",
+    "save_safetensors",
+    "read_safetensors_header",
+    "load_safetensors_into",
     "save_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
@@ -199,3 +205,173 @@ def set_rng_state(state: dict[str, Any]) -> None:
                 float(s["cached_gaussian"]),
             )
         )
+
+
+# --------------------------------------------------------------------------
+# Streaming safetensors
+# --------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_READ_BYTES = 64 * 2**20  # a tensor read for another dtype or device goes through this much at a time
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` as a safetensors file, one tensor at a time, atomically.
+
+    The header (names, dtypes, shapes, offsets) is computed from the tensors' metadata alone;
+    each tensor's bytes are then written straight from its storage (a tensor on another device,
+    or a non-contiguous one, is copied to a contiguous CPU tensor first, one at a time). So saving
+    needs at most one tensor's bytes more than the tensors themselves, never a copy of them all,
+    unlike ``safetensors.torch.save`` (which builds the whole file in memory). The file goes
+    through :func:`atomic_write`: a reader sees the previous file or the complete new one. Tensors
+    sharing storage (a tied head) are written once per name, as independent entries.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    names = list(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"save_safetensors: {name} has dtype {t.dtype}, which safetensors cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach()
+            if t.numel() == 0:
+                continue
+            if t.device.type != "cpu" or not t.is_contiguous():
+                t = t.to("cpu").contiguous()
+            f.write(_byte_view(t))
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], int]:
+    """The entries of a safetensors file (name → dtype, shape, data_offsets) and where its data
+    starts. Raises :class:`CheckpointError` naming the file for anything that is not one."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            size = p.stat().st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{p}: cannot read it, not a safetensors file (shorter than its 8-byte header size)"
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{p}: cannot read it, not a safetensors file (header of {n} bytes in a {size}-byte file)"
+                )
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read it ({_one_line(e)})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{p}: cannot read it, not a safetensors file (header is not JSON: {_one_line(e)})"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p}: cannot read it, not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = _ST_NAMES[entry["dtype"]]
+            numel = math.prod(entry["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{p}: entry {name!r} is malformed ({_one_line(e)})") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize or data_start + end > size or begin < 0:
+            raise CheckpointError(f"{p}: entry {name!r} does not fit the file (truncated?)")
+    return header, data_start
+
+
+@torch.no_grad()
+def load_safetensors_into(
+    targets: dict[str, torch.Tensor], path: str | os.PathLike[str], what: str = "the model"
+) -> None:
+    """Read a safetensors file straight into ``targets`` (e.g. ``model.state_dict()``, whose
+    tensors share the parameters' storage), one tensor at a time.
+
+    A contiguous CPU target of the file's dtype is filled by ``readinto`` with no copy at all;
+    any other (another dtype, a GPU) through a buffer of at most 64 MiB. Plain reads, no memory
+    map: the file's pages never count as this process's memory. Names and shapes must match
+    exactly; a mismatch raises :class:`CheckpointError` naming the file and the tensor, before
+    anything is written.
+    """
+    p = Path(path)
+    header, data_start = read_safetensors_header(p)
+    missing = sorted(set(targets) - set(header))
+    unexpected = sorted(set(header) - set(targets))
+    if missing or unexpected:
+        raise CheckpointError(f"{p}: keys do not match {what} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, t in targets.items():
+        if tuple(header[name]["shape"]) != tuple(t.shape):
+            raise CheckpointError(
+                f"{p}: {name} has shape {tuple(header[name]['shape'])}, {what} needs {tuple(t.shape)}"
+            )
+    with open(p, "rb", buffering=0) as f:
+        for name, t in targets.items():
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            dtype = _ST_NAMES[entry["dtype"]]
+            f.seek(data_start + begin)
+            if t.numel() == 0:
+                continue
+            if t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype:
+                _readinto_exactly(f, _byte_view(t), p, name)
+                continue
+            if not t.is_contiguous():  # no flat view to fill piecewise: one tensor-sized buffer
+                buf = torch.empty(t.shape, dtype=dtype)
+                _readinto_exactly(f, _byte_view(buf), p, name)
+                t.copy_(buf)
+                continue
+            flat = t.view(-1)
+            step = max(1, _READ_BYTES // torch.empty((), dtype=dtype).element_size())
+            for a in range(0, t.numel(), step):
+                b = min(t.numel(), a + step)
+                buf = torch.empty(b - a, dtype=dtype)
+                _readinto_exactly(f, _byte_view(buf), p, name)
+                flat[a:b].copy_(buf)
+
+
+def _readinto_exactly(f, view: memoryview, path: Path, name: str) -> None:
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{path}: ends inside {name} (truncated)")
+        done += n

@@ -176,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(RECIPES),
         help="a published run's settings as defaults (flags given override them); see docs/recipes.md",
     )
+    a(
+        "--vocab-size",
+        type=int,
+        default=d.vocab_size,
+        help="the model's embedding size (default: --model's, 32000 for the paper's configs); at least the tokenizer's",
+    )
+    a(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each decoder block's input for backward and recompute the block there (less memory, "
+        "about one more forward of compute; the same gradients)",
+    )
+    a(
+        "--force",
+        action="store_true",
+        help="build the model even when the memory estimate says the run does not fit",
+    )
+    a("--no-save-model", dest="save_model", action="store_false", help="do not write OUT/model.safetensors")
     return p
 
 

@@ -23,6 +23,7 @@ _C4 = {
     "dataset_config": "en",
     "val_split": "validation",
     "tokenizer": "t5-base",
+    "vocab_size": 32100,  # T5's 32,000 pieces and 100 sentinels (the paper's configs say 32,000)
     "text_field": "text",
     "optimizer": "galore",
     "scale": 0.25,

@@ -20,16 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..memory import optimizer_state_bytes
-from ..models.llama import Llama, LlamaConfig, get_config
+from ..memory import GiB, optimizer_state_bytes, training_memory_breakdown
+from ..models.llama import Llama, LlamaConfig, build_llama, get_config
 from ..optim.factory import AVAILABLE, DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
 from ..optim.sharded import local_state_bytes
 from . import distributed
 from .atomic import atomic_write
 from .checkpoint import (
     CheckpointError,
+    load_safetensors_into,
     rng_state,
     save_checkpoint,
+    save_safetensors,
     set_rng_state,
 )
 from .data import (
@@ -74,6 +76,9 @@ RESUME_MAY_CHANGE = frozenset(
         "report_to",
         "compile",
         "recipe",
+        "activation_checkpointing",  # the same gradients, recomputed
+        "force",
+        "save_model",
     }
 )
 
@@ -142,6 +147,10 @@ class TrainConfig:
     report_to: str = "none"
     compile: bool = False
     recipe: str | None = None
+    vocab_size: int | None = None  # the model's embedding size (default: the --model config's)
+    activation_checkpointing: bool = False
+    force: bool = False  # build the model even when the memory estimate says it will not fit
+    save_model: bool = True  # write OUT/model.safetensors at the end
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +223,15 @@ def _peak_memory_bytes(device: torch.device) -> int:
     """CUDA: the allocator's peak. CPU: the process's peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    # Linux: VmHWM, this process's own peak. getrusage's ru_maxrss is not: a child started by
+    # vfork + exec (Python's subprocess) inherits its parent's peak as its starting value.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
 
@@ -345,29 +363,31 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     return True
 
 
-def _load_initial_weights(model: Llama, path: str) -> None:
-    """--init-from: a safetensors file (e.g. an earlier run's OUT/model.safetensors), or a torch
-    file holding a state dict or a galorex-train checkpoint."""
-    p = Path(path)
-    if not p.is_file():
+def _check_init_file(path: str) -> None:
+    if not Path(path).is_file():
         raise TrainError(f"--init-from {path}: no such file")
+
+
+def _load_initial_weights(model: Llama, path: str) -> None:
+    """--init-from: a safetensors file (e.g. an earlier run's OUT/model.safetensors), read tensor by
+    tensor straight into the model's storage (never two copies of the weights), or a torch file
+    holding a state dict or a galorex-train checkpoint (memory-mapped, copied tensor by tensor)."""
+    p = Path(path)
+    _check_init_file(path)
+    own = model.state_dict()
+    if p.suffix == ".safetensors":
+        try:
+            load_safetensors_into(own, p, what="the model")
+        except CheckpointError as e:
+            raise TrainError(f"--init-from {e}") from None
+        return
     try:
-        if p.suffix == ".safetensors":
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise TrainError("--init-from a .safetensors file needs the `safetensors` package") from None
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, dict) else state
-    except TrainError:
-        raise
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
     except Exception as e:  # unreadable or corrupt: say which file and why, in one line
         raise TrainError(f"--init-from {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise TrainError(f"--init-from {path}: holds no state dict")
-    own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -379,19 +399,132 @@ def _load_initial_weights(model: Llama, path: str) -> None:
             raise TrainError(
                 f"--init-from {path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}"
             )
-    model.load_state_dict(state)
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
 
 
-def _save_weights(state: dict[str, torch.Tensor], out: Path) -> Path | None:
-    """OUT/model.safetensors (when the package is there), for --init-from and other tools."""
+def _save_weights(state: dict[str, torch.Tensor], out: Path) -> Path:
+    """OUT/model.safetensors, for --init-from and other tools: streamed out one tensor at a time
+    (no copy of the weights) and renamed into place when complete."""
+    return save_safetensors(state, out / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- memory
+def _memory_now(device: torch.device) -> dict[str, int]:
+    """The process's peak so far: CPU max RSS, and on CUDA the allocator's peak allocated and
+    reserved bytes."""
+    figures = {"cpu_max_rss": _peak_memory_bytes(torch.device("cpu"))}
+    if device.type == "cuda":
+        figures["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(device))
+        figures["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved(device))
+    return figures
+
+
+def _available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes a run on ``device`` can still use, and where the figure comes from.
+
+    ``GALOREX_AVAILABLE_MEMORY`` (bytes, or a number followed by GiB/MiB) overrides the
+    measurement (for tests, or to keep headroom). CUDA: the device's free memory
+    (``torch.cuda.mem_get_info``). CPU: MemAvailable of /proc/meminfo plus what this process
+    already holds (its current RSS), since the estimate counts the whole process."""
+    forced = os.environ.get("GALOREX_AVAILABLE_MEMORY")
+    if forced:
+        text = forced.strip()
+        units = {"GiB": GiB, "MiB": 2**20, "KiB": 2**10}
+        try:
+            for unit, factor in units.items():
+                if text.endswith(unit):
+                    return int(float(text[: -len(unit)]) * factor), "GALOREX_AVAILABLE_MEMORY"
+            return int(text), "GALOREX_AVAILABLE_MEMORY"
+        except ValueError:
+            raise TrainError(
+                f"GALOREX_AVAILABLE_MEMORY={forced!r}: expected bytes, or a number followed by GiB or MiB"
+            ) from None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {device}"
     try:
-        from safetensors.torch import save
-    except ImportError:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()}
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return info["MemAvailable"] + rss, "the machine's available memory (MemAvailable + this process)"
+    except (OSError, KeyError, ValueError, IndexError):
+        return -1, "unknown"
+
+
+def _estimate(cfg: TrainConfig, model_cfg: LlamaConfig, dtype: torch.dtype, **change: Any) -> dict[str, int]:
+    c = dataclasses.replace(cfg, **change)
+    return training_memory_breakdown(
+        model_cfg,
+        dtype=dtype,
+        optimizer=c.optimizer,
+        rank=c.rank,
+        proj_type=c.proj_type,
+        optim_bits=c.optim_bits,
+        basis_bits=c.basis_bits,
+        natural_history=c.natural_history,
+        layerwise=c.layerwise,
+        activation_checkpointing=c.activation_checkpointing,
+        batch_size=c.batch_size,
+        seq_len=c.seq_len,
+        beta1=c.beta1,
+    )
+
+
+def _preflight(
+    cfg: TrainConfig, model_cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, log
+) -> dict[str, int] | None:
+    """Before building the model: its analytic peak (``training_memory_breakdown``) against the
+    memory available; when it cannot fit, a TrainError naming the estimate, what is available and
+    the flags that would bring it down (with their estimates), unless ``--force``. Applies to one
+    process (``--distributed none``) and to the optimizers whose state the estimate models."""
+    if cfg.distributed != "none" or cfg.optimizer not in AVAILABLE:
         return None
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    path = out / "model.safetensors"
-    atomic_write(path, lambda f: f.write(save(tensors)))
-    return path
+    estimate = _estimate(cfg, model_cfg, dtype)
+    available, source = _available_memory(device)
+    need = estimate["total"] - (estimate["runtime"] if device.type == "cuda" else 0)
+    if available < 0 or need <= available:
+        return estimate
+    g = lambda b: f"{b / GiB:.1f} GiB"
+    parts = ", ".join(f"{k.replace('_', ' ')} {g(v)}" for k, v in estimate.items() if k != "total")
+    options = []
+    if not cfg.layerwise:
+        options.append(("--layerwise", {"layerwise": True}))
+    if cfg.optim_bits == 32 and cfg.optimizer != "galore-adafactor":
+        options.append(("--optim-bits 8", {"optim_bits": 8}))
+    if not cfg.activation_checkpointing:
+        options.append(("--activation-checkpointing", {"activation_checkpointing": True}))
+    if cfg.basis_bits == 32 and cfg.optimizer != "adamw":
+        options.append(("--basis-bits 4", {"basis_bits": 4}))
+    if cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        options.append((f"--batch-size {half} --grad-accum {2 * cfg.grad_accum}", {"batch_size": half}))
+    if cfg.dtype == "fp32":
+        options.append(("--dtype bf16", {}))
+    hints = []
+    combined: dict[str, Any] = {}
+    for flag, change in options:
+        if flag == "--dtype bf16":
+            after = _estimate(cfg, model_cfg, torch.bfloat16)["total"]
+        else:
+            after = _estimate(cfg, model_cfg, dtype, **change)["total"]
+            combined.update(change)
+        if after < estimate["total"]:
+            hints.append(f"{flag} ({g(after)})")
+    advice = "; ".join(hints) if hints else "none of --layerwise, --optim-bits 8, --activation-checkpointing applies"
+    if combined:
+        advice += f"; all of these together: {g(_estimate(cfg, model_cfg, dtype, **combined)['total'])}"
+    message = (
+        f"--model {cfg.model} with --optimizer {cfg.optimizer} needs about {g(need)} at its peak "
+        f"({parts}), more than the {g(available)} available ({source}). Estimated peak with each "
+        f"change: {advice}. Pass --force to try anyway."
+    )
+    if not cfg.force:
+        raise TrainError(message)
+    log(f"warning: {message} (--force: trying anyway)")
+    return estimate
 
 
 # ----------------------------------------------------------------------------- the run
@@ -442,6 +575,11 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         model_cfg: LlamaConfig = get_config(cfg.model)
     except ValueError as e:
         raise TrainError(f"--model: {e}") from None
+    if cfg.vocab_size is not None:
+        try:
+            model_cfg = get_config(cfg.model, vocab_size=cfg.vocab_size)
+        except ValueError as e:
+            raise TrainError(f"--vocab-size {cfg.vocab_size}: {e}") from None
 
     # Data: tokenised once into a memory-mapped cache; validation on --val-data or the tail.
     try:
@@ -462,16 +600,30 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
 
     # Model.
     if tokenizer.vocab_size > model_cfg.vocab_size:
+        given = f"--vocab-size {cfg.vocab_size}" if cfg.vocab_size is not None else f"--model {cfg.model}'s vocabulary"
         raise TrainError(
-            f"--tokenizer has {tokenizer.vocab_size} tokens, more than --model {cfg.model}'s "
-            f"vocabulary of {model_cfg.vocab_size}"
+            f"--tokenizer has {tokenizer.vocab_size} tokens, more than {given} of {model_cfg.vocab_size}; "
+            f"pass --vocab-size {tokenizer.vocab_size} or more"
         )
     if cfg.seq_len > model_cfg.max_seq_len:
         raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    estimate = _preflight(cfg, model_cfg, device, dtype, log)
     torch.manual_seed(cfg.seed)
-    model = Llama(model_cfg).to(device=device, dtype=dtype)
-    if cfg.init_from is not None and ckpt is None:
+    loading = cfg.init_from is not None and ckpt is None
+    if loading:
+        _check_init_file(cfg.init_from)
+    # Built on the meta device, then materialised piece by piece in `dtype` on `device`: no
+    # float32 copy of the model ever exists (weights about to be loaded are left uninitialised).
+    model = build_llama(
+        model_cfg,
+        device=device,
+        dtype=dtype,
+        seed=None if loading else cfg.seed,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
+    if loading:
         _load_initial_weights(model, cfg.init_from)
+    memory = {"after_construction": _memory_now(device)}
     if cfg.halo is not None:
         # HALO: every linear layer but the head runs its GEMMs in FP8/INT8; weights stay as they are.
         from ..halo import convert_to_halo
@@ -637,6 +789,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             tokens_seen += tokens_per_step
             tokens_window += tokens_per_step
             window_steps += 1
+            if "after_first_step" not in memory:
+                memory["after_first_step"] = _memory_now(device)
+                memory["first_step_s"] = time.perf_counter() - t_start
 
             record = None
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -670,6 +825,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     if progress is not None:
         progress.close()
     wall_s = wall_before + (time.perf_counter() - t_start)
+    memory["after_last_step"] = _memory_now(device)
     if cfg.save_every and (step % cfg.save_every != 0):
         checkpoint()
 
@@ -696,6 +852,10 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         ),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+        # The same figures at three points of the run, and the analytic breakdown checked before
+        # building the model (galorex.memory.training_memory_breakdown).
+        "memory": memory,
+        "memory_estimate": estimate,
         "parameters": model.num_parameters(),
         "model": cfg.model,
         "device": str(device),
@@ -710,7 +870,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     if not ctx.is_main:
         summary.update(out=str(out), rank=ctx.rank)  # rank 0 writes the outputs and reports
         return summary
-    model_file = _save_weights(weights, out)
+    model_file = _save_weights(weights, out) if cfg.save_model else None
     summary["model_file"] = str(model_file) if model_file else None
     _write_json_atomic(out / "summary.json", summary)
     plotted = _plot(metrics_path, out / "loss.png")
