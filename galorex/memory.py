@@ -247,6 +247,8 @@ def training_memory_breakdown(
     name = {"natural-galore": "galore", "gradnorm-lorp": "gradnorm_lorp", "galore-adafactor": "adafactor"}.get(
         optimizer, optimizer
     )
+    if optimizer == "apollo-mini":
+        rank = 1  # ApolloAdamW.mini sets rank 1 on every projected group
     if name == "adamw":
         # 8 bits: a galorex optimizer with no rank group (its moments packed), else torch's AdamW.
         if optim_bits == 8:

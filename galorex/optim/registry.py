@@ -15,7 +15,7 @@ from .rules.base import Rule
 
 OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {}
 # Older spellings accepted by galorex.memory.
-ALIASES = {"gradnorm_lorp": "gradnorm-lorp", "adafactor": "galore-adafactor"}
+ALIASES = {"gradnorm_lorp": "gradnorm-lorp", "adafactor": "galore-adafactor", "apollo-mini": "apollo"}
 
 
 def register(name: str, cls: type[LowRankOptimizer]) -> type[LowRankOptimizer]:
