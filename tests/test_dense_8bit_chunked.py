@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from galorex.optim import GaLoreAdamW
-from galorex.optim import base as optim_base
+from galorex.optim import dense as optim_dense
 
 
 def _run(chunk, monkeypatch, dtype, eps_mode, steps=3):
-    monkeypatch.setattr(optim_base, "DENSE_8BIT_CHUNK", chunk)
+    monkeypatch.setattr(optim_dense, "DENSE_8BIT_CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
     # 41 × 1000 = 41000 elements: not a multiple of the 256-element block nor of the slice.
     w = torch.nn.Parameter((torch.randn(41, 1000, generator=gen) * 0.02).to(dtype))
