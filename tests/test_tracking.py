@@ -123,9 +123,13 @@ def test_compile_matches_eager(tmp_path):
     eager = _metrics(_run(tmp_path, "eager", *common))
     compiled = _metrics(_run(tmp_path, "compiled", *common, "--compile"))
     assert len(eager) == len(compiled) == 3
-    for a, b in zip(eager, compiled):
-        # Logged through a float32 accumulator: two float32 units in the last place at most.
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2**-22, abs=0)
+    # Step 1 starts from the same weights: its loss, logged through a float32 accumulator, may
+    # differ by two float32 units in the last place at most.
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=2**-22, abs=0)
+    for a, b in zip(eager[1:], compiled[1:]):
+        # Later steps start from weights that Adam's normalised step moved apart by whole-step
+        # amounts in a few entries (below): the same training, not the same roundings.
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4, abs=0)
     # Step 1 starts from the same weights: its gradient differs by the float32 roundings only.
     # (Later norms drift further: Adam's normalised step turns tiny gradient differences into
     # whole-step differences in a few weights.)

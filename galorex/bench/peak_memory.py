@@ -112,7 +112,7 @@ def _gib(b: int | None) -> str:
 
 
 def _single(args: argparse.Namespace) -> dict[str, Any]:
-    from .__main__ import _env, _write
+    from .common import _env, _write
 
     train_args = [a for a in args.train_args if a != "--"]
     row = row_from_summary(run_fresh(train_args, args.steps))
@@ -150,7 +150,7 @@ def _available_bytes() -> int:
 
 
 def _figure(args: argparse.Namespace) -> dict[str, Any]:
-    from .__main__ import _env, _write
+    from .common import _env, _write
 
     given: dict[tuple[str, str], dict[str, Any]] = {}
     for item in args.measured:
