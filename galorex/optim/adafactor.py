@@ -1,22 +1,6 @@
-"""GaLoreAdafactor: Adafactor (Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with
-Sublinear Memory Cost") run inside GaLore's low-rank gradient subspace (Zhao et al., 2024, "GaLore:
-Memory-Efficient LLM Training by Gradient Low-Rank Projection").
-
-For the (low-rank) gradient R_t (a×b) at step t, with the schedule of transformers' and
-galore-torch's Adafactor:
-
-    ρ_t = min(10⁻², 1/√t)  (``warmup_init``: min(10⁻⁶·t, 1/√t); ``relative_step=False``: ρ_t = lr)
-    α_t = max(ε₂, RMS(W)) · ρ_t  (``scale_parameter``; otherwise α_t = ρ_t),   β̂_t = 1 − t^decay_rate
-    r ← β̂_t r + (1−β̂_t) rowmean(R² + ε₁),   c ← β̂_t c + (1−β̂_t) colmean(R² + ε₁)
-    U = α_t · clip_d( R / √(r cᵀ / mean(r)) ),   clip_d(X) = X / max(1, RMS(X)/d)
-    (beta1 given)  m ← β₁ m + (1−β₁) U,  U = m
-    W ← (1 − wd·α_t)·W − scale·project_back(U, P)
-
-The second moment is factored (a + b numbers instead of a·b) for every update of ≥ 2 dimensions —
-the low-rank gradients and the unprojected matrices alike — and kept whole (v ← β̂_t v +
-(1−β̂_t)(R² + ε₁), U = R/√v) for vectors. Everything is tensor arithmetic on the step counter (no
-host synchronisation), so the update compiles as one graph (``compile=True``).
-"""
+"""GaLoreAdafactor: Adafactor (Shazeer & Stern, 2018) in GaLore's low-rank subspace — the step loop
+with the Adafactor rule (``rules.adafactor``, where the schedule and the factored moments are
+written out)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,6 @@
-"""NaturalGaLoreAdamW: GaLore with the low-rank gradient preconditioned by the inverse empirical
-Fisher (Das, 2024, "Natural GaLore: Accelerating GaLore for memory-efficient LLM Training and
-Fine-tuning").
-
-    g  = vec(project(G_t, P))                         the current low-rank gradient (d = r·n entries)
-    H  = [g_t, g_{t−1}, …, g_{t−k+1}]                 the last k ≤ s low-rank gradients, as columns
-    g̃  = (λI + H Hᵀ)⁻¹ g = (g − H (λI + HᵀH)⁻¹ Hᵀ g) / λ          (Woodbury: a k×k solve, not d×d)
-
-and Adam runs on g̃ exactly as in GaLoreAdamW. As in the paper, the window includes the current
-gradient and the Fisher is not divided by the window length (a constant factor Adam's normalisation
-removes anyway, up to ε). Where galorex differs: the window is a fixed-size ring buffer in the state
-(a tensor, so checkpoints stay tensors-only), HᵀH is kept up to date one row per step instead of being
-rebuilt, and the k×k system is solved in float64 by Cholesky with the damping raised by
-δ = 10·ε·(trace HᵀH + kλ) (ε of the stored gradients' dtype), which keeps it positive definite
-without any host synchronisation.
-With s = 0 the optimizer is GaLoreAdamW.
-
-The window costs s·r·n entries per projected (m×n) matrix (s times one Adam moment) plus an s×s
-float64 Gram matrix; ``estimate_optimizer_state_bytes`` counts both.
-"""
+"""NaturalGaLoreAdamW (Das, 2024, "Natural GaLore: Accelerating GaLore for memory-efficient LLM
+Training and Fine-tuning"): the step loop with the Natural GaLore rule (``rules.natural``, where the
+Woodbury preconditioning is written out)."""
 
 from __future__ import annotations
 

@@ -53,11 +53,10 @@ from .fira import (
     LIMITER_NORM,
     NORM_GROWTH_LIMIT,
     RATIO_EPS,
-    _as,
     _axpy_,
-    adam_step_factor,
     channel_norm_ratio,
     limit_norm_growth,
+    norm_scaled_inputs,
     refuse_dtensor_message,
     tensor_norm_ratio,
     validate_norm_scaled,
@@ -253,10 +252,7 @@ class ApolloRule(AdamRule):
         return [Step(d, None, None, low) for d, low in zip(self.directions(group, lows, states), lows)]
 
     def write(self, group, p, state: State, step: Step, bases, side, record) -> None:
-        factor = adam_step_factor(group, self.bias_step(group, state))
-        d = step.direction
-        raw = d if isinstance(factor, float) and factor == 1.0 else d / _as(factor, d)
-        previous = None if group[DISABLE_NL] else state[LIMITER_NORM]
+        factor, raw, previous = norm_scaled_inputs(self, group, state, step)
         multiplier, norm = apollo_multiplier(
             record, step.extra, raw, side, group[SCALE_TYPE], float(group[SCALE]), group[SCALE_FRONT], previous
         )

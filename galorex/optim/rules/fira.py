@@ -186,10 +186,7 @@ class FiraRule(AdamRule):
         return [Step(d, None, None, low) for d, low in zip(self.directions(group, lows, states), lows)]
 
     def write(self, group, p, state: State, step: Step, bases, side, record) -> None:
-        factor = adam_step_factor(group, self.bias_step(group, state))
-        d = step.direction
-        raw = d if isinstance(factor, float) and factor == 1.0 else d / _as(factor, d)
-        previous = None if group[DISABLE_NL] else state[LIMITER_NORM]
+        factor, raw, previous = norm_scaled_inputs(self, group, state, step)
         update, norm = fira_update(record, step.extra, raw, bases, side, float(group[ALPHA]), previous)
         if norm is not None:
             state[LIMITER_NORM].copy_(norm)
@@ -211,6 +208,15 @@ FULL_HAS_NO_CHANNELS = (
     "'full' projects both sides, which leaves no channel for Fira's column-wise scaling; "
     "use std, reverse_std, left or right"
 )
+
+
+def norm_scaled_inputs(rule: AdamRule, group: dict[str, Any], state: State, step: Step):
+    """(c_t, N, s_prev) for Fira's and APOLLO's write: Adam's step factor, the direction before it,
+    and the limiter's last norm (None with ``disable_nl``)."""
+    factor = adam_step_factor(group, rule.bias_step(group, state))
+    d = step.direction
+    raw = d if isinstance(factor, float) and factor == 1.0 else d / _as(factor, d)
+    return factor, raw, None if group[DISABLE_NL] else state[LIMITER_NORM]
 
 
 def validate_norm_scaled(
