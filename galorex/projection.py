@@ -74,8 +74,19 @@ def randomized_left_basis(
     (Halko, Martinsson & Tropp, 2011, Alg. 4.4 then 5.1).
 
     Y = (A Aᵀ)^q A Ω spans the dominant column space; each product is re-orthonormalised (QR) so
-    that small singular directions survive in float32. A small SVD of Qᵀ A then rotates Q onto the
-    singular vectors, so the result is ordered like the exact SVD's.
+    that small singular directions survive in float32. A small SVD of B = Qᵀ A (k × n) then rotates
+    Q onto the singular vectors, so the result is ordered like the exact SVD's. When B is wide it is
+    first reduced by a QR of Bᵀ = Q₂R: B = Rᵀ Q₂ᵀ with Q₂ᵀ orthonormal rows, so B's left singular
+    vectors are those of the k × k matrix Rᵀ. The reduction is exact (no squared condition number,
+    unlike an eigendecomposition of B Bᵀ), and a wide SVD costs several times a QR of the same size
+    on the CPU.
+
+    Args:
+        a: the m × n matrix (float32 or float64).
+        rank: how many singular vectors to return (≤ min(m, n)).
+        oversample: extra sketch columns beyond ``rank``.
+        power_iters: q, the number of power iterations.
+        generator: draws the Gaussian test matrix Ω, for reproducible bases.
     """
     m, n = a.shape
     k = min(rank + oversample, m, n)
@@ -84,7 +95,10 @@ def randomized_left_basis(
     for _ in range(power_iters):
         z = torch.linalg.qr(a.mT @ q).Q
         q = torch.linalg.qr(a @ z).Q
-    ub, _, _ = torch.linalg.svd(q.mT @ a, full_matrices=False)
+    b = q.mT @ a
+    if b.shape[1] > b.shape[0]:
+        b = torch.linalg.qr(b.mT).R.mT
+    ub, _, _ = torch.linalg.svd(b, full_matrices=False)
     return q @ ub[:, :rank]
 
 
