@@ -275,26 +275,28 @@ class AdafactorRule(Rule):
         parameters (:meth:`moment_keys`): one parameter at a time, its moments decoded into a float
         view, updated, and coded again, so the float moments of only one parameter exist at once."""
         update = compiled("adafactor_dense", self.dense_update)
-        if not eight_bit(group):
-            states = []
-            for p in params:
-                state = state_of[p]
-                if not state:
-                    state[STEP] = torch.zeros((), dtype=torch.float32)
-                    init_statistics(group, state, tuple(p.shape), compute_dtype(p.dtype), p.device)
-                states.append(state)
-            update(group, params, [p.grad for p in params], states)
-            return
-        keys = self.moment_keys(group)
-        for p in params:
+        keys, eight = self.moment_keys(group), eight_bit(group)
+
+        def view_of(p: torch.Tensor) -> State:
             state = state_of[p]
             if state:
-                view = codec.load_view(state, keys, compute_dtype(p.dtype))
-            else:
-                view = {STEP: torch.zeros((), dtype=torch.float32)}
-                init_statistics(group, view, tuple(p.shape), compute_dtype(p.dtype), p.device)
-            update(group, [p], [p.grad], [view])
-            codec.store_view(state, view, keys, True)
+                return codec.load_view(state, keys, compute_dtype(p.dtype))
+            view = {STEP: torch.zeros((), dtype=torch.float32)}
+            init_statistics(group, view, tuple(p.shape), compute_dtype(p.dtype), p.device)
+            return view
+
+        if eight:
+            for p in params:
+                view = view_of(p)
+                update(group, [p], [p.grad], [view])
+                codec.store_view(state_of[p], view, keys, True)
+            return
+        # 32 bits: the views hold the state's own tensors (updated in place), unless a moment was
+        # coded before the group's optim_bits changed.
+        views = [view_of(p) for p in params]
+        update(group, params, [p.grad for p in params], views)
+        for p, view in zip(params, views):
+            codec.store_view(state_of[p], view, keys, False)
 
     def dense_update(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], states: list[State]
