@@ -687,6 +687,33 @@ def test_eight_bit_layerwise_matches_the_normal_step_bit_for_bit():
     assert "exp_avg_q" in lw_opt.state[lw[2].weight]
 
 
+def test_eight_bit_compiles_without_graph_breaks():
+    """compile=True with optim_bits=8: the projected update traces with the codec inside it, the
+    unprojected one per parameter between its decode and its code (one frame per distinct shape).
+    Against eager the match is to the quantisation step (a rounding difference may move a value to
+    the next code), as for GaLoreAdamW in tests/test_compile.py."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = CompileCounter()
+    runs = []
+    for options in (False, {"backend": counter}):
+        model = problems.make_regression_model()
+        groups = _eight_bit_regression_groups(model, gap=3, policy="reproject")
+        opt = GaLoreAdafactor(groups, beta1=0.9, optim_bits=8, compile=options)
+        runs.append((model, opt, [p.detach().clone() for p in model.parameters()]))
+        problems.train_regression(model, opt, 5)
+    (eager, _, before), (compiled, opt, _) = runs
+    for a, b, b0 in zip(compiled.parameters(), eager.parameters(), before):
+        moved = (b - b0).abs().max().item()
+        assert moved > 1e-4 and (a - b).abs().max().item() < 0.05 * moved
+    assert "exp_avg_q" in opt.state[compiled[0].weight] and "exp_avg_q" in opt.state[compiled[2].weight]
+    # the projected update, and the dense one for 96×128, (128,) and (96,) (or fewer, with dynamic shapes)
+    assert 2 <= counter.frame_count <= 4
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def test_eight_bit_trains_like_32_bit():
     """Both descend on the regression problem (60 steps, lr 1e-2): the 8-bit run's final loss is
     below a third of its first, as the 32-bit run's is (measured on 2026-12-03: 1.0764 → 0.2729 at
