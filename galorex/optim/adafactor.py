@@ -65,7 +65,8 @@ class GaLoreAdafactor(LowRankOptimizer):
     (``AdafactorRule.moment_keys`` says why).
 
     Statistics are float32 (float64 for float64 weights) whatever the weight's dtype, as
-    galore-torch keeps them, and stay so through ``load_state_dict``. ``compile=True`` compiles
+    galore-torch keeps them (with ``optim_bits=8``, a moment under 4096 entries is float32, as for
+    every rule), and stay so through ``load_state_dict``. ``compile=True`` compiles
     the per-group update (see ``LowRankOptimizer``); ``lr`` and ``weight_decay`` may be 0-dim
     tensors.
 
