@@ -59,8 +59,9 @@ def parameter_state_bytes(
     (``galore``, ``natural-galore``, ``gradnorm-lorp``, ``galore-adafactor``, ``fira``, ``apollo``…)
     or ``adamw`` (torch's AdamW). ``natural_history`` is NaturalGaLoreAdamW's s; ``optim_bits=8``
     stores Adam moments of 4096 or more entries in one byte each plus a float32 scale per 256;
-    ``first_moment`` says GaLoreAdafactor keeps one (``beta1`` set); other group keys (``proj``…)
-    as keywords.
+    ``first_moment`` says GaLoreAdafactor keeps one (``beta1`` set; with ``optim_bits=8`` it and a
+    vector's second moment are coded like Adam's, the factored row and column statistics stay
+    float32); other group keys (``proj``…) as keywords.
     """
     settings = {
         "rank": rank,
@@ -230,7 +231,8 @@ def training_memory_breakdown(
     - ``step_workspace``: float32 temporaries of the optimizer's largest single update: the full
       gradient in float32 and the low-rank Adam step of the largest projected weight, or the
       float32 temporaries of one slice of the largest unprojected weight when ``optim_bits=8``
-      (stepped ``DENSE_8BIT_CHUNK`` elements at a time), whichever is larger;
+      (stepped ``DENSE_8BIT_CHUNK`` elements at a time; GaLoreAdafactor's whole weight at once),
+      whichever is larger;
     - ``runtime``: the interpreter and torch themselves (:data:`CPU_RUNTIME_BYTES`).
 
     ``total`` is their sum. Built on the meta device: nothing is allocated.
@@ -276,6 +278,11 @@ def training_memory_breakdown(
             lm, ln = proj.lowrank_shape(side, m, n, rank)
             # The float32 gradient and update, three low-rank tensors (projected gradient, m, v).
             workspace = max(workspace, 2 * p.numel() * cbytes + 3 * lm * ln * cbytes)
+        elif optim_bits == 8 and name == "adafactor":
+            # Adafactor's dense step is not elementwise (row and column means, the update's RMS), so
+            # it takes the whole weight at once: the decoded first moment and the three float32
+            # temporaries of the factored update (R² + ε₁, the update and its next value).
+            workspace = max(workspace, 4 * p.numel() * cbytes)
         elif optim_bits == 8:
             # Stepped DENSE_8BIT_CHUNK elements at a time: about 8 float32 temporaries of a slice.
             workspace = max(workspace, 8 * min(p.numel(), DENSE_8BIT_CHUNK) * cbytes)

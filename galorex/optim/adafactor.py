@@ -56,10 +56,17 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``refresh_method``,
     ``moment_policy`` (``keep`` as galore-torch; ``reset`` zeroes the statistics and restarts β̂_t;
     ``reproject`` carries m by R = P_newᵀP_old and the factored V̂ by R∘R, then re-factors it),
-    ``oversample``, ``power_iters``, ``refresh_seed``, ``basis_bits``, ``basis_rotation``.
+    ``oversample``, ``power_iters``, ``refresh_seed``, ``optim_bits``, ``basis_bits``,
+    ``basis_rotation``.
+
+    ``optim_bits=8`` stores the first moment ``exp_avg`` (and a vector's unfactored ``exp_avg_sq``)
+    block-wise in 8 bits through the state codec, projected and unprojected parameters alike, when
+    it has 4096 entries or more; the factored ``exp_avg_sq_row``/``exp_avg_sq_col`` stay float32
+    (``AdafactorRule.moment_keys`` says why).
 
     Statistics are float32 (float64 for float64 weights) whatever the weight's dtype, as
-    galore-torch keeps them, and stay so through ``load_state_dict``. ``compile=True`` compiles
+    galore-torch keeps them (with ``optim_bits=8``, a moment under 4096 entries is float32, as for
+    every rule), and stay so through ``load_state_dict``. ``compile=True`` compiles
     the per-group update (see ``LowRankOptimizer``); ``lr`` and ``weight_decay`` may be 0-dim
     tensors.
 
@@ -95,6 +102,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         oversample: int = 16,
         power_iters: int = 2,
         refresh_seed: int = 0,
+        optim_bits: int = 32,
         basis_bits: int = 32,
         basis_rotation: bool = False,
         compile: CompileOption = False,
@@ -120,6 +128,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             "oversample": oversample,
             "power_iters": power_iters,
             "refresh_seed": refresh_seed,
+            "optim_bits": optim_bits,
             "basis_bits": basis_bits,
             "basis_rotation": basis_rotation,
         }

@@ -39,14 +39,21 @@ def load_moment(state: dict[str, Any], key: str, dtype: torch.dtype | None = Non
 
 
 def store_moment(state: dict[str, Any], key: str, value: torch.Tensor, eight_bit: bool) -> None:
-    """Write a moment back: as is (32-bit), or block-wise quantised when large enough (8-bit)."""
+    """Write a moment back: as is (32-bit), or block-wise quantised when large enough (8-bit).
+    Whatever the other format left under the key is removed (a group's ``optim_bits`` may have
+    changed since; a stale code would otherwise be read instead of the new value)."""
     if not eight_bit:
+        state.pop(key + "_q", None)
+        state.pop(key + "_absmax", None)
         state[key] = value
         return
     packed = state8bit.pack_moment(value, moment_kind(key))
     if "value" in packed:
+        state.pop(key + "_q", None)
+        state.pop(key + "_absmax", None)
         state[key] = packed["value"]
     else:
+        state.pop(key, None)
         state[key + "_q"], state[key + "_absmax"] = packed["q"], packed["absmax"]
 
 

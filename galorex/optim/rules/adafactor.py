@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from ... import projection as proj
+from .. import codec, state8bit
 from ..config import MOMENT_POLICY, PROJ_STEP, SCALE, STEP, Bad, compute_dtype, is_real
+from ..dense import eight_bit
 from .base import Rule, State, Step
 
 # Group keys, as transformers and galore-torch name them.
@@ -168,7 +170,7 @@ class AdafactorRule(Rule):
         wd = group["weight_decay"]
         if not is_real(wd) or not math.isfinite(float(wd)) or float(wd) < 0:
             raise bad("weight_decay", "must be a finite number >= 0")
-        for key in ("optim_bits", "eps_mode", "betas"):
+        for key in ("eps_mode", "betas"):
             if key in group:
                 raise bad(key, "is an Adam key that GaLoreAdafactor does not take")
         for key in ("amsgrad", "maximize", "fused", "foreach"):
@@ -176,6 +178,17 @@ class AdafactorRule(Rule):
                 raise bad(key, "is not supported by GaLoreAdafactor (minimisation only, one implementation)")
 
     # ------------------------------------------------------------------ state
+    def moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The entries stored in 8 bits with ``optim_bits=8`` (when they hold 4096 entries or more,
+        as for every rule): the first moment ``exp_avg`` (signed code, as Adam's m) and a vector's
+        unfactored ``exp_avg_sq`` (√v in the unsigned code, as Adam's v). The factored statistics
+        ``exp_avg_sq_row``/``exp_avg_sq_col`` stay in the compute dtype: they are a + b numbers
+        for an a×b matrix (2.5 KiB in float32 for a 128×512 low-rank gradient, whose 8-bit first
+        moment takes 64 KiB), V̂ = r cᵀ/mean(r) would multiply their coding errors, and their EMA
+        moves by 1 − β̂_t = t^decay_rate a step (0.4 % at t = 1000), under half a gap of the
+        unsigned code for most values, where nearest rounding would freeze them."""
+        return (EXP_AVG, EXP_AVG_SQ)
+
     def init_state(self, group, p, state, shape, dtype) -> None:
         init_statistics(group, state, tuple(shape), dtype, p.device)
 
@@ -256,15 +269,34 @@ class AdafactorRule(Rule):
     def step_dense(self, group: dict[str, Any], params: list[torch.Tensor], state_of: Any, compiled: Any) -> None:
         """Unprojected parameters: plain Adafactor (factored for ≥ 2-D, as transformers does). The
         state is created here, on the host, and gradients and states are passed to the (possibly
-        compiled) update as plain inputs, so that its graph is the same at every step."""
-        states = []
-        for p in params:
+        compiled) update as plain inputs, so that its graph is the same at every step.
+
+        With ``optim_bits=8`` the state goes through the codec as the loop's does for projected
+        parameters (:meth:`moment_keys`): one parameter at a time, its moments decoded into a float
+        view, updated, and coded again, so the float moments of only one parameter exist at once."""
+        update = compiled("adafactor_dense", self.dense_update)
+        keys, eight = self.moment_keys(group), eight_bit(group)
+
+        def view_of(p: torch.Tensor) -> State:
             state = state_of[p]
-            if not state:
-                state[STEP] = torch.zeros((), dtype=torch.float32)
-                init_statistics(group, state, tuple(p.shape), compute_dtype(p.dtype), p.device)
-            states.append(state)
-        compiled("adafactor_dense", self.dense_update)(group, params, [p.grad for p in params], states)
+            if state:
+                return codec.load_view(state, keys, compute_dtype(p.dtype))
+            view = {STEP: torch.zeros((), dtype=torch.float32)}
+            init_statistics(group, view, tuple(p.shape), compute_dtype(p.dtype), p.device)
+            return view
+
+        if eight:
+            for p in params:
+                view = view_of(p)
+                update(group, [p], [p.grad], [view])
+                codec.store_view(state_of[p], view, keys, True)
+            return
+        # 32 bits: the views hold the state's own tensors (updated in place), unless a moment was
+        # coded before the group's optim_bits changed.
+        views = [view_of(p) for p in params]
+        update(group, params, [p.grad for p in params], views)
+        for p, view in zip(params, views):
+            codec.store_view(state_of[p], view, keys, False)
 
     def dense_update(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], states: list[State]
@@ -285,14 +317,24 @@ class AdafactorRule(Rule):
                 p.copy_(w - update)
 
     def state_bytes(self, group, shape, dtype, low_shape=None) -> int:
+        """The factored r and c (a + b numbers) or a vector's v, and m when ``beta1`` is set, in the
+        compute dtype; with ``optim_bits=8``, m and v as the codec stores them
+        (``state8bit.packed_nbytes``: 8-bit from 4096 entries, float32 below), r and c as above."""
         stat_shape = tuple(low_shape if low_shape is not None else shape)
         numel = math.prod(stat_shape)
+        size = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        eight = eight_bit(group)
+
+        def moment(key: str) -> int:
+            return state8bit.packed_nbytes(numel, codec.moment_kind(key)) if eight else numel * size
+
         if len(stat_shape) >= 2:
-            second = math.prod(stat_shape[:-1]) + math.prod(stat_shape[:-2]) * stat_shape[-1]
+            total = (math.prod(stat_shape[:-1]) + math.prod(stat_shape[:-2]) * stat_shape[-1]) * size
         else:
-            second = numel
-        first = numel if group.get(BETA1) is not None else 0
-        return (second + first) * torch.empty((), dtype=compute_dtype(dtype)).element_size()
+            total = moment(EXP_AVG_SQ)
+        if group.get(BETA1) is not None:
+            total += moment(EXP_AVG)
+        return total
 
 
 def init_statistics(
