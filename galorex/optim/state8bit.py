@@ -237,7 +237,9 @@ def quantize_blockwise(
     An all-zero block keeps absmax 0 and divides by 1 instead, so it maps to the code's 0 entry
     rather than to NaN. Any shape and strides; computed in float32 whatever x's dtype. The code
     must be sorted ascending (not checked: that would need a sync); ``keep_positive`` as in
-    :func:`code_boundaries`.
+    :func:`code_boundaries`. The index is bucketize(u, boundaries, right=True); for the cached codes
+    it is read from code_lut's exact table on u's bits (same bytes, tested; about 3× faster on this
+    CPU, not measured on CUDA), for other codes and under torch.compile from torch.bucketize.
     """
     _check_block_size(block_size)
     if not x.is_floating_point():
