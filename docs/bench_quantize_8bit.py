@@ -40,10 +40,10 @@ def main() -> None:
             boundaries, lut = s8._boundaries_for(code, keep)
             steps = {
                 "u → index": (
-                    lambda: torch.bucketize(u, boundaries, out_int32=True, right=True).to(torch.uint8),
-                    lambda: lut_bucketize(u, lut),
+                    lambda u=u, b=boundaries: torch.bucketize(u, b, out_int32=True, right=True).to(torch.uint8),
+                    lambda u=u, lut=lut: lut_bucketize(u, lut),
                 ),
-                "pack_moment": (lambda: s8.pack_moment(x, kind)["q"],) * 2,
+                "pack_moment": (lambda x=x, kind=kind: s8.pack_moment(x, kind)["q"],) * 2,
             }
             for step, (ref_fn, fast_fn) in steps.items():
                 t_ref, t_fast = [], []
