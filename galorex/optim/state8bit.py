@@ -44,6 +44,7 @@ import math
 import torch
 
 from .blocks import _blocks, _check_block_size, _num_blocks
+from .code_lut import CodeLut, build_code_lut, lut_bucketize
 
 __all__ = [
     "BLOCK_SIZE",
@@ -156,10 +157,13 @@ def code_boundaries(code: torch.Tensor, keep_positive: bool = False) -> torch.Te
     return b
 
 
-# (kind, device) -> code; (id(code), keep_positive) -> (code, boundaries) for the cached codes,
-# so the steady state recomputes nothing. The strong reference to code keeps its id unique.
+# (kind, device) -> code; (id(code), keep_positive) -> (code, boundaries, lut) for the cached
+# codes, so the steady state recomputes nothing. The strong reference to code keeps its id unique.
 _CODE_CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
-_BOUNDARIES: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+_BOUNDARIES: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, CodeLut]] = {}
+# Index by the exact table of code_lut (the default) or by torch.bucketize (the reference, also
+# used for uncached codes and under torch.compile); both give the same bytes.
+_USE_LUT = True
 _BUILDERS = {SIGNED: build_signed_code, UNSIGNED_SQRT: build_unsigned_code}
 
 
@@ -177,7 +181,8 @@ def _cached(kind: str, device: torch.device | str | None) -> torch.Tensor:
         cpu = _BUILDERS[kind]()
         code = cpu.to(key[1])  # one host→device copy per device and code, ever
         for keep in (False, True) if kind == UNSIGNED_SQRT else (False,):
-            _BOUNDARIES[(id(code), keep)] = (code, code_boundaries(cpu, keep).to(key[1]))
+            b = code_boundaries(cpu, keep)
+            _BOUNDARIES[(id(code), keep)] = (code, b.to(key[1]), build_code_lut(b.to(key[1])))
         _CODE_CACHE[key] = code
     return code
 
@@ -192,14 +197,14 @@ def unsigned_code(device: torch.device | str | None = None) -> torch.Tensor:
     return _cached(UNSIGNED_SQRT, device)
 
 
-def _boundaries_for(code: torch.Tensor, keep_positive: bool) -> torch.Tensor:
+def _boundaries_for(code: torch.Tensor, keep_positive: bool) -> tuple[torch.Tensor, CodeLut | None]:
     if torch.compiler.is_compiling():
         # id() of a traced tensor means nothing; 255 midpoints are cheap to recompute in a graph.
-        return code_boundaries(code, keep_positive)
+        return code_boundaries(code, keep_positive), None
     entry = _BOUNDARIES.get((id(code), keep_positive))
     if entry is not None and entry[0] is code:
-        return entry[1]
-    return code_boundaries(code, keep_positive)
+        return entry[1], entry[2]
+    return code_boundaries(code, keep_positive), None  # building a table reads K to the host
 
 
 # ================================================================================== quantisation
@@ -232,7 +237,9 @@ def quantize_blockwise(
     An all-zero block keeps absmax 0 and divides by 1 instead, so it maps to the code's 0 entry
     rather than to NaN. Any shape and strides; computed in float32 whatever x's dtype. The code
     must be sorted ascending (not checked: that would need a sync); ``keep_positive`` as in
-    :func:`code_boundaries`.
+    :func:`code_boundaries`. The index is bucketize(u, boundaries, right=True); for the cached codes
+    it is read from code_lut's exact table on u's bits (same bytes, tested; about 3× faster on this
+    CPU, not measured on CUDA), for other codes and under torch.compile from torch.bucketize.
     """
     _check_block_size(block_size)
     if not x.is_floating_point():
@@ -243,7 +250,10 @@ def quantize_blockwise(
     absmax = blocks.abs().amax(dim=1)
     divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     u = blocks / divisor[:, None]
-    idx = torch.bucketize(u, _boundaries_for(code, keep_positive), out_int32=True, right=True)
+    boundaries, lut = _boundaries_for(code, keep_positive)
+    if _USE_LUT and lut is not None:  # the cached codes: same indices, uint8 directly
+        return lut_bucketize(u.view(-1)[:numel], lut).view(x.shape), absmax
+    idx = torch.bucketize(u, boundaries, out_int32=True, right=True)
     # Slice before converting so q owns exactly numel bytes (a padded view would be saved whole).
     q = idx.view(-1)[:numel].to(torch.uint8).view(x.shape)
     return q, absmax
