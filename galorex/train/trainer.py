@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import torch
 
 from ..memory import GiB, optimizer_state_bytes, training_memory_breakdown
 from ..models.llama import Llama, LlamaConfig, build_llama, get_config
-from ..optim.factory import AVAILABLE, DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
+from ..optim.factory import DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
+from ..optim.factory import available as available_optimizers
 from ..optim.sharded import local_state_bytes
 from . import distributed
 from .atomic import atomic_write
@@ -34,6 +34,7 @@ from .checkpoint import (
     save_safetensors,
     set_rng_state,
 )
+from .config import RESUME_MAY_CHANGE, TrainConfig, TrainError, check_config
 from .data import (
     DataError,
     TokenBatcher,
@@ -44,116 +45,6 @@ from .data import (
 from .tracking import RunMetrics, TrackingError, check_report_to, compile_model
 
 CHECKPOINT_FORMAT = 1
-# Settings a resumed run may change; every other one defines the model, the optimizer, the
-# schedule or the data order and must match the checkpoint's. (--steps may grow: the cosine then
-# stretches to the new length. The data itself is compared by content, not by path.)
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "steps",
-        "eval_every",
-        "eval_batches",
-        "log_every",
-        "save_every",
-        "keep_checkpoints",
-        "out",
-        "resume",
-        "device",
-        "threads",
-        "progress",
-        "sample_tokens",
-        "cache_dir",
-        "data",
-        "dataset",
-        "dataset_max_chars",
-        "init_from",
-        # galorex.train.data / tracking: the data is compared by content; the rest only observes.
-        "dataset_config",
-        "text_field",
-        "workers",
-        "val_data",
-        "val_split",
-        "val_max_chars",
-        "report_to",
-        "compile",
-        "recipe",
-        "activation_checkpointing",  # the same gradients, recomputed
-        "force",
-        "save_model",
-    }
-)
-
-
-class TrainError(ValueError):
-    """A problem with the user's input: reported as one line, exit code 2."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = "llama-tiny"
-    optimizer: str = "galore"
-    rank: int = 32
-    update_proj_gap: int = 100
-    scale: float | None = None  # None: the optimizer's own (factory.DEFAULT_SCALE)
-    proj_type: str = "std"
-    refresh_method: str = "svd"
-    moment_policy: str = "keep"
-    natural_history: int = 8
-    natural_damping: float = 1e-3
-    optim_bits: int = 32
-    basis_bits: int = 32
-    basis_rotation: bool = False
-    lr: float | None = None  # None: the optimizer's own (factory.DEFAULT_LR)
-    min_lr_ratio: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 128
-    dtype: str = "fp32"
-    steps: int = 1000
-    eval_every: int = 200
-    eval_batches: int = 16
-    log_every: int = 10
-    save_every: int = 200
-    keep_checkpoints: int = 3
-    out: str | None = None
-    resume: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    data: str | None = None
-    cache_dir: str | None = None
-    dataset: str | None = None
-    dataset_max_chars: int = 20_000_000
-    tokenizer: str | None = None
-    init_from: str | None = None
-    halo: int | None = None
-    halo_format: str | None = None  # fp8 (the default with --halo) or int8
-    halo_save_quantized: bool = False  # per-tensor scales, 8-bit X kept for backward
-    sample_tokens: int = 200
-    threads: int | None = None
-    progress: bool = True
-    layerwise: bool = False
-    distributed: str = "none"
-    # Data at scale, tracking and compile (galorex.train.data, .corpus, .tracking, .recipes).
-    dataset_config: str | None = None
-    text_field: str = "text"
-    workers: int | None = None
-    val_data: str | None = None
-    val_split: str | None = None
-    val_max_chars: int = 5_000_000
-    report_to: str = "none"
-    compile: bool = False
-    recipe: str | None = None
-    vocab_size: int | None = None  # the model's embedding size (default: the --model config's)
-    activation_checkpointing: bool = False
-    force: bool = False  # build the model even when the memory estimate says it will not fit
-    save_model: bool = True  # write OUT/model.safetensors at the end
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -175,44 +66,6 @@ def _dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise TrainError(f"--dtype {name!r}: expected one of {', '.join(dtypes)}")
     return dtypes[name]
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    positive = (
-        "rank",
-        "update_proj_gap",
-        "batch_size",
-        "grad_accum",
-        "seq_len",
-        "eval_batches",
-        "log_every",
-        "keep_checkpoints",
-    )
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be > 0, got {getattr(cfg, key)}")
-    for key in ("steps", "warmup", "eval_every", "save_every", "sample_tokens"):
-        if getattr(cfg, key) < 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.halo is not None and cfg.halo not in (0, 1, 2):
-        raise TrainError(f"--halo must be 0, 1 or 2, got {cfg.halo}")
-    if cfg.halo_format is not None and cfg.halo_format not in ("fp8", "int8"):
-        raise TrainError(f"--halo-format must be fp8 or int8, got {cfg.halo_format!r}")
-    if cfg.halo_format is not None and cfg.halo is None:
-        raise TrainError("--halo-format needs --halo 0|1|2")
-    if cfg.basis_rotation and cfg.basis_bits not in (4, 8):
-        raise TrainError("--basis-rotation rotates quantised bases: it needs --basis-bits 4 or 8")
-    if cfg.halo_save_quantized and cfg.halo is None:
-        raise TrainError("--halo-save-quantized needs --halo 0|1|2")
-    if cfg.data is not None and cfg.dataset is not None:
-        raise TrainError("give either --data or --dataset, not both")
-    if cfg.layerwise and cfg.distributed == "fsdp2":
-        raise TrainError(
-            "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "
-            "after the hooks that would step it have fired (use --distributed ddp --layerwise)"
-        )
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -480,7 +333,7 @@ def _preflight(
     memory available; when it cannot fit, a TrainError naming the estimate, what is available and
     the flags that would bring it down (with their estimates), unless ``--force``. Applies to one
     process (``--distributed none``) and to the optimizers whose state the estimate models."""
-    if cfg.distributed != "none" or cfg.optimizer not in AVAILABLE:
+    if cfg.distributed != "none" or cfg.optimizer not in available_optimizers():
         return None
     estimate = _estimate(cfg, model_cfg, dtype)
     available, source = _available_memory(device)
@@ -538,11 +391,11 @@ def train(
     ``make_optimizer(model, **options)`` replaces :func:`galorex.optim.factory.build_optimizer`
     (same options), e.g. to run another library's optimizer through the same loop.
     """
-    if cfg.lr is None and cfg.optimizer in AVAILABLE:
+    if cfg.lr is None and cfg.optimizer in available_optimizers():
         cfg = dataclasses.replace(cfg, lr=default_lr(cfg.optimizer))
     if cfg.scale is None and cfg.optimizer in DEFAULT_SCALE:  # apollo-mini keeps None: it sets its own
         cfg = dataclasses.replace(cfg, scale=DEFAULT_SCALE[cfg.optimizer])
-    _check_config(cfg)
+    check_config(cfg)
     try:
         ctx, device_name = distributed.setup(cfg.distributed, cfg.device, cfg.batch_size)
     except distributed.DistributedError as e:
@@ -568,9 +421,9 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     out = _prepare_out_dir(cfg)
     ckpt = _load_resume(cfg, out, ctx) if cfg.resume is not None else None
     ctx.barrier()  # every rank has looked at --out before rank 0 writes into it
-    if cfg.optimizer not in AVAILABLE:
+    if cfg.optimizer not in available_optimizers():
         known = "not available in this version of galorex yet" if cfg.optimizer in PLANNED else "unknown optimizer"
-        raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(AVAILABLE)}")
+        raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(available_optimizers())}")
     try:
         model_cfg: LlamaConfig = get_config(cfg.model)
     except ValueError as e:
@@ -660,17 +513,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay,
-            rank=cfg.rank,
-            update_proj_gap=cfg.update_proj_gap,
-            scale=cfg.scale,
-            proj_type=cfg.proj_type,
-            refresh_method=cfg.refresh_method,
-            moment_policy=cfg.moment_policy,
-            natural_history=cfg.natural_history,
-            natural_damping=cfg.natural_damping,
-            optim_bits=cfg.optim_bits,
-            basis_bits=cfg.basis_bits,
-            basis_rotation=cfg.basis_rotation,
+            **cfg.option_values(),
             **layerwise,
         )
     except (ValueError, TypeError) as e:
