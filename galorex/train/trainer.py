@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -409,7 +410,72 @@ def train(
     return summary
 
 
+@dataclass
+class Run:
+    """What :func:`_setup` builds and the later phases use: the run's settings, where it writes,
+    its data, model, optimizer and schedule, and the checkpoint it resumes from (or None)."""
+
+    cfg: TrainConfig
+    ctx: distributed.Context
+    device: torch.device
+    log: Callable[..., Any]
+    out: Path
+    ckpt: dict[str, Any] | None
+    model_cfg: LlamaConfig
+    run_data: Any  # galorex.train.data.RunData
+    batcher: TokenBatcher
+    estimate: dict[str, int] | None
+    model: Llama
+    runner: torch.nn.Module  # the model as wrapped for DDP and torch.compile
+    run_metrics: RunMetrics
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    memory: dict[str, Any]  # figures at points of the run
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+@dataclass
+class Position:
+    """Where a run stands: restored by :func:`_resume`, advanced by :func:`_loop`, saved in every
+    checkpoint. ``loss_sum`` and ``window_steps`` are the training loss of the steps not yet
+    logged (so a resumed log line averages the same steps as the straight run's)."""
+
+    loss_sum: torch.Tensor
+    step: int = 0
+    tokens_seen: int = 0
+    wall_before: float = 0.0  # seconds of earlier sessions of the run
+    t_start: float = 0.0  # perf_counter() when this session's loop started
+    window_steps: int = 0
+    val_loss: float | None = None
+
+    def wall_s(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.t_start)
+
+
 def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, make_optimizer) -> dict[str, Any]:
+    """The run in its four phases: build everything (checking every input before writing into
+    --out), restore the checkpoint's position, train, and report."""
+    run = _setup(cfg, ctx, device_name, log, make_optimizer)
+    position = _resume(run)
+    wall_s = _loop(run, position)
+    return _report(run, position, wall_s)
+
+
+# ----------------------------------------------------------------------------- 1. setup
+def _setup(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, make_optimizer) -> Run:
+    """Check the inputs and build the run: output folder and checkpoint to resume (read, nothing
+    written yet), data, model (with the checkpoint's weights), optimizer and schedule.
+
+    Args:
+        cfg: the run's settings (lr and scale filled in by :func:`train`).
+        ctx: the distributed context (a single process when not under torchrun).
+        device_name: the device this process runs on.
+        log: prints a line (a no-op on ranks other than 0).
+        make_optimizer: replaces ``build_optimizer``, or None.
+    """
     device = _device(device_name)
     dtype = _dtype(cfg.dtype)
     if cfg.threads:
@@ -424,6 +490,26 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     if cfg.optimizer not in available_optimizers():
         known = "not available in this version of galorex yet" if cfg.optimizer in PLANNED else "unknown optimizer"
         raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(available_optimizers())}")
+    model_cfg = _model_config(cfg)
+    run_data, batcher = _setup_data(cfg, log)
+    model, memory, estimate = _setup_model(cfg, model_cfg, run_data, ckpt, device, dtype, log)
+    # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
+    runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
+    runner = compile_model(runner, cfg.compile)
+    # Its gradient-norm hooks must come before the optimizer's --layerwise hooks.
+    run_metrics = RunMetrics(cfg, model, model_cfg, device, ctx.world_size)
+    optimizer = _setup_optimizer(cfg, ctx, model, make_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
+    return Run(
+        cfg, ctx, device, log, out, ckpt, model_cfg, run_data, batcher, estimate, model, runner, run_metrics,
+        optimizer, scheduler, memory,
+    )  # fmt: skip
+
+
+def _model_config(cfg: TrainConfig) -> LlamaConfig:
+    """--model's configuration, with --vocab-size when given."""
     try:
         model_cfg: LlamaConfig = get_config(cfg.model)
     except ValueError as e:
@@ -433,25 +519,41 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             model_cfg = get_config(cfg.model, vocab_size=cfg.vocab_size)
         except ValueError as e:
             raise TrainError(f"--vocab-size {cfg.vocab_size}: {e}") from None
+    return model_cfg
 
-    # Data: tokenised once into a memory-mapped cache; validation on --val-data or the tail.
+
+def _setup_data(cfg: TrainConfig, log) -> tuple[Any, TokenBatcher]:
+    """Tokens (tokenised once into a memory-mapped cache), validation on --val-data or the tail,
+    and the batcher; a corpus too short for one batch is refused here, naming it."""
     try:
         check_report_to(cfg.report_to)
         run_data = prepare_run_data(cfg, log)
     except (DataError, TrackingError) as e:
         raise TrainError(str(e)) from None
-    tokenizer, tokens, source = run_data.tokenizer, run_data.tokens, run_data.source
-    train_tokens, val_tokens = run_data.train, run_data.val
     try:
-        batcher = TokenBatcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        batcher = TokenBatcher(run_data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     except DataError as e:
-        raise TrainError(f"{source}: {e}") from None
+        raise TrainError(f"{run_data.source}: {e}") from None
     try:
-        next(iter(eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, 1)))
+        next(iter(eval_batches(run_data.val, cfg.batch_size, cfg.seq_len, 1)))
     except DataError as e:
         raise TrainError(f"{run_data.val_source}: {e}") from None
+    return run_data, batcher
 
-    # Model.
+
+def _setup_model(
+    cfg: TrainConfig,
+    model_cfg: LlamaConfig,
+    run_data: Any,
+    ckpt: dict[str, Any] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    log,
+) -> tuple[Llama, dict[str, Any], dict[str, int] | None]:
+    """The model, after the memory preflight: built on the meta device and materialised in
+    ``dtype`` on ``device``, seeded or loaded (--init-from, or the checkpoint's weights), HALO
+    layers swapped in. Returns it, the memory figures so far and the preflight's estimate."""
+    tokenizer = run_data.tokenizer
     if tokenizer.vocab_size > model_cfg.vocab_size:
         given = f"--vocab-size {cfg.vocab_size}" if cfg.vocab_size is not None else f"--model {cfg.model}'s vocabulary"
         raise TrainError(
@@ -485,18 +587,17 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         saving = {"granularity": "tensor", "save_quantized": True} if cfg.halo_save_quantized else {}
         convert_to_halo(model, level=cfg.halo, fmt=cfg.halo_format or "fp8", **saving)
     if ckpt is not None and cfg.distributed != "fsdp2" and ckpt["model_config"] == model_cfg.to_dict():
-        # Before DDP sees the weights (a checkpoint of another shape is reported further down).
+        # Before DDP sees the weights (a checkpoint of another shape is reported in _resume).
         try:
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"--resume: {ckpt['path']} does not fit this model ({str(e).splitlines()[0]})") from None
-    # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
-    runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
-    runner = compile_model(runner, cfg.compile)
-    # Its gradient-norm hooks must come before the optimizer's --layerwise hooks.
-    run_metrics = RunMetrics(cfg, model, model_cfg, device, ctx.world_size)
+    return model, memory, estimate
 
-    # Optimizer and schedule.
+
+def _setup_optimizer(cfg: TrainConfig, ctx: distributed.Context, model: Llama, make_optimizer) -> torch.optim.Optimizer:
+    """The optimizer by name (``build_optimizer`` or ``make_optimizer``) with every optimizer
+    option of ``cfg``; with --layerwise, each parameter steps inside backward."""
     layerwise = {}
     if cfg.layerwise:
         # Global-norm clipping is impossible when each parameter steps as soon as its gradient is
@@ -522,140 +623,106 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         raise TrainError("--layerwise needs a galorex optimizer built with layerwise=True")
     if cfg.layerwise and ctx.mode == "ddp":
         optimizer.set_layerwise_grad_reducer(ctx.average_gradient)  # DDP's all-reduce, one gradient at a time
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    )
+    return optimizer
 
-    step, tokens_seen, wall_before = 0, 0, 0.0
-    metrics_path = out / "metrics.jsonl"
-    fingerprint = _data_fingerprint(tokens)
+
+# ----------------------------------------------------------------------------- 2. resume
+def _resume(run: Run) -> Position:
+    """A fresh run: create --out and write config.json. A resumed one: check the checkpoint
+    against the model and data, load the optimizer, schedule, data order and RNG states, and drop
+    the log lines written after it. Then open the metrics' sinks; returns the position."""
+    cfg, ctx, ckpt, out = run.cfg, run.ctx, run.ckpt, run.out
+    position = Position(loss_sum=torch.zeros((), device=run.device))
     if ckpt is not None:
         where = f"--resume: {ckpt['path']}"
-        if ckpt["model_config"] != model_cfg.to_dict():
-            diff = sorted(k for k, v in model_cfg.to_dict().items() if ckpt["model_config"].get(k) != v)
+        if ckpt["model_config"] != run.model_cfg.to_dict():
+            diff = sorted(k for k, v in run.model_cfg.to_dict().items() if ckpt["model_config"].get(k) != v)
             raise TrainError(f"{where} holds a model of another shape (differs in {', '.join(diff)})")
-        if ckpt["data_fingerprint"] != fingerprint:
-            raise TrainError(f"{where} was trained on other data (or another tokenizer) than {source}")
+        if ckpt["data_fingerprint"] != _data_fingerprint(run.run_data.tokens):
+            raise TrainError(f"{where} was trained on other data (or another tokenizer) than {run.run_data.source}")
         try:
             if cfg.distributed == "fsdp2":
-                distributed.load_sharded(model, optimizer, ckpt["model"])
+                distributed.load_sharded(run.model, run.optimizer, ckpt["model"])
             else:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            batcher.load_state_dict(ckpt["data"])
+                run.optimizer.load_state_dict(ckpt["optimizer"])
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+            run.batcher.load_state_dict(ckpt["data"])
             set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"{where} does not fit this model/optimizer/data ({str(e).splitlines()[0]})") from None
         out.mkdir(parents=True, exist_ok=True)
-        step, tokens_seen, wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
+        position.step, position.tokens_seen, position.wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
         if ctx.is_main:
-            _truncate_metrics(metrics_path, step)
-        log(f"resumed from {ckpt['path']} at step {step}")
+            _truncate_metrics(run.metrics_path, position.step)
+        run.log(f"resumed from {ckpt['path']} at step {position.step}")
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
+        _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": run.model_cfg.to_dict()})
     try:
-        run_metrics.open(out, cfg.to_dict(), ctx.is_main, step if ckpt is not None else None)
+        run.run_metrics.open(out, cfg.to_dict(), ctx.is_main, position.step if ckpt is not None else None)
     except TrackingError as e:
         raise TrainError(str(e)) from None
+    if ckpt is not None and "log_window" in ckpt:
+        position.loss_sum.copy_(ckpt["log_window"]["loss_sum"])
+        position.window_steps = ckpt["log_window"]["steps"]
+    return position
 
-    def checkpoint() -> Path | None:
-        extra = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "wall_s": wall_before + (time.perf_counter() - t_start),
-            "config": cfg.to_dict(),
-            "model_config": model_cfg.to_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data": batcher.state_dict(),
-            "rng": rng_state(),
-            "data_fingerprint": fingerprint,
-            "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
-        }
-        if cfg.distributed == "fsdp2":
-            return distributed.save_sharded(
-                ctx, model, optimizer, extra, out / "checkpoints", step, cfg.keep_checkpoints
-            )
-        path = None
-        if ctx.is_main:  # DDP: every rank holds the same model and optimizer state
-            extra.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-            path = save_checkpoint(extra, out / "checkpoints", step, keep_last=cfg.keep_checkpoints)
-        ctx.barrier()
-        return path
 
-    # The loop.
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+def _save(run: Run, position: Position) -> Path | None:
+    """A checkpoint of the run at ``position`` (FSDP2: every rank writes its shards)."""
+    cfg, ctx = run.cfg, run.ctx
+    extra = {
+        "format": CHECKPOINT_FORMAT,
+        "step": position.step,
+        "tokens_seen": position.tokens_seen,
+        "wall_s": position.wall_s(),
+        "config": cfg.to_dict(),
+        "model_config": run.model_cfg.to_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "data": run.batcher.state_dict(),
+        "rng": rng_state(),
+        "data_fingerprint": _data_fingerprint(run.run_data.tokens),
+        "log_window": {"loss_sum": position.loss_sum.detach().cpu().clone(), "steps": position.window_steps},
+    }
+    if cfg.distributed == "fsdp2":
+        return distributed.save_sharded(
+            ctx, run.model, run.optimizer, extra, run.out / "checkpoints", position.step, cfg.keep_checkpoints
+        )
+    path = None
+    if ctx.is_main:  # DDP: every rank holds the same model and optimizer state
+        extra.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+        path = save_checkpoint(extra, run.out / "checkpoints", position.step, keep_last=cfg.keep_checkpoints)
+    ctx.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------- 3. the loop
+def _loop(run: Run, position: Position) -> float:
+    """Train from ``position`` to --steps: accumulate, clip, step, log, evaluate, checkpoint; a
+    last checkpoint at the end when the last step was not one. Returns the run's wall-clock
+    seconds at its last step (earlier sessions included)."""
+    cfg, ctx = run.cfg, run.ctx
     progress = None
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(
             total=cfg.steps,
-            initial=step,
+            initial=position.step,
             desc=f"{cfg.optimizer} {cfg.model}",
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
         )
-    val_loss = None
-    t_start = time.perf_counter()
-    t_window, tokens_window = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=device)
-    window_steps = 0  # steps whose loss is in loss_sum
-    if ckpt is not None and "log_window" in ckpt:
-        loss_sum.copy_(ckpt["log_window"]["loss_sum"])
-        window_steps = ckpt["log_window"]["steps"]
-    model.train()
-    with open(metrics_path if ctx.is_main else os.devnull, "a") as metrics:
-        while step < cfg.steps:
-            for _ in range(cfg.grad_accum):
-                x, y = (ctx.local_rows(t) for t in batcher.next_batch())
-                _, loss = runner(x.to(device), y.to(device))
-                try:
-                    (loss / cfg.grad_accum).backward()  # with --layerwise, this steps the optimizer
-                except FloatingPointError as e:
-                    raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
-                loss_sum += loss.detach() / cfg.grad_accum
-            clipped = None
-            if cfg.grad_clip > 0 and not cfg.layerwise:
-                clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            run_metrics.grad_norm(model, step + 1, clipped)
-            lr = optimizer.param_groups[0]["lr"]
-            try:
-                optimizer.step()
-            except FloatingPointError as e:
-                raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            tokens_window += tokens_per_step
-            window_steps += 1
-            if "after_first_step" not in memory:
-                memory["after_first_step"] = _memory_now(device)
-                memory["first_step_s"] = time.perf_counter() - t_start
-
-            record = None
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - t_window
-                mean_loss = ctx.mean_over_ranks(loss_sum)
-                record = {
-                    "step": step,
-                    "train_loss": float(mean_loss) / window_steps,
-                    "lr": lr,
-                    "tokens_per_s": tokens_window / max(elapsed, 1e-9),
-                }
-                loss_sum.zero_()
-                window_steps = 0
-                t_window, tokens_window = time.perf_counter(), 0
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val_loss = evaluate(model, val_tokens, cfg, device)
-                record = record or {"step": step}
-                record["val_loss"] = val_loss
-                t_window = time.perf_counter()  # evaluation time is not training throughput
+    position.t_start = time.perf_counter()
+    window = [time.perf_counter(), 0]  # start of the throughput window, its tokens
+    run.model.train()
+    with open(run.metrics_path if ctx.is_main else os.devnull, "a") as metrics:
+        while position.step < cfg.steps:
+            lr = _step(run, position)
+            record = _log_and_evaluate(run, position, window, lr)
             if record is not None:
-                run_metrics.extend(record)
+                run.run_metrics.extend(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if progress is not None:
@@ -663,16 +730,88 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
                     progress.set_postfix(post, refresh=False)
             if progress is not None:
                 progress.update(1)
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint()
+            if cfg.save_every and position.step % cfg.save_every == 0:
+                _save(run, position)
     if progress is not None:
         progress.close()
-    wall_s = wall_before + (time.perf_counter() - t_start)
-    memory["after_last_step"] = _memory_now(device)
-    if cfg.save_every and (step % cfg.save_every != 0):
-        checkpoint()
+    wall_s = position.wall_s()
+    run.memory["after_last_step"] = _memory_now(run.device)
+    if cfg.save_every and (position.step % cfg.save_every != 0):
+        _save(run, position)
+    return wall_s
 
-    # The report.
+
+def _step(run: Run, position: Position) -> float:
+    """One optimizer step over --grad-accum micro-batches; returns the lr it used."""
+    cfg, device, optimizer = run.cfg, run.device, run.optimizer
+    for _ in range(cfg.grad_accum):
+        x, y = (run.ctx.local_rows(t) for t in run.batcher.next_batch())
+        _, loss = run.runner(x.to(device), y.to(device))
+        try:
+            (loss / cfg.grad_accum).backward()  # with --layerwise, this steps the optimizer
+        except FloatingPointError as e:
+            raise TrainError(f"step {position.step + 1}: {e}; lower --lr or raise --grad-clip") from None
+        position.loss_sum += loss.detach() / cfg.grad_accum
+    clipped = None
+    if cfg.grad_clip > 0 and not cfg.layerwise:
+        clipped = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.run_metrics.grad_norm(run.model, position.step + 1, clipped)
+    lr = optimizer.param_groups[0]["lr"]
+    try:
+        optimizer.step()
+    except FloatingPointError as e:
+        raise TrainError(f"step {position.step + 1}: {e}; lower --lr or raise --grad-clip") from None
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    position.step += 1
+    position.tokens_seen += tokens
+    position.window_steps += 1
+    if "after_first_step" not in run.memory:
+        run.memory["after_first_step"] = _memory_now(device)
+        run.memory["first_step_s"] = time.perf_counter() - position.t_start
+    return lr
+
+
+def _log_and_evaluate(run: Run, position: Position, window: list, lr: float) -> dict[str, Any] | None:
+    """The metrics line of this step, if it has one: the mean training loss and throughput since
+    the last line (every --log-every steps), the validation loss (every --eval-every steps)."""
+    cfg, step = run.cfg, position.step
+    window[1] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    record = None
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        elapsed = time.perf_counter() - window[0]
+        mean_loss = run.ctx.mean_over_ranks(position.loss_sum)
+        record = {
+            "step": step,
+            "train_loss": float(mean_loss) / position.window_steps,
+            "lr": lr,
+            "tokens_per_s": window[1] / max(elapsed, 1e-9),
+        }
+        position.loss_sum.zero_()
+        position.window_steps = 0
+        window[:] = [time.perf_counter(), 0]
+    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        position.val_loss = evaluate(run.model, run.run_data.val, cfg, run.device)
+        record = record or {"step": step}
+        record["val_loss"] = position.val_loss
+        window[0] = time.perf_counter()  # evaluation time is not training throughput
+    return record
+
+
+# ----------------------------------------------------------------------------- 4. the report
+def _report(run: Run, position: Position, wall_s: float) -> dict[str, Any]:
+    """The summary: final validation loss, a sample, throughput, memory; rank 0 writes the
+    weights, summary.json and loss.png.
+
+    Args:
+        run: the run as :func:`_setup` built it.
+        position: where the loop ended.
+        wall_s: the run's wall-clock seconds at its last step.
+    """
+    cfg, ctx, device, model, out = run.cfg, run.ctx, run.device, run.model, run.out
+    val_tokens = run.run_data.val
+    val_loss = position.val_loss
     if val_loss is None:
         val_loss = evaluate(model, val_tokens, cfg, device)
     sample = ""
@@ -680,25 +819,25 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt = torch.as_tensor(val_tokens[: min(16, cfg.seq_len)].astype("int64"), device=device)[None]
         ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, generator=g)
-        sample = tokenizer.decode(ids[0].tolist())
+        sample = run.run_data.tokenizer.decode(ids[0].tolist())
     summary = {
         "final_val_loss": val_loss,
         "val_perplexity": math.exp(min(val_loss, 50.0)),
-        "unigram_entropy": unigram_entropy(train_tokens),
-        "steps": step,
-        "tokens": tokens_seen,
+        "unigram_entropy": unigram_entropy(run.run_data.train),
+        "steps": position.step,
+        "tokens": position.tokens_seen,
         "wall_s": wall_s,
-        "tokens_per_s": tokens_seen / max(wall_s, 1e-9),
+        "tokens_per_s": position.tokens_seen / max(wall_s, 1e-9),
         "optimizer": cfg.optimizer,
         "optimizer_state_bytes": (
-            local_state_bytes(optimizer) if cfg.distributed == "fsdp2" else optimizer_state_bytes(optimizer)
+            local_state_bytes(run.optimizer) if cfg.distributed == "fsdp2" else optimizer_state_bytes(run.optimizer)
         ),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         # The same figures at three points of the run, and the analytic breakdown checked before
         # building the model (galorex.memory.training_memory_breakdown).
-        "memory": memory,
-        "memory_estimate": estimate,
+        "memory": run.memory,
+        "memory_estimate": run.estimate,
         "parameters": model.num_parameters(),
         "model": cfg.model,
         "device": str(device),
@@ -707,8 +846,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         "distributed": cfg.distributed,
         "world_size": ctx.world_size,
     }
-    summary.update(run_metrics.summary(summary["tokens_per_s"]), val_data=str(run_data.val_source))
-    run_metrics.close()
+    summary.update(run.run_metrics.summary(summary["tokens_per_s"]), val_data=str(run.run_data.val_source))
+    run.run_metrics.close()
     weights = distributed.full_state_dict(ctx, model)  # a collective under FSDP2
     if not ctx.is_main:
         summary.update(out=str(out), rank=ctx.rank)  # rank 0 writes the outputs and reports
@@ -716,7 +855,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     model_file = _save_weights(weights, out) if cfg.save_model else None
     summary["model_file"] = str(model_file) if model_file else None
     _write_json_atomic(out / "summary.json", summary)
-    plotted = _plot(metrics_path, out / "loss.png")
+    plotted = _plot(run.metrics_path, out / "loss.png")
     summary["out"] = str(out)
     summary["loss_png"] = str(out / "loss.png") if plotted else None
     return summary
