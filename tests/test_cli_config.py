@@ -103,7 +103,7 @@ def test_every_option_is_a_field_a_flag_and_a_factory_keyword():
     names = [o.name for o in config.options()]
     assert names == [o.name for o in OPTIONS]
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert fields[: len(names)] == names
+    assert fields[:2] == ["model", "optimizer"] and fields[2 : 2 + len(names)] == names
     cfg = TrainConfig()
     assert list(cfg.option_values()) == names
     defaults = vars(build_parser().parse_args([]))
@@ -241,3 +241,14 @@ def _assert_same(a, b, where: str) -> None:
             _assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def test_every_recipe_is_a_valid_config():
+    from galorex.train.recipes import RECIPES, recipe_settings
+
+    for name in RECIPES:
+        cfg = TrainConfig(**recipe_settings(name))
+        check_config(dataclasses.replace(cfg, lr=cfg.lr or 1e-3, scale=cfg.scale or 0.25))
+        parser = build_parser()  # as main() applies a recipe: its settings become the defaults
+        parser.set_defaults(**recipe_settings(name))
+        assert TrainConfig(**vars(parser.parse_args(["--recipe", name]))) == dataclasses.replace(cfg, recipe=name)

@@ -30,6 +30,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {"rank": 32, "update_proj_gap": 100, "scale": N
 # galorex-train's help where it says more than the option's own (its Args: line).
 TRAIN_HELP = {
     "rank": "GaLore rank r (clipped to min(m, n))",
+    "proj_precision": "quantise the projection GEMMs: fp8 or int8, -hadamard after a block Hadamard rotation "
+    "(galorex.lowp.projection); default: in the compute dtype",
     "scale": "scale of the projected-back update (GaLore's scale, Fira's alpha, APOLLO's scale); "
     "default: the optimizer's own (0.25; apollo 1)",
 }
@@ -134,9 +136,18 @@ def _option_field(option: optim_config.Option) -> tuple[str, Any, Any]:
     return option.name, kind, dataclasses.field(default=default)
 
 
-# The optimizer options as dataclass fields (TrainConfig's first ones), generated from OPTIONS.
+@dataclass
+class _ModelAndOptimizer:
+    """TrainConfig's first two fields (its others follow them, the optimizer's options first)."""
+
+    model: str = "llama-tiny"
+    optimizer: str = "galore"
+
+
+# The optimizer options as dataclass fields (TrainConfig's after model and optimizer), generated
+# from OPTIONS.
 _OptimizerFields = dataclasses.make_dataclass(
-    "_OptimizerFields", [_option_field(o) for o in OPTIONS], bases=(OptimizerSettings,)
+    "_OptimizerFields", [_option_field(o) for o in OPTIONS], bases=(_ModelAndOptimizer, OptimizerSettings)
 )
 _OptimizerFields.__module__ = __name__
 
@@ -146,15 +157,14 @@ class TrainConfig(_OptimizerFields):
     """A ``galorex-train`` run: one field per flag (``--grad-accum`` is ``grad_accum``), saved as
     ``config.json`` and in every checkpoint.
 
-    Its first fields are the optimizer options of :mod:`galorex.optim.config` (``rank``,
+    Its first fields are ``model`` (a name or a JSON file) and ``optimizer`` (a name of
+    ``galorex.optim.factory``), then the optimizer options of :mod:`galorex.optim.config` (``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``, ``moment_policy``, ``refresh_method``,
     ``optim_bits``, ``basis_bits``, ``basis_rotation``, ``natural_history`` …; see
     :data:`OPTIONS`), generated from those dataclasses; ``projection``, ``refresh``, ``precision``
     and ``rule_options`` give them back as the dataclasses. The fields below are the run's own.
     """
 
-    model: str = "llama-tiny"
-    optimizer: str = "galore"
     lr: float | None = None  # None: the optimizer's own (factory.DEFAULT_LR)
     min_lr_ratio: float = 0.1
     warmup: int = 20
