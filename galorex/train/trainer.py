@@ -311,8 +311,9 @@ class Run:
 @dataclass
 class Position:
     """Where a run stands: restored by :func:`_resume`, advanced by :func:`_loop`, saved in every
-    checkpoint. ``loss_sum`` and ``window_steps`` are the training loss of the steps not yet
-    logged (so a resumed log line averages the same steps as the straight run's)."""
+    checkpoint (but the timers and the last validation loss, which belong to this session).
+    ``loss_sum`` and ``window_steps`` are the training loss of the steps not yet logged (so a
+    resumed log line averages the same steps as the straight run's)."""
 
     loss_sum: torch.Tensor
     step: int = 0
@@ -321,6 +322,8 @@ class Position:
     t_start: float = 0.0  # perf_counter() when this session's loop started
     window_steps: int = 0
     val_loss: float | None = None
+    window_t0: float = 0.0  # perf_counter() when the throughput window started
+    window_tokens: int = 0  # tokens trained in it
 
     def wall_s(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t_start)
@@ -586,12 +589,12 @@ def _loop(run: Run, position: Position) -> float:
             file=sys.stderr,
         )
     position.t_start = time.perf_counter()
-    window = [time.perf_counter(), 0]  # start of the throughput window, its tokens
+    position.window_t0, position.window_tokens = time.perf_counter(), 0
     run.model.train()
     with open(run.metrics_path if ctx.is_main else os.devnull, "a") as metrics:
         while position.step < cfg.steps:
             lr = _step(run, position)
-            record = _log_and_evaluate(run, position, window, lr)
+            record = _log_and_evaluate(run, position, lr)
             if record is not None:
                 run.run_metrics.extend(record)
                 metrics.write(json.dumps(record) + "\n")
@@ -644,29 +647,29 @@ def _step(run: Run, position: Position) -> float:
     return lr
 
 
-def _log_and_evaluate(run: Run, position: Position, window: list, lr: float) -> dict[str, Any] | None:
+def _log_and_evaluate(run: Run, position: Position, lr: float) -> dict[str, Any] | None:
     """The metrics line of this step, if it has one: the mean training loss and throughput since
     the last line (every --log-every steps), the validation loss (every --eval-every steps)."""
     cfg, step = run.cfg, position.step
-    window[1] += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    position.window_tokens += cfg.batch_size * cfg.seq_len * cfg.grad_accum
     record = None
     if step % cfg.log_every == 0 or step == cfg.steps:
-        elapsed = time.perf_counter() - window[0]
+        elapsed = time.perf_counter() - position.window_t0
         mean_loss = run.ctx.mean_over_ranks(position.loss_sum)
         record = {
             "step": step,
             "train_loss": float(mean_loss) / position.window_steps,
             "lr": lr,
-            "tokens_per_s": window[1] / max(elapsed, 1e-9),
+            "tokens_per_s": position.window_tokens / max(elapsed, 1e-9),
         }
         position.loss_sum.zero_()
         position.window_steps = 0
-        window[:] = [time.perf_counter(), 0]
+        position.window_t0, position.window_tokens = time.perf_counter(), 0
     if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
         position.val_loss = evaluate(run.model, run.run_data.val, cfg, run.device)
         record = record or {"step": step}
         record["val_loss"] = position.val_loss
-        window[0] = time.perf_counter()  # evaluation time is not training throughput
+        position.window_t0 = time.perf_counter()  # evaluation time is not training throughput
     return record
 
 
