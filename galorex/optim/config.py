@@ -278,3 +278,115 @@ def mix_seed(*values: int) -> int:
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
         h ^= h >> 31
     return h >> 1
+
+
+# ----------------------------------------------------------------------------- settings as options
+@dataclasses.dataclass(frozen=True)
+class RuleOptions:
+    """Rules' own group keys that ``galorex-train`` and the factory take by name: each goes to the
+    optimizers whose rule has the key in its ``defaults`` and is ignored by the others (the rule
+    validates it).
+
+    Args:
+        natural_history: natural-galore: recent low-rank gradients in the empirical Fisher (s);
+            0 turns the preconditioning off.
+        natural_damping: natural-galore: Tikhonov damping of the Fisher (lambda).
+    """
+
+    natural_history: int = 8
+    natural_damping: float = 1e-3
+
+
+# The dataclasses whose fields are the optimizers' named options (galorex-train's flags).
+OPTION_CONFIGS: tuple[type, ...] = (ProjectionConfig, RefreshConfig, StatePrecision, RuleOptions)
+OPTIM_BITS_CHOICES = (8, 32)
+BASIS_BITS_CHOICES = (4, 8, 32)
+# Options whose values form a short list (the validators above refuse anything else).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    PROJ_TYPE: proj.PROJ_TYPES,
+    MOMENT_POLICY: MOMENT_POLICIES,
+    PROJ_PRECISION: PROJ_PRECISIONS,
+    REFRESH_METHOD: proj.REFRESH_METHODS,
+    OPTIM_BITS: OPTIM_BITS_CHOICES,
+    BASIS_BITS: BASIS_BITS_CHOICES,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One named setting of the optimizers, as the factory, ``TrainConfig`` and ``galorex-train``'s
+    flags take it (see :func:`options`).
+
+    Args:
+        name: the field and group key; the flag is ``--`` + name with dashes.
+        owner: the dataclass that holds and validates it (one of :data:`OPTION_CONFIGS`).
+        default: the dataclass's default.
+        type: int, float, str or bool (None removed from an optional annotation).
+        optional: whether None is a value of the field.
+        help: the field's entry in its dataclass's ``Args:`` section, on one line.
+        choices: the values allowed (:data:`CHOICES`), or None.
+    """
+
+    name: str
+    owner: type
+    default: Any
+    type: type
+    optional: bool
+    help: str
+    choices: tuple[Any, ...] | None
+
+
+def args_doc(cls: type) -> dict[str, str]:
+    """The ``Args:`` entries of a class's docstring (``name: text``, continuation lines indented
+    further), each joined into one line."""
+    import inspect
+
+    entries: dict[str, str] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    if "Args:" not in lines:
+        return entries
+    indent, name = None, None
+    for line in lines[lines.index("Args:") + 1 :]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth < indent:
+            break  # the next section
+        if depth == indent:
+            name, _, text = line.strip().partition(":")
+            entries[name] = text.strip()
+        elif name is not None:
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def options() -> tuple[Option, ...]:
+    """Every field of :data:`OPTION_CONFIGS`, in order, as an :class:`Option`: one definition of
+    each setting's name, default, type, help and allowed values."""
+    import typing
+
+    found = []
+    for cls in OPTION_CONFIGS:
+        hints = typing.get_type_hints(cls)
+        docs = args_doc(cls)
+        for f in dataclasses.fields(cls):
+            kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+            kind = next(k for k in kinds if k is not type(None))
+            help_ = docs.get(f.name)
+            if help_ is None:
+                raise TypeError(f"{cls.__name__}.{f.name} has no entry in {cls.__name__}'s Args: docstring")
+            found.append(Option(f.name, cls, f.default, kind, type(None) in kinds, help_, CHOICES.get(f.name)))
+    return tuple(found)
+
+
+def validate_options(values: dict[str, Any], bad: Bad) -> None:
+    """Check named option values (e.g. a command line's) with the dataclasses' validators; a value
+    absent from ``values`` takes its dataclass's default. ``rank`` is always checked (the
+    projection keys are checked whenever it is given)."""
+    projection = _from_group(ProjectionConfig, values)
+    _from_group(StatePrecision, values).validate(bad, projection.rank is not None)
+    projection.validate(bad)
+    if projection.rank is not None:
+        _from_group(RefreshConfig, values).validate(bad)

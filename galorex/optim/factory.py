@@ -1,4 +1,10 @@
-"""Build an optimizer for a model by name: what ``galorex-train`` and ``galorex.bench`` use."""
+"""Build an optimizer for a model by name: what ``galorex-train`` and ``galorex.bench`` use.
+
+The settings are taken by name, as :func:`galorex.optim.config.options` defines them, and routed
+without naming any: ``optim_bits`` to every group, a rule's own option (``config.RuleOptions``)
+to the optimizers whose rule has that key, every other one (projection, refresh, basis precision)
+into the projected group. A new setting or a newly registered optimizer needs no change here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import registry
+from . import config, registry
 from .galore import GaLoreAdamW
 from .groups import galore_param_groups
 
@@ -27,105 +33,125 @@ def build_optimizer(
     rank: int = 128,
     update_proj_gap: int = 200,
     scale: float | None = None,
-    proj_type: str = "std",
-    refresh_method: str = "svd",
-    moment_policy: str = "keep",
     target_modules: str | Sequence[str] = ("attn", "mlp"),
-    natural_history: int = 8,
-    natural_damping: float = 1e-3,
-    optim_bits: int = 32,
-    basis_bits: int = 32,
-    basis_rotation: bool = False,
     layerwise: bool = False,
     accumulation_steps: int = 1,
     per_param_grad_clip: float | None = None,
-    **extra: Any,
+    **settings: Any,
 ) -> torch.optim.Optimizer:
-    """``adamw``: torch.optim.AdamW on every parameter. ``galore``: GaLoreAdamW with the attention
-    and MLP weights projected (``galore_param_groups``) and the rest on AdamW. ``natural-galore``:
-    the same groups on NaturalGaLoreAdamW; ``gradnorm-lorp`` on GradNormLoRPAdamW. ``optim_bits=8``
-    keeps Adam's moments in 8 bits (for
-    ``adamw`` too, through a galorex optimizer with no rank group). ``galore-adafactor``: the same
-    groups on GaLoreAdafactor with the external ``lr`` (``relative_step=False``,
-    ``scale_parameter=False``, as the GaLore paper's scripts run it), ``beta1`` = betas[0] (0 means
-    no first moment) and ``weight_decay``; β₂ and ``eps`` are Adam's and do not apply (Adafactor's
-    second moment follows its own 1 − t^−0.8 schedule). ``layerwise``, ``accumulation_steps`` and
-    ``per_param_grad_clip`` are the layer-wise options every galorex optimizer takes (for ``adamw``
-    too, the same way)."""
+    """The optimizer ``name`` for ``model``, its attention and MLP weights projected
+    (``galore_param_groups``) and the rest stepped unprojected.
+
+    ``adamw``: torch.optim.AdamW on every parameter (a galorex optimizer without a rank group, which
+    is AdamW, when ``optim_bits=8`` or ``layerwise``). A registered name (``registry``): that
+    optimizer with Adam's ``lr``, ``betas``, ``eps`` and ``weight_decay``. ``galore-adafactor``: the
+    external ``lr`` (``relative_step=False``, ``scale_parameter=False``, as the GaLore paper's
+    scripts run it), ``beta1`` = betas[0] (0 means no first moment) and ``weight_decay``; β₂ and
+    ``eps`` do not apply (Adafactor's second moment follows its own 1 − t^−0.8 schedule).
+    ``apollo-mini``: ``ApolloAdamW.mini`` (rank 1, tensor-wise, random projection, its own scale).
+
+    Args:
+        name: ``adamw``, a registered name, or ``apollo-mini``.
+        model: the module whose parameters are optimised.
+        lr, betas, eps, weight_decay: Adam's hyperparameters.
+        rank, update_proj_gap: the projected group's rank and refresh period.
+        scale: the projected-back scale; None takes the optimizer's own (:data:`DEFAULT_SCALE`).
+        target_modules: which weights are projected (``select_galore_parameters``).
+        layerwise, accumulation_steps, per_param_grad_clip: layer-wise updates (every galorex
+            optimizer, and ``adamw`` the same way).
+        settings: named options (``config.options()``: ``proj_type``, ``refresh_method``,
+            ``optim_bits``, ``basis_bits``, ``natural_history`` …); any other key goes into the
+            projected group as it is.
+    """
     if name == "apollo-mini" and scale is not None:
         raise ValueError("apollo-mini sets its scale itself (128, a √128 multiplier); leave scale unset")
     if scale is None:
         scale = DEFAULT_SCALE.get(name, 0.25)
     lw = dict(layerwise=layerwise, accumulation_steps=accumulation_steps, per_param_grad_clip=per_param_grad_clip)
     adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    optim_bits = settings.pop(config.OPTIM_BITS, 32)
+    rule_options = {k: settings.pop(k) for k in RULE_OPTIONS if k in settings}
     if name == "adamw":
         if optim_bits == 8 or layerwise:
             # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
             # and with layer-wise updates.
             return GaLoreAdamW(model.parameters(), **adam, optim_bits=optim_bits, **lw)
         return torch.optim.AdamW(model.parameters(), **adam)
-    if name not in BUILDERS:
-        if name in PLANNED:
-            raise ValueError(
-                f"optimizer {name!r} is not available in this version of galorex yet; available: {', '.join(AVAILABLE)}"
-            )
-        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(AVAILABLE)}")
-    build_kwargs = BUILDERS[name]
-    options = build_kwargs(
-        adam=adam, optim_bits=optim_bits, natural_history=natural_history, natural_damping=natural_damping
-    )
+    build = builder(name)
     groups = galore_param_groups(
-        model,
-        rank=rank,
-        update_proj_gap=update_proj_gap,
-        scale=scale,
-        proj_type=proj_type,
-        target_modules=target_modules,
-        refresh_method=refresh_method,
-        moment_policy=moment_policy,
-        basis_bits=basis_bits,
-        basis_rotation=basis_rotation,
-        **extra,
+        model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, target_modules=target_modules, **settings
     )
-    if name == "apollo-mini":
-        return registry.optimizer_class("apollo").mini(groups, **options, **lw)
-    return registry.optimizer_class(name)(groups, **options, **lw)
+    return build(groups, adam=adam, optim_bits=optim_bits, rule_options=rule_options, layerwise=lw)
 
 
-def _adam(*, adam, optim_bits, **_):
-    return {**adam, "optim_bits": optim_bits}
+# The rules' own options (natural_history …): each goes only to the optimizers whose rule has it.
+RULE_OPTIONS = tuple(o.name for o in config.options() if o.owner is config.RuleOptions)
+
+Builder = Callable[..., torch.optim.Optimizer]
 
 
-def _natural(*, adam, optim_bits, natural_history, natural_damping, **_):
-    return {**adam, "optim_bits": optim_bits, "natural_history": natural_history, "natural_damping": natural_damping}
+def binding(registered: str, preset: str | None = None) -> Builder:
+    """How a registered optimizer is built from the shared settings: Adam's hyperparameters,
+    ``optim_bits`` and the rule options its rule takes.
+
+    Args:
+        registered: the name in ``registry``.
+        preset: a class method that builds a preset of it (``ApolloAdamW.mini``), or None.
+    """
+
+    def build(groups, *, adam, optim_bits, rule_options, layerwise):
+        cls = registry.optimizer_class(registered)
+        own = {k: v for k, v in rule_options.items() if k in cls.rule.defaults}
+        make = getattr(cls, preset) if preset else cls
+        return make(groups, **adam, optim_bits=optim_bits, **own, **layerwise)
+
+    return build
 
 
-def _adafactor(*, adam, optim_bits, **_):
+def _adafactor(groups, *, adam, optim_bits, rule_options, layerwise):
     if optim_bits != 32:
         raise ValueError(
             "optim_bits=8 is not available for galore-adafactor (its factored second "
             "moment is already a + b numbers per matrix); use optim_bits=32"
         )
     beta1 = adam["betas"][0]
-    return {
-        "lr": adam["lr"],
-        "beta1": beta1 if beta1 > 0 else None,
-        "weight_decay": adam["weight_decay"],
-        "relative_step": False,
-        "scale_parameter": False,
-    }
+    cls = registry.optimizer_class("galore-adafactor")
+    own = {k: v for k, v in rule_options.items() if k in cls.rule.defaults}
+    return cls(
+        groups,
+        lr=adam["lr"],
+        beta1=beta1 if beta1 > 0 else None,
+        weight_decay=adam["weight_decay"],
+        relative_step=False,
+        scale_parameter=False,
+        **own,
+        **layerwise,
+    )
 
 
-# How each registered name takes the command's settings (galorex.optim.registry holds the classes).
-BUILDERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "galore": _adam,
-    "natural-galore": _natural,
-    "gradnorm-lorp": _adam,
-    "galore-adafactor": _adafactor,
-    "fira": _adam,  # galore_param_groups' "scale" is fira's alpha (FiraAdamW maps it)
-    "apollo": _adam,
-    "apollo-mini": _adam,  # ApolloAdamW.mini: rank 1, tensor-wise, random, scale 128
-}
+# Names whose settings are taken otherwise than Adam's; every other registered name is a binding().
+BUILDERS: dict[str, Builder] = {name: binding(name) for name in registry.OPTIMIZERS}
+BUILDERS["galore-adafactor"] = _adafactor
+BUILDERS["apollo-mini"] = binding("apollo", "mini")  # rank 1, tensor-wise, random, scale 128
+
+
+def available() -> tuple[str, ...]:
+    """Every name :func:`build_optimizer` takes now (optimizers registered after import included)."""
+    return ("adamw", *BUILDERS, *(n for n in registry.OPTIMIZERS if n not in BUILDERS))
+
+
+def builder(name: str) -> Builder:
+    """How ``name`` (not ``adamw``) is built; a clear error for a name that is not available."""
+    if name in BUILDERS:
+        return BUILDERS[name]
+    if name in registry.OPTIMIZERS:
+        return binding(name)
+    if name in PLANNED:
+        raise ValueError(
+            f"optimizer {name!r} is not available in this version of galorex yet; available: {', '.join(available())}"
+        )
+    raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available())}")
+
 
 # Defaults of the projected-back scale per optimizer: GaLore's and Fira's 0.25 (the papers'
 # scripts), APOLLO's 1 (apollo-torch's Llama scripts; the update is multiplied by √scale).

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..optim.factory import available as available_optimizers
+from .config import option_flags
 from .recipes import RECIPES, recipe_settings
 from .tracking import REPORT_TO
 from .trainer import TrainConfig, TrainError, train
@@ -31,48 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--optimizer",
         default=d.optimizer,
-        help="adamw | galore | natural-galore | gradnorm-lorp | galore-adafactor | fira | apollo | apollo-mini "
-        "(apollo-mini: rank 1, tensor-wise, scale 128 of its own; --rank and --scale do not apply)",
+        help=" | ".join(available_optimizers())
+        + " (apollo-mini: rank 1, tensor-wise, scale 128 of its own; --rank and --scale do not apply)",
     )
-    a("--rank", type=int, default=d.rank, help="GaLore rank")
-    a("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between basis refreshes")
-    a(
-        "--scale",
-        type=float,
-        default=d.scale,
-        help="scale of the projected-back update (GaLore's scale, Fira's alpha, APOLLO's scale); "
-        "default: the optimizer's own (0.25; apollo 1)",
-    )
-    a("--proj-type", default=d.proj_type, help="std | reverse_std | left | right | full")
-    a("--refresh-method", default=d.refresh_method, help="svd | randomized")
-    a("--moment-policy", default=d.moment_policy, help="keep | reset | reproject")
-    a(
-        "--natural-history",
-        type=int,
-        default=d.natural_history,
-        help="natural-galore: recent low-rank gradients in the empirical Fisher (s)",
-    )
-    a("--natural-damping", type=float, default=d.natural_damping, help="natural-galore: Fisher damping (lambda)")
-    a(
-        "--optim-bits",
-        type=int,
-        default=d.optim_bits,
-        choices=(8, 32),
-        help="bits of Adam's moments (8: block-wise quantised)",
-    )
-    a(
-        "--basis-bits",
-        type=int,
-        default=d.basis_bits,
-        choices=(4, 8, 32),
-        help="bits of the stored projection bases (4/8: block-wise int4/int8)",
-    )
-    a(
-        "--basis-rotation",
-        action="store_true",
-        default=d.basis_rotation,
-        help="Hadamard-rotate 4/8-bit bases before quantising them (needs --basis-bits 4 or 8)",
-    )
+    # The optimizer's settings (rank, update_proj_gap, proj_type, optim_bits …): one flag per field of
+    # galorex.optim.config's dataclasses, with their types, help and choices (galorex.train.config).
+    for name, options in option_flags():
+        a(name, **options)
     a(
         "--lr",
         type=float,

@@ -1,7 +1,11 @@
 """Pretrain a Llama from scratch with any galorex optimizer: the loop behind ``galorex-train``.
 
-Readable top to bottom: configuration, data, model, optimizer and schedule, resume, the loop
-(accumulate, clip, step, log, evaluate, checkpoint), then the final report.
+:func:`train` runs four phases, top to bottom in this file: :func:`_setup` checks every input
+and builds the data, model, optimizer and schedule (nothing is written into --out before it
+succeeds); :func:`_resume` restores a checkpoint's position, or starts the run's folder;
+:func:`_loop` trains (accumulate, clip, step, log, evaluate, checkpoint); :func:`_report` writes
+the summary. The settings are :class:`galorex.train.config.TrainConfig`; the memory preflight is
+:mod:`galorex.train.preflight`.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..memory import GiB, optimizer_state_bytes, training_memory_breakdown
+from ..memory import optimizer_state_bytes
 from ..models.llama import Llama, LlamaConfig, build_llama, get_config
-from ..optim.factory import AVAILABLE, DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
+from ..optim.factory import DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
+from ..optim.factory import available as available_optimizers
 from ..optim.sharded import local_state_bytes
 from . import distributed
 from .atomic import atomic_write
@@ -34,6 +39,7 @@ from .checkpoint import (
     save_safetensors,
     set_rng_state,
 )
+from .config import RESUME_MAY_CHANGE, TrainConfig, TrainError, check_config
 from .data import (
     DataError,
     TokenBatcher,
@@ -41,119 +47,14 @@ from .data import (
     prepare_run_data,
     unigram_entropy,
 )
+
+# Re-exported: galorex.bench (peak-memory) and the tests import these from here.
+from .preflight import _available_memory as _available_memory
+from .preflight import _estimate as _estimate
+from .preflight import _memory_now, _peak_memory_bytes, _preflight
 from .tracking import RunMetrics, TrackingError, check_report_to, compile_model
 
 CHECKPOINT_FORMAT = 1
-# Settings a resumed run may change; every other one defines the model, the optimizer, the
-# schedule or the data order and must match the checkpoint's. (--steps may grow: the cosine then
-# stretches to the new length. The data itself is compared by content, not by path.)
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "steps",
-        "eval_every",
-        "eval_batches",
-        "log_every",
-        "save_every",
-        "keep_checkpoints",
-        "out",
-        "resume",
-        "device",
-        "threads",
-        "progress",
-        "sample_tokens",
-        "cache_dir",
-        "data",
-        "dataset",
-        "dataset_max_chars",
-        "init_from",
-        # galorex.train.data / tracking: the data is compared by content; the rest only observes.
-        "dataset_config",
-        "text_field",
-        "workers",
-        "val_data",
-        "val_split",
-        "val_max_chars",
-        "report_to",
-        "compile",
-        "recipe",
-        "activation_checkpointing",  # the same gradients, recomputed
-        "force",
-        "save_model",
-    }
-)
-
-
-class TrainError(ValueError):
-    """A problem with the user's input: reported as one line, exit code 2."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = "llama-tiny"
-    optimizer: str = "galore"
-    rank: int = 32
-    update_proj_gap: int = 100
-    scale: float | None = None  # None: the optimizer's own (factory.DEFAULT_SCALE)
-    proj_type: str = "std"
-    refresh_method: str = "svd"
-    moment_policy: str = "keep"
-    natural_history: int = 8
-    natural_damping: float = 1e-3
-    optim_bits: int = 32
-    basis_bits: int = 32
-    basis_rotation: bool = False
-    lr: float | None = None  # None: the optimizer's own (factory.DEFAULT_LR)
-    min_lr_ratio: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 128
-    dtype: str = "fp32"
-    steps: int = 1000
-    eval_every: int = 200
-    eval_batches: int = 16
-    log_every: int = 10
-    save_every: int = 200
-    keep_checkpoints: int = 3
-    out: str | None = None
-    resume: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    data: str | None = None
-    cache_dir: str | None = None
-    dataset: str | None = None
-    dataset_max_chars: int = 20_000_000
-    tokenizer: str | None = None
-    init_from: str | None = None
-    halo: int | None = None
-    halo_format: str | None = None  # fp8 (the default with --halo) or int8
-    halo_save_quantized: bool = False  # per-tensor scales, 8-bit X kept for backward
-    sample_tokens: int = 200
-    threads: int | None = None
-    progress: bool = True
-    layerwise: bool = False
-    distributed: str = "none"
-    # Data at scale, tracking and compile (galorex.train.data, .corpus, .tracking, .recipes).
-    dataset_config: str | None = None
-    text_field: str = "text"
-    workers: int | None = None
-    val_data: str | None = None
-    val_split: str | None = None
-    val_max_chars: int = 5_000_000
-    report_to: str = "none"
-    compile: bool = False
-    recipe: str | None = None
-    vocab_size: int | None = None  # the model's embedding size (default: the --model config's)
-    activation_checkpointing: bool = False
-    force: bool = False  # build the model even when the memory estimate says it will not fit
-    save_model: bool = True  # write OUT/model.safetensors at the end
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -177,67 +78,8 @@ def _dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    positive = (
-        "rank",
-        "update_proj_gap",
-        "batch_size",
-        "grad_accum",
-        "seq_len",
-        "eval_batches",
-        "log_every",
-        "keep_checkpoints",
-    )
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be > 0, got {getattr(cfg, key)}")
-    for key in ("steps", "warmup", "eval_every", "save_every", "sample_tokens"):
-        if getattr(cfg, key) < 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise TrainError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.halo is not None and cfg.halo not in (0, 1, 2):
-        raise TrainError(f"--halo must be 0, 1 or 2, got {cfg.halo}")
-    if cfg.halo_format is not None and cfg.halo_format not in ("fp8", "int8"):
-        raise TrainError(f"--halo-format must be fp8 or int8, got {cfg.halo_format!r}")
-    if cfg.halo_format is not None and cfg.halo is None:
-        raise TrainError("--halo-format needs --halo 0|1|2")
-    if cfg.basis_rotation and cfg.basis_bits not in (4, 8):
-        raise TrainError("--basis-rotation rotates quantised bases: it needs --basis-bits 4 or 8")
-    if cfg.halo_save_quantized and cfg.halo is None:
-        raise TrainError("--halo-save-quantized needs --halo 0|1|2")
-    if cfg.data is not None and cfg.dataset is not None:
-        raise TrainError("give either --data or --dataset, not both")
-    if cfg.layerwise and cfg.distributed == "fsdp2":
-        raise TrainError(
-            "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "
-            "after the hooks that would step it have fired (use --distributed ddp --layerwise)"
-        )
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the allocator's peak. CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    # Linux: VmHWM, this process's own peak. getrusage's ru_maxrss is not: a child started by
-    # vfork + exec (Python's subprocess) inherits its parent's peak as its starting value.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except Exception:  # pragma: no cover - non-POSIX
-        return 0
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -410,123 +252,6 @@ def _save_weights(state: dict[str, torch.Tensor], out: Path) -> Path:
     return save_safetensors(state, out / "model.safetensors")
 
 
-# ----------------------------------------------------------------------------- memory
-def _memory_now(device: torch.device) -> dict[str, int]:
-    """The process's peak so far: CPU max RSS, and on CUDA the allocator's peak allocated and
-    reserved bytes."""
-    figures = {"cpu_max_rss": _peak_memory_bytes(torch.device("cpu"))}
-    if device.type == "cuda":
-        figures["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(device))
-        figures["cuda_max_reserved"] = int(torch.cuda.max_memory_reserved(device))
-    return figures
-
-
-def _available_memory(device: torch.device) -> tuple[int, str]:
-    """Bytes a run on ``device`` can still use, and where the figure comes from.
-
-    ``GALOREX_AVAILABLE_MEMORY`` (bytes, or a number followed by GiB/MiB) overrides the
-    measurement (for tests, or to keep headroom). CUDA: the device's free memory
-    (``torch.cuda.mem_get_info``). CPU: MemAvailable of /proc/meminfo plus what this process
-    already holds (its current RSS), since the estimate counts the whole process."""
-    forced = os.environ.get("GALOREX_AVAILABLE_MEMORY")
-    if forced:
-        text = forced.strip()
-        units = {"GiB": GiB, "MiB": 2**20, "KiB": 2**10}
-        try:
-            for unit, factor in units.items():
-                if text.endswith(unit):
-                    return int(float(text[: -len(unit)]) * factor), "GALOREX_AVAILABLE_MEMORY"
-            return int(text), "GALOREX_AVAILABLE_MEMORY"
-        except ValueError:
-            raise TrainError(
-                f"GALOREX_AVAILABLE_MEMORY={forced!r}: expected bytes, or a number followed by GiB or MiB"
-            ) from None
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"free memory of {device}"
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()}
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return info["MemAvailable"] + rss, "the machine's available memory (MemAvailable + this process)"
-    except (OSError, KeyError, ValueError, IndexError):
-        return -1, "unknown"
-
-
-def _estimate(cfg: TrainConfig, model_cfg: LlamaConfig, dtype: torch.dtype, **change: Any) -> dict[str, int]:
-    c = dataclasses.replace(cfg, **change)
-    return training_memory_breakdown(
-        model_cfg,
-        dtype=dtype,
-        optimizer=c.optimizer,
-        rank=c.rank,
-        proj_type=c.proj_type,
-        optim_bits=c.optim_bits,
-        basis_bits=c.basis_bits,
-        natural_history=c.natural_history,
-        layerwise=c.layerwise,
-        activation_checkpointing=c.activation_checkpointing,
-        batch_size=c.batch_size,
-        seq_len=c.seq_len,
-        beta1=c.beta1,
-    )
-
-
-def _preflight(
-    cfg: TrainConfig, model_cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, log
-) -> dict[str, int] | None:
-    """Before building the model: its analytic peak (``training_memory_breakdown``) against the
-    memory available; when it cannot fit, a TrainError naming the estimate, what is available and
-    the flags that would bring it down (with their estimates), unless ``--force``. Applies to one
-    process (``--distributed none``) and to the optimizers whose state the estimate models."""
-    if cfg.distributed != "none" or cfg.optimizer not in AVAILABLE:
-        return None
-    estimate = _estimate(cfg, model_cfg, dtype)
-    available, source = _available_memory(device)
-    need = estimate["total"] - (estimate["runtime"] if device.type == "cuda" else 0)
-    if available < 0 or need <= available:
-        return estimate
-    g = lambda b: f"{b / GiB:.1f} GiB"
-    parts = ", ".join(f"{k.replace('_', ' ')} {g(v)}" for k, v in estimate.items() if k != "total")
-    options = []
-    if not cfg.layerwise:
-        options.append(("--layerwise", {"layerwise": True}))
-    if cfg.optim_bits == 32 and cfg.optimizer != "galore-adafactor":
-        options.append(("--optim-bits 8", {"optim_bits": 8}))
-    if not cfg.activation_checkpointing:
-        options.append(("--activation-checkpointing", {"activation_checkpointing": True}))
-    if cfg.basis_bits == 32 and cfg.optimizer != "adamw":
-        options.append(("--basis-bits 4", {"basis_bits": 4}))
-    if cfg.batch_size > 1:
-        half = cfg.batch_size // 2
-        options.append((f"--batch-size {half} --grad-accum {2 * cfg.grad_accum}", {"batch_size": half}))
-    if cfg.dtype == "fp32":
-        options.append(("--dtype bf16", {}))
-    hints = []
-    combined: dict[str, Any] = {}
-    for flag, change in options:
-        if flag == "--dtype bf16":
-            after = _estimate(cfg, model_cfg, torch.bfloat16)["total"]
-        else:
-            after = _estimate(cfg, model_cfg, dtype, **change)["total"]
-            combined.update(change)
-        if after < estimate["total"]:
-            hints.append(f"{flag} ({g(after)})")
-    advice = "; ".join(hints) if hints else "none of --layerwise, --optim-bits 8, --activation-checkpointing applies"
-    if combined:
-        advice += f"; all of these together: {g(_estimate(cfg, model_cfg, dtype, **combined)['total'])}"
-    message = (
-        f"--model {cfg.model} with --optimizer {cfg.optimizer} needs about {g(need)} at its peak "
-        f"({parts}), more than the {g(available)} available ({source}). Estimated peak with each "
-        f"change: {advice}. Pass --force to try anyway."
-    )
-    if not cfg.force:
-        raise TrainError(message)
-    log(f"warning: {message} (--force: trying anyway)")
-    return estimate
-
-
 # ----------------------------------------------------------------------------- the run
 def train(
     cfg: TrainConfig,
@@ -538,11 +263,11 @@ def train(
     ``make_optimizer(model, **options)`` replaces :func:`galorex.optim.factory.build_optimizer`
     (same options), e.g. to run another library's optimizer through the same loop.
     """
-    if cfg.lr is None and cfg.optimizer in AVAILABLE:
+    if cfg.lr is None and cfg.optimizer in available_optimizers():
         cfg = dataclasses.replace(cfg, lr=default_lr(cfg.optimizer))
     if cfg.scale is None and cfg.optimizer in DEFAULT_SCALE:  # apollo-mini keeps None: it sets its own
         cfg = dataclasses.replace(cfg, scale=DEFAULT_SCALE[cfg.optimizer])
-    _check_config(cfg)
+    check_config(cfg)
     try:
         ctx, device_name = distributed.setup(cfg.distributed, cfg.device, cfg.batch_size)
     except distributed.DistributedError as e:
@@ -556,7 +281,75 @@ def train(
     return summary
 
 
+@dataclass
+class Run:
+    """What :func:`_setup` builds and the later phases use: the run's settings, where it writes,
+    its data, model, optimizer and schedule, and the checkpoint it resumes from (or None)."""
+
+    cfg: TrainConfig
+    ctx: distributed.Context
+    device: torch.device
+    log: Callable[..., Any]
+    out: Path
+    ckpt: dict[str, Any] | None
+    model_cfg: LlamaConfig
+    run_data: Any  # galorex.train.data.RunData
+    batcher: TokenBatcher
+    estimate: dict[str, int] | None
+    model: Llama
+    runner: torch.nn.Module  # the model as wrapped for DDP and torch.compile
+    run_metrics: RunMetrics
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    memory: dict[str, Any]  # figures at points of the run
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+@dataclass
+class Position:
+    """Where a run stands: restored by :func:`_resume`, advanced by :func:`_loop`, saved in every
+    checkpoint (but the timers and the last validation loss, which belong to this session).
+    ``loss_sum`` and ``window_steps`` are the training loss of the steps not yet logged (so a
+    resumed log line averages the same steps as the straight run's)."""
+
+    loss_sum: torch.Tensor
+    step: int = 0
+    tokens_seen: int = 0
+    wall_before: float = 0.0  # seconds of earlier sessions of the run
+    t_start: float = 0.0  # perf_counter() when this session's loop started
+    window_steps: int = 0
+    val_loss: float | None = None
+    window_t0: float = 0.0  # perf_counter() when the throughput window started
+    window_tokens: int = 0  # tokens trained in it
+
+    def wall_s(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.t_start)
+
+
 def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, make_optimizer) -> dict[str, Any]:
+    """The run in its four phases: build everything (checking every input before writing into
+    --out), restore the checkpoint's position, train, and report."""
+    run = _setup(cfg, ctx, device_name, log, make_optimizer)
+    position = _resume(run)
+    wall_s = _loop(run, position)
+    return _report(run, position, wall_s)
+
+
+# ----------------------------------------------------------------------------- 1. setup
+def _setup(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, make_optimizer) -> Run:
+    """Check the inputs and build the run: output folder and checkpoint to resume (read, nothing
+    written yet), data, model (with the checkpoint's weights), optimizer and schedule.
+
+    Args:
+        cfg: the run's settings (lr and scale filled in by :func:`train`).
+        ctx: the distributed context (a single process when not under torchrun).
+        device_name: the device this process runs on.
+        log: prints a line (a no-op on ranks other than 0).
+        make_optimizer: replaces ``build_optimizer``, or None.
+    """
     device = _device(device_name)
     dtype = _dtype(cfg.dtype)
     if cfg.threads:
@@ -568,9 +361,29 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     out = _prepare_out_dir(cfg)
     ckpt = _load_resume(cfg, out, ctx) if cfg.resume is not None else None
     ctx.barrier()  # every rank has looked at --out before rank 0 writes into it
-    if cfg.optimizer not in AVAILABLE:
+    if cfg.optimizer not in available_optimizers():
         known = "not available in this version of galorex yet" if cfg.optimizer in PLANNED else "unknown optimizer"
-        raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(AVAILABLE)}")
+        raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(available_optimizers())}")
+    model_cfg = _model_config(cfg)
+    run_data, batcher = _setup_data(cfg, log)
+    model, memory, estimate = _setup_model(cfg, model_cfg, run_data, ckpt, device, dtype, log)
+    # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
+    runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
+    runner = compile_model(runner, cfg.compile)
+    # Its gradient-norm hooks must come before the optimizer's --layerwise hooks.
+    run_metrics = RunMetrics(cfg, model, model_cfg, device, ctx.world_size)
+    optimizer = _setup_optimizer(cfg, ctx, model, make_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
+    return Run(
+        cfg, ctx, device, log, out, ckpt, model_cfg, run_data, batcher, estimate, model, runner, run_metrics,
+        optimizer, scheduler, memory,
+    )  # fmt: skip
+
+
+def _model_config(cfg: TrainConfig) -> LlamaConfig:
+    """--model's configuration, with --vocab-size when given."""
     try:
         model_cfg: LlamaConfig = get_config(cfg.model)
     except ValueError as e:
@@ -580,25 +393,41 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             model_cfg = get_config(cfg.model, vocab_size=cfg.vocab_size)
         except ValueError as e:
             raise TrainError(f"--vocab-size {cfg.vocab_size}: {e}") from None
+    return model_cfg
 
-    # Data: tokenised once into a memory-mapped cache; validation on --val-data or the tail.
+
+def _setup_data(cfg: TrainConfig, log) -> tuple[Any, TokenBatcher]:
+    """Tokens (tokenised once into a memory-mapped cache), validation on --val-data or the tail,
+    and the batcher; a corpus too short for one batch is refused here, naming it."""
     try:
         check_report_to(cfg.report_to)
         run_data = prepare_run_data(cfg, log)
     except (DataError, TrackingError) as e:
         raise TrainError(str(e)) from None
-    tokenizer, tokens, source = run_data.tokenizer, run_data.tokens, run_data.source
-    train_tokens, val_tokens = run_data.train, run_data.val
     try:
-        batcher = TokenBatcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        batcher = TokenBatcher(run_data.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     except DataError as e:
-        raise TrainError(f"{source}: {e}") from None
+        raise TrainError(f"{run_data.source}: {e}") from None
     try:
-        next(iter(eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, 1)))
+        next(iter(eval_batches(run_data.val, cfg.batch_size, cfg.seq_len, 1)))
     except DataError as e:
         raise TrainError(f"{run_data.val_source}: {e}") from None
+    return run_data, batcher
 
-    # Model.
+
+def _setup_model(
+    cfg: TrainConfig,
+    model_cfg: LlamaConfig,
+    run_data: Any,
+    ckpt: dict[str, Any] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    log,
+) -> tuple[Llama, dict[str, Any], dict[str, int] | None]:
+    """The model, after the memory preflight: built on the meta device and materialised in
+    ``dtype`` on ``device``, seeded or loaded (--init-from, or the checkpoint's weights), HALO
+    layers swapped in. Returns it, the memory figures so far and the preflight's estimate."""
+    tokenizer = run_data.tokenizer
     if tokenizer.vocab_size > model_cfg.vocab_size:
         given = f"--vocab-size {cfg.vocab_size}" if cfg.vocab_size is not None else f"--model {cfg.model}'s vocabulary"
         raise TrainError(
@@ -632,18 +461,17 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         saving = {"granularity": "tensor", "save_quantized": True} if cfg.halo_save_quantized else {}
         convert_to_halo(model, level=cfg.halo, fmt=cfg.halo_format or "fp8", **saving)
     if ckpt is not None and cfg.distributed != "fsdp2" and ckpt["model_config"] == model_cfg.to_dict():
-        # Before DDP sees the weights (a checkpoint of another shape is reported further down).
+        # Before DDP sees the weights (a checkpoint of another shape is reported in _resume).
         try:
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"--resume: {ckpt['path']} does not fit this model ({str(e).splitlines()[0]})") from None
-    # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
-    runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
-    runner = compile_model(runner, cfg.compile)
-    # Its gradient-norm hooks must come before the optimizer's --layerwise hooks.
-    run_metrics = RunMetrics(cfg, model, model_cfg, device, ctx.world_size)
+    return model, memory, estimate
 
-    # Optimizer and schedule.
+
+def _setup_optimizer(cfg: TrainConfig, ctx: distributed.Context, model: Llama, make_optimizer) -> torch.optim.Optimizer:
+    """The optimizer by name (``build_optimizer`` or ``make_optimizer``) with every optimizer
+    option of ``cfg``; with --layerwise, each parameter steps inside backward."""
     layerwise = {}
     if cfg.layerwise:
         # Global-norm clipping is impossible when each parameter steps as soon as its gradient is
@@ -660,17 +488,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay,
-            rank=cfg.rank,
-            update_proj_gap=cfg.update_proj_gap,
-            scale=cfg.scale,
-            proj_type=cfg.proj_type,
-            refresh_method=cfg.refresh_method,
-            moment_policy=cfg.moment_policy,
-            natural_history=cfg.natural_history,
-            natural_damping=cfg.natural_damping,
-            optim_bits=cfg.optim_bits,
-            basis_bits=cfg.basis_bits,
-            basis_rotation=cfg.basis_rotation,
+            **cfg.option_values(),
             **layerwise,
         )
     except (ValueError, TypeError) as e:
@@ -679,140 +497,106 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         raise TrainError("--layerwise needs a galorex optimizer built with layerwise=True")
     if cfg.layerwise and ctx.mode == "ddp":
         optimizer.set_layerwise_grad_reducer(ctx.average_gradient)  # DDP's all-reduce, one gradient at a time
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    )
+    return optimizer
 
-    step, tokens_seen, wall_before = 0, 0, 0.0
-    metrics_path = out / "metrics.jsonl"
-    fingerprint = _data_fingerprint(tokens)
+
+# ----------------------------------------------------------------------------- 2. resume
+def _resume(run: Run) -> Position:
+    """A fresh run: create --out and write config.json. A resumed one: check the checkpoint
+    against the model and data, load the optimizer, schedule, data order and RNG states, and drop
+    the log lines written after it. Then open the metrics' sinks; returns the position."""
+    cfg, ctx, ckpt, out = run.cfg, run.ctx, run.ckpt, run.out
+    position = Position(loss_sum=torch.zeros((), device=run.device))
     if ckpt is not None:
         where = f"--resume: {ckpt['path']}"
-        if ckpt["model_config"] != model_cfg.to_dict():
-            diff = sorted(k for k, v in model_cfg.to_dict().items() if ckpt["model_config"].get(k) != v)
+        if ckpt["model_config"] != run.model_cfg.to_dict():
+            diff = sorted(k for k, v in run.model_cfg.to_dict().items() if ckpt["model_config"].get(k) != v)
             raise TrainError(f"{where} holds a model of another shape (differs in {', '.join(diff)})")
-        if ckpt["data_fingerprint"] != fingerprint:
-            raise TrainError(f"{where} was trained on other data (or another tokenizer) than {source}")
+        if ckpt["data_fingerprint"] != _data_fingerprint(run.run_data.tokens):
+            raise TrainError(f"{where} was trained on other data (or another tokenizer) than {run.run_data.source}")
         try:
             if cfg.distributed == "fsdp2":
-                distributed.load_sharded(model, optimizer, ckpt["model"])
+                distributed.load_sharded(run.model, run.optimizer, ckpt["model"])
             else:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            batcher.load_state_dict(ckpt["data"])
+                run.optimizer.load_state_dict(ckpt["optimizer"])
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+            run.batcher.load_state_dict(ckpt["data"])
             set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise TrainError(f"{where} does not fit this model/optimizer/data ({str(e).splitlines()[0]})") from None
         out.mkdir(parents=True, exist_ok=True)
-        step, tokens_seen, wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
+        position.step, position.tokens_seen, position.wall_before = ckpt["step"], ckpt["tokens_seen"], ckpt["wall_s"]
         if ctx.is_main:
-            _truncate_metrics(metrics_path, step)
-        log(f"resumed from {ckpt['path']} at step {step}")
+            _truncate_metrics(run.metrics_path, position.step)
+        run.log(f"resumed from {ckpt['path']} at step {position.step}")
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict()})
+        _write_json_atomic(out / "config.json", {"train": cfg.to_dict(), "model": run.model_cfg.to_dict()})
     try:
-        run_metrics.open(out, cfg.to_dict(), ctx.is_main, step if ckpt is not None else None)
+        run.run_metrics.open(out, cfg.to_dict(), ctx.is_main, position.step if ckpt is not None else None)
     except TrackingError as e:
         raise TrainError(str(e)) from None
+    if ckpt is not None and "log_window" in ckpt:
+        position.loss_sum.copy_(ckpt["log_window"]["loss_sum"])
+        position.window_steps = ckpt["log_window"]["steps"]
+    return position
 
-    def checkpoint() -> Path | None:
-        extra = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "wall_s": wall_before + (time.perf_counter() - t_start),
-            "config": cfg.to_dict(),
-            "model_config": model_cfg.to_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data": batcher.state_dict(),
-            "rng": rng_state(),
-            "data_fingerprint": fingerprint,
-            "log_window": {"loss_sum": loss_sum.detach().cpu().clone(), "steps": window_steps},
-        }
-        if cfg.distributed == "fsdp2":
-            return distributed.save_sharded(
-                ctx, model, optimizer, extra, out / "checkpoints", step, cfg.keep_checkpoints
-            )
-        path = None
-        if ctx.is_main:  # DDP: every rank holds the same model and optimizer state
-            extra.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-            path = save_checkpoint(extra, out / "checkpoints", step, keep_last=cfg.keep_checkpoints)
-        ctx.barrier()
-        return path
 
-    # The loop.
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+def _save(run: Run, position: Position) -> Path | None:
+    """A checkpoint of the run at ``position`` (FSDP2: every rank writes its shards)."""
+    cfg, ctx = run.cfg, run.ctx
+    extra = {
+        "format": CHECKPOINT_FORMAT,
+        "step": position.step,
+        "tokens_seen": position.tokens_seen,
+        "wall_s": position.wall_s(),
+        "config": cfg.to_dict(),
+        "model_config": run.model_cfg.to_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "data": run.batcher.state_dict(),
+        "rng": rng_state(),
+        "data_fingerprint": _data_fingerprint(run.run_data.tokens),
+        "log_window": {"loss_sum": position.loss_sum.detach().cpu().clone(), "steps": position.window_steps},
+    }
+    if cfg.distributed == "fsdp2":
+        return distributed.save_sharded(
+            ctx, run.model, run.optimizer, extra, run.out / "checkpoints", position.step, cfg.keep_checkpoints
+        )
+    path = None
+    if ctx.is_main:  # DDP: every rank holds the same model and optimizer state
+        extra.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
+        path = save_checkpoint(extra, run.out / "checkpoints", position.step, keep_last=cfg.keep_checkpoints)
+    ctx.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------- 3. the loop
+def _loop(run: Run, position: Position) -> float:
+    """Train from ``position`` to --steps: accumulate, clip, step, log, evaluate, checkpoint; a
+    last checkpoint at the end when the last step was not one. Returns the run's wall-clock
+    seconds at its last step (earlier sessions included)."""
+    cfg, ctx = run.cfg, run.ctx
     progress = None
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(
             total=cfg.steps,
-            initial=step,
+            initial=position.step,
             desc=f"{cfg.optimizer} {cfg.model}",
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
         )
-    val_loss = None
-    t_start = time.perf_counter()
-    t_window, tokens_window = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=device)
-    window_steps = 0  # steps whose loss is in loss_sum
-    if ckpt is not None and "log_window" in ckpt:
-        loss_sum.copy_(ckpt["log_window"]["loss_sum"])
-        window_steps = ckpt["log_window"]["steps"]
-    model.train()
-    with open(metrics_path if ctx.is_main else os.devnull, "a") as metrics:
-        while step < cfg.steps:
-            for _ in range(cfg.grad_accum):
-                x, y = (ctx.local_rows(t) for t in batcher.next_batch())
-                _, loss = runner(x.to(device), y.to(device))
-                try:
-                    (loss / cfg.grad_accum).backward()  # with --layerwise, this steps the optimizer
-                except FloatingPointError as e:
-                    raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
-                loss_sum += loss.detach() / cfg.grad_accum
-            clipped = None
-            if cfg.grad_clip > 0 and not cfg.layerwise:
-                clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            run_metrics.grad_norm(model, step + 1, clipped)
-            lr = optimizer.param_groups[0]["lr"]
-            try:
-                optimizer.step()
-            except FloatingPointError as e:
-                raise TrainError(f"step {step + 1}: {e}; lower --lr or raise --grad-clip") from None
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            tokens_window += tokens_per_step
-            window_steps += 1
-            if "after_first_step" not in memory:
-                memory["after_first_step"] = _memory_now(device)
-                memory["first_step_s"] = time.perf_counter() - t_start
-
-            record = None
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - t_window
-                mean_loss = ctx.mean_over_ranks(loss_sum)
-                record = {
-                    "step": step,
-                    "train_loss": float(mean_loss) / window_steps,
-                    "lr": lr,
-                    "tokens_per_s": tokens_window / max(elapsed, 1e-9),
-                }
-                loss_sum.zero_()
-                window_steps = 0
-                t_window, tokens_window = time.perf_counter(), 0
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val_loss = evaluate(model, val_tokens, cfg, device)
-                record = record or {"step": step}
-                record["val_loss"] = val_loss
-                t_window = time.perf_counter()  # evaluation time is not training throughput
+    position.t_start = time.perf_counter()
+    position.window_t0, position.window_tokens = time.perf_counter(), 0
+    run.model.train()
+    with open(run.metrics_path if ctx.is_main else os.devnull, "a") as metrics:
+        while position.step < cfg.steps:
+            lr = _step(run, position)
+            record = _log_and_evaluate(run, position, lr)
             if record is not None:
-                run_metrics.extend(record)
+                run.run_metrics.extend(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if progress is not None:
@@ -820,16 +604,88 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
                     progress.set_postfix(post, refresh=False)
             if progress is not None:
                 progress.update(1)
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint()
+            if cfg.save_every and position.step % cfg.save_every == 0:
+                _save(run, position)
     if progress is not None:
         progress.close()
-    wall_s = wall_before + (time.perf_counter() - t_start)
-    memory["after_last_step"] = _memory_now(device)
-    if cfg.save_every and (step % cfg.save_every != 0):
-        checkpoint()
+    wall_s = position.wall_s()
+    run.memory["after_last_step"] = _memory_now(run.device)
+    if cfg.save_every and (position.step % cfg.save_every != 0):
+        _save(run, position)
+    return wall_s
 
-    # The report.
+
+def _step(run: Run, position: Position) -> float:
+    """One optimizer step over --grad-accum micro-batches; returns the lr it used."""
+    cfg, device, optimizer = run.cfg, run.device, run.optimizer
+    for _ in range(cfg.grad_accum):
+        x, y = (run.ctx.local_rows(t) for t in run.batcher.next_batch())
+        _, loss = run.runner(x.to(device), y.to(device))
+        try:
+            (loss / cfg.grad_accum).backward()  # with --layerwise, this steps the optimizer
+        except FloatingPointError as e:
+            raise TrainError(f"step {position.step + 1}: {e}; lower --lr or raise --grad-clip") from None
+        position.loss_sum += loss.detach() / cfg.grad_accum
+    clipped = None
+    if cfg.grad_clip > 0 and not cfg.layerwise:
+        clipped = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.run_metrics.grad_norm(run.model, position.step + 1, clipped)
+    lr = optimizer.param_groups[0]["lr"]
+    try:
+        optimizer.step()
+    except FloatingPointError as e:
+        raise TrainError(f"step {position.step + 1}: {e}; lower --lr or raise --grad-clip") from None
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    position.step += 1
+    position.tokens_seen += tokens
+    position.window_steps += 1
+    if "after_first_step" not in run.memory:
+        run.memory["after_first_step"] = _memory_now(device)
+        run.memory["first_step_s"] = time.perf_counter() - position.t_start
+    return lr
+
+
+def _log_and_evaluate(run: Run, position: Position, lr: float) -> dict[str, Any] | None:
+    """The metrics line of this step, if it has one: the mean training loss and throughput since
+    the last line (every --log-every steps), the validation loss (every --eval-every steps)."""
+    cfg, step = run.cfg, position.step
+    position.window_tokens += cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    record = None
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        elapsed = time.perf_counter() - position.window_t0
+        mean_loss = run.ctx.mean_over_ranks(position.loss_sum)
+        record = {
+            "step": step,
+            "train_loss": float(mean_loss) / position.window_steps,
+            "lr": lr,
+            "tokens_per_s": position.window_tokens / max(elapsed, 1e-9),
+        }
+        position.loss_sum.zero_()
+        position.window_steps = 0
+        position.window_t0, position.window_tokens = time.perf_counter(), 0
+    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        position.val_loss = evaluate(run.model, run.run_data.val, cfg, run.device)
+        record = record or {"step": step}
+        record["val_loss"] = position.val_loss
+        position.window_t0 = time.perf_counter()  # evaluation time is not training throughput
+    return record
+
+
+# ----------------------------------------------------------------------------- 4. the report
+def _report(run: Run, position: Position, wall_s: float) -> dict[str, Any]:
+    """The summary: final validation loss, a sample, throughput, memory; rank 0 writes the
+    weights, summary.json and loss.png.
+
+    Args:
+        run: the run as :func:`_setup` built it.
+        position: where the loop ended.
+        wall_s: the run's wall-clock seconds at its last step.
+    """
+    cfg, ctx, device, model, out = run.cfg, run.ctx, run.device, run.model, run.out
+    val_tokens = run.run_data.val
+    val_loss = position.val_loss
     if val_loss is None:
         val_loss = evaluate(model, val_tokens, cfg, device)
     sample = ""
@@ -837,25 +693,25 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt = torch.as_tensor(val_tokens[: min(16, cfg.seq_len)].astype("int64"), device=device)[None]
         ids = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, generator=g)
-        sample = tokenizer.decode(ids[0].tolist())
+        sample = run.run_data.tokenizer.decode(ids[0].tolist())
     summary = {
         "final_val_loss": val_loss,
         "val_perplexity": math.exp(min(val_loss, 50.0)),
-        "unigram_entropy": unigram_entropy(train_tokens),
-        "steps": step,
-        "tokens": tokens_seen,
+        "unigram_entropy": unigram_entropy(run.run_data.train),
+        "steps": position.step,
+        "tokens": position.tokens_seen,
         "wall_s": wall_s,
-        "tokens_per_s": tokens_seen / max(wall_s, 1e-9),
+        "tokens_per_s": position.tokens_seen / max(wall_s, 1e-9),
         "optimizer": cfg.optimizer,
         "optimizer_state_bytes": (
-            local_state_bytes(optimizer) if cfg.distributed == "fsdp2" else optimizer_state_bytes(optimizer)
+            local_state_bytes(run.optimizer) if cfg.distributed == "fsdp2" else optimizer_state_bytes(run.optimizer)
         ),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
         # The same figures at three points of the run, and the analytic breakdown checked before
         # building the model (galorex.memory.training_memory_breakdown).
-        "memory": memory,
-        "memory_estimate": estimate,
+        "memory": run.memory,
+        "memory_estimate": run.estimate,
         "parameters": model.num_parameters(),
         "model": cfg.model,
         "device": str(device),
@@ -864,8 +720,8 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         "distributed": cfg.distributed,
         "world_size": ctx.world_size,
     }
-    summary.update(run_metrics.summary(summary["tokens_per_s"]), val_data=str(run_data.val_source))
-    run_metrics.close()
+    summary.update(run.run_metrics.summary(summary["tokens_per_s"]), val_data=str(run.run_data.val_source))
+    run.run_metrics.close()
     weights = distributed.full_state_dict(ctx, model)  # a collective under FSDP2
     if not ctx.is_main:
         summary.update(out=str(out), rank=ctx.rank)  # rank 0 writes the outputs and reports
@@ -873,7 +729,7 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     model_file = _save_weights(weights, out) if cfg.save_model else None
     summary["model_file"] = str(model_file) if model_file else None
     _write_json_atomic(out / "summary.json", summary)
-    plotted = _plot(metrics_path, out / "loss.png")
+    plotted = _plot(run.metrics_path, out / "loss.png")
     summary["out"] = str(out)
     summary["loss_png"] = str(out / "loss.png") if plotted else None
     return summary
