@@ -827,8 +827,8 @@ def test_factory_builds_galore_adafactor_like_the_paper_scripts():
     assert projected and all(g["relative_step"] is False and g["scale_parameter"] is False for g in opt.param_groups)
     assert all(g["lr"] == 1e-2 and g["beta1"] is None and g["weight_decay"] == 0.1 for g in opt.param_groups)
     assert build_optimizer("galore-adafactor", model, lr=1e-2, betas=(0.9, 0.999)).defaults["beta1"] == 0.9
-    with pytest.raises(ValueError, match="optim_bits"):
-        build_optimizer("galore-adafactor", model, lr=1e-2, optim_bits=8)
+    eight = build_optimizer("galore-adafactor", model, lr=1e-2, rank=4, optim_bits=8)
+    assert all(g["optim_bits"] == 8 for g in eight.param_groups)
 
 
 @pytest.mark.parametrize("beta1", [None, 0.9])

@@ -129,6 +129,7 @@ SMOKE = {
     "gradnorm-lorp": ["--optimizer", "gradnorm-lorp"],
     "gradnorm-lorp-8bit": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--rank", "64"],
     "gradnorm-lorp-8bit-basis4": ["--optimizer", "gradnorm-lorp", "--optim-bits", "8", "--basis-bits", "4"],
+    "galore-adafactor-8bit": ["--optimizer", "galore-adafactor", "--optim-bits", "8", "--beta1", "0.9", "--rank", "64"],
 }
 
 

@@ -109,11 +109,6 @@ def binding(registered: str, preset: str | None = None) -> Builder:
 
 
 def _adafactor(groups, *, adam, optim_bits, rule_options, layerwise):
-    if optim_bits != 32:
-        raise ValueError(
-            "optim_bits=8 is not available for galore-adafactor (its factored second "
-            "moment is already a + b numbers per matrix); use optim_bits=32"
-        )
     beta1 = adam["betas"][0]
     cls = registry.optimizer_class("galore-adafactor")
     own = {k: v for k, v in rule_options.items() if k in cls.rule.defaults}
@@ -124,6 +119,7 @@ def _adafactor(groups, *, adam, optim_bits, rule_options, layerwise):
         weight_decay=adam["weight_decay"],
         relative_step=False,
         scale_parameter=False,
+        optim_bits=optim_bits,
         **own,
         **layerwise,
     )

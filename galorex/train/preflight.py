@@ -118,7 +118,7 @@ def _preflight(
     options = []
     if not cfg.layerwise:
         options.append(("--layerwise", {"layerwise": True}))
-    if cfg.optim_bits == 32 and cfg.optimizer != "galore-adafactor":
+    if cfg.optim_bits == 32:
         options.append(("--optim-bits 8", {"optim_bits": 8}))
     if not cfg.activation_checkpointing:
         options.append(("--activation-checkpointing", {"activation_checkpointing": True}))
