@@ -28,6 +28,7 @@ from galorex import ApolloAdamW, galore_param_groups
 from galorex.models.llama import Llama, get_config
 from galorex.optim.apollo import PROJ_SEED, apollo_multiplier, apollo_update, next_seed, random_projection
 from galorex.optim.fira import LIMITER_NORM
+from galorex.optim.rules.apollo import channel_norms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -109,6 +110,27 @@ def test_one_pass_multiplier_equals_the_plain_update(side, scale_type, scale_fro
             torch.testing.assert_close(n2, n1, rtol=1e-13, atol=0)
         else:
             assert n1 is None and n2 is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_channel_norms_equal_vector_norm(axis, dtype, layout):
+    """The multiplier's channel norms (a column's as square-sum-sqrt on the CPU) against torch's
+    vector_norm in float64, on columns whose scales span 10⁻³…10³. Each norm sums k squares: a
+    float64 sum is within k·u₆₄ relative, plus one rounding for each square and the root; a float32
+    input adds its own rounding (2·u₃₂ on a square) and a k·u₃₂ float32 sum."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 170, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 170, dtype=torch.float64)
+    if layout == "transposed":  # a strided matrix takes vector_norm itself
+        x = x.T.contiguous().T
+    reference = torch.linalg.vector_norm(x, dim=axis)
+    k = x.shape[axis]
+    u = torch.finfo(dtype).eps / 2
+    rtol = (k + 3) * u + (k + 3) * torch.finfo(torch.float64).eps / 2
+    fast = channel_norms(x.to(dtype), axis)
+    assert fast.dtype == dtype and fast.shape == reference.shape
+    torch.testing.assert_close(fast.double(), reference, rtol=rtol, atol=0)
 
 
 def test_next_seed_and_projection_are_apollo_torchs():

@@ -158,7 +158,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     runs[FLOOR] = _ArithmeticFloor(groups())
     if args.natural_history > 0:
         runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
-    runs.update(_norm_scaled_optimizers(model, args.rank, gap))
+    runs.update(_norm_scaled_optimizers(model, args.rank, gap, fused_rows=True))
 
     # Warm-up (includes the first refresh), then interleave the optimizers so that machine noise
     # hits all of them alike. Parameters drift a little; the work per step does not change.
@@ -400,26 +400,35 @@ def _memory_groups(model, rank: int, label: str) -> list[dict[str, Any]]:
     return galore_param_groups(model, rank=rank, scale=1.0 if label.startswith("APOLLO") else 0.25)
 
 
-def _norm_scaled_optimizers(model, rank: int, gap: int) -> dict[str, torch.optim.Optimizer]:
-    """The step benchmark's FiraAdamW, ApolloAdamW (random, channel-wise) and APOLLO-Mini."""
+def _norm_scaled_optimizers(model, rank: int, gap: int, fused_rows: bool = False) -> dict[str, torch.optim.Optimizer]:
+    """The step benchmark's FiraAdamW, ApolloAdamW (random, channel-wise) and APOLLO-Mini; with
+    ``fused_rows`` also APOLLO and APOLLO-Mini with torch's fused AdamW kernel on the unprojected
+    parameters (``fused=True``, opt-in as for GaLoreAdamW; the default is torch's own choice)."""
     from ..optim import ApolloAdamW, FiraAdamW
 
-    return {
+    groups = lambda: galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=1.0)
+    apollo = lambda **kw: ApolloAdamW(groups(), lr=1e-3, **kw)
+    mini = lambda **kw: ApolloAdamW.mini(galore_param_groups(model, update_proj_gap=gap), lr=1e-3, **kw)
+    runs = {
         "galorex FiraAdamW": FiraAdamW(galore_param_groups(model, rank=rank, update_proj_gap=gap), lr=1e-3),
-        "galorex ApolloAdamW": ApolloAdamW(
-            galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=1.0), lr=1e-3
-        ),
-        "galorex APOLLO-Mini": ApolloAdamW.mini(galore_param_groups(model, update_proj_gap=gap), lr=1e-3),
+        "galorex ApolloAdamW": apollo(),
+        "galorex APOLLO-Mini": mini(),
     }
+    if fused_rows:
+        runs["galorex ApolloAdamW (fused=True)"] = apollo(fused=True)
+        runs["galorex APOLLO-Mini (fused=True)"] = mini(fused=True)
+    return runs
 
 
 def _norm_scaled_estimates(model, rank: int) -> dict[str, int]:
+    apollo = estimate_optimizer_state_bytes(galore_param_groups(model, rank=rank), optimizer="apollo")
+    mini = estimate_optimizer_state_bytes(galore_param_groups(model, rank=1), optimizer="apollo")
     return {
         "galorex FiraAdamW": estimate_optimizer_state_bytes(galore_param_groups(model, rank=rank), optimizer="fira"),
-        "galorex ApolloAdamW": estimate_optimizer_state_bytes(
-            galore_param_groups(model, rank=rank), optimizer="apollo"
-        ),
-        "galorex APOLLO-Mini": estimate_optimizer_state_bytes(galore_param_groups(model, rank=1), optimizer="apollo"),
+        "galorex ApolloAdamW": apollo,
+        "galorex APOLLO-Mini": mini,
+        "galorex ApolloAdamW (fused=True)": apollo,
+        "galorex APOLLO-Mini (fused=True)": mini,
     }
 
 
