@@ -246,6 +246,17 @@ def training_memory_breakdown(
     - ``runtime``: the interpreter and torch themselves (:data:`CPU_RUNTIME_BYTES`).
 
     ``total`` is their sum. Built on the meta device: nothing is allocated.
+
+    Args:
+        model_cfg: the model's ``LlamaConfig``.
+        dtype: the weights' dtype.
+        optimizer: a registered optimizer name, or ``adamw``.
+        rank, proj_type, optim_bits, basis_bits, natural_history: the projected group's settings,
+            as the ``galorex-train`` flags of the same names.
+        layerwise, activation_checkpointing: as ``galorex-train --layerwise`` and
+            ``--activation-checkpointing``.
+        batch_size, seq_len: the training batch.
+        beta1: the first moment's β₁ of an optimizer for which it is optional (0: none kept).
     """
     from .models.llama import Llama
     from .optim.groups import galore_param_groups
