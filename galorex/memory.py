@@ -26,7 +26,11 @@ _SCALAR_BYTES = 4  # float32 step counters
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors of ``optimizer.state`` (each storage counted once)."""
+    """Bytes held by the tensors of ``optimizer.state`` (each storage counted once).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``, after at least one step for the full count.
+    """
     seen: set[tuple[int, int]] = set()
     total = 0
     for state in optimizer.state.values():
@@ -132,8 +136,9 @@ def estimate_optimizer_state_bytes(
 # ----------------------------------------------------------------------------- a training run's peak
 GiB = 1024**3
 
-# Bytes of a fresh interpreter with torch imported (measured max RSS of `python -c "import torch"`
-# and of galorex-train before it builds anything, on the CPU, 2026-12-03: 0.3-0.4 GiB).
+# Bytes of a fresh interpreter with torch imported, before galorex-train builds anything: an
+# allowance in the breakdown (docs/benchmarks.md, "Peak memory of a training run", sets the
+# breakdown against measured peaks).
 CPU_RUNTIME_BYTES = int(0.4 * GiB)
 
 
@@ -198,7 +203,14 @@ def activation_bytes(
     two blocks are counted and the difference scaled to ``num_layers`` (the blocks are identical).
     With ``activation_checkpointing`` each block keeps only its input, and backward recomputes one
     block at a time: the count is what the checkpointed forward saves plus one block's own saved
-    activations (the peak while that block is recomputed)."""
+    activations (the peak while that block is recomputed).
+
+    Args:
+        model_cfg: the model's ``LlamaConfig``.
+        batch_size, seq_len: the training batch.
+        dtype: the model's dtype.
+        activation_checkpointing: as ``galorex-train --activation-checkpointing``.
+    """
     items = tuple(sorted(model_cfg.to_dict().items()))
     return _activation_bytes(items, int(batch_size), int(seq_len), dtype, bool(activation_checkpointing))
 
@@ -236,6 +248,17 @@ def training_memory_breakdown(
     - ``runtime``: the interpreter and torch themselves (:data:`CPU_RUNTIME_BYTES`).
 
     ``total`` is their sum. Built on the meta device: nothing is allocated.
+
+    Args:
+        model_cfg: the model's ``LlamaConfig``.
+        dtype: the weights' dtype.
+        optimizer: a registered optimizer name, or ``adamw``.
+        rank, proj_type, optim_bits, basis_bits, natural_history: the projected group's settings,
+            as the ``galorex-train`` flags of the same names.
+        layerwise, activation_checkpointing: as ``galorex-train --layerwise`` and
+            ``--activation-checkpointing``.
+        batch_size, seq_len: the training batch.
+        beta1: the first moment's β₁ of an optimizer for which it is optional (0: none kept).
     """
     from .models.llama import Llama
     from .optim.groups import galore_param_groups

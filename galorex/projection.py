@@ -19,11 +19,13 @@ SIDES = ("left", "right", "full")
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """View a parameter or gradient of any rank ≥ 2 as the matrix (shape[0], rest)."""
+    """A parameter or gradient of any rank ≥ 2 as the matrix (shape[0], rest): a view when the
+    strides allow it (``reshape``), else a copy."""
     return t.reshape(matrix_shape(t.shape))
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """(m, n) = (shape[0], the product of the other dimensions)."""
     m = int(shape[0])
     n = 1
     for d in shape[1:]:
@@ -36,6 +38,16 @@ def projection_side(proj_type: str, m: int, n: int) -> str:
 
     ``std`` shrinks the smaller dimension (so the stored basis is the smaller one): right when m ≥ n,
     left otherwise. ``reverse_std`` does the opposite. ``left``, ``right`` and ``full`` are literal.
+
+    Args:
+        proj_type: one of :data:`PROJ_TYPES`.
+        m, n: the gradient matrix's shape.
+
+    Returns:
+        "left", "right" or "full".
+
+    Raises:
+        ValueError: an unknown ``proj_type``.
     """
     if proj_type == "std":
         return "right" if m >= n else "left"
@@ -52,6 +64,8 @@ def effective_rank(rank: int, m: int, n: int) -> int:
 
 
 def lowrank_shape(side: str, m: int, n: int, rank: int) -> tuple[int, int]:
+    """Shape of the low-rank gradient of an (m×n) matrix: (r, n) left, (m, r) right, (r, r) full,
+    r = :func:`effective_rank`."""
     r = effective_rank(rank, m, n)
     return {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
 
@@ -114,8 +128,21 @@ def compute_bases(
 ) -> list[torch.Tensor]:
     """Orthonormal bases (as columns) for projecting the matrix ``g`` on ``side`` at ``rank``.
 
-    Returns one basis for left/right and [left, right] for full; ``g`` should already be in the
-    dtype the bases are wanted in (float32 or float64).
+    ``svd``: the leading r singular vectors of one ``torch.linalg.svd`` of G (as galore-torch
+    computes them); ``randomized``: :func:`randomized_left_basis` of G (left) or Gᵀ (right).
+
+    Args:
+        g: the (m×n) gradient, already in the dtype the bases are wanted in (float32 or float64).
+        rank: the rank, clipped by :func:`effective_rank`.
+        side: "left" (P: m×r), "right" (Q: n×r) or "full" (both).
+        method: "svd" or "randomized".
+        oversample, power_iters, generator: the range finder's settings (``randomized`` only).
+
+    Returns:
+        One contiguous basis for left/right, [left, right] for full.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``side``.
     """
     m, n = g.shape
     r = effective_rank(rank, m, n)
@@ -146,7 +173,13 @@ def compute_bases(
 
 
 def project(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tensor:
-    """G ↦ Pᵀ G (left), G P (right), Pₗᵀ G Pᵣ (full)."""
+    """G ↦ Pᵀ G (left), G P (right), Pₗᵀ G Pᵣ (full).
+
+    Args:
+        g: the (m×n) matrix.
+        bases: [P] for left/right, [Pₗ, Pᵣ] for full, as :func:`compute_bases` returns them.
+        side: "left", "right" or "full".
+    """
     if side == "left":
         return bases[0].mT @ g
     if side == "right":
@@ -155,7 +188,8 @@ def project(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tens
 
 
 def project_back(low: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tensor:
-    """The adjoint of :func:`project`: R ↦ P R (left), R Pᵀ (right), Pₗ R Pᵣᵀ (full)."""
+    """The adjoint of :func:`project`: R ↦ P R (left), R Pᵀ (right), Pₗ R Pᵣᵀ (full); arguments
+    as :func:`project`, ``low`` the low-rank matrix."""
     if side == "left":
         return bases[0] @ low
     if side == "right":
@@ -174,7 +208,17 @@ def add_projected_back_(
 ) -> torch.Tensor:
     """target ← beta·target + alpha·project_back(low), in place, without a full-size temporary.
 
-    ``target`` is an (m×n) matrix view of the same dtype as ``low`` and the bases.
+    One ``addmm_`` (for ``full``, after forming the small Pₗ R).
+
+    Args:
+        target: an (m×n) matrix (a view of the weight) of the same dtype as ``low`` and the bases.
+        low: the low-rank matrix R.
+        bases, side: as :func:`project`.
+        alpha: the factor of the projected-back R.
+        beta: the factor of ``target`` (the decoupled decay 1 − lr·wd).
+
+    Returns:
+        ``target``.
     """
     if side == "left":
         return target.addmm_(bases[0], low, beta=beta, alpha=alpha)
@@ -184,12 +228,13 @@ def add_projected_back_(
 
 
 def energy(t: torch.Tensor) -> float:
-    """‖t‖²_F accumulated in float64 (a float32 sum over tens of millions of entries is off by ~1%)."""
+    """‖t‖²_F accumulated in float64 (a float32 sum over tens of millions of entries loses digits)."""
     return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
 
 
 def captured_energy(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> float:
-    """‖project(G)‖²_F divided by the energy of G's top-r singular values (1.0 = as good as exact SVD)."""
+    """‖project(G)‖²_F / Σᵢ₌₁ʳ σᵢ(G)²: the fraction of the best rank-r energy the bases capture
+    (1.0 = as good as the exact SVD; Eckart–Young). Arguments as :func:`project`."""
     low = project(g, bases, side)
     r = low.shape[0] if side == "left" else low.shape[-1]
     best = float((torch.linalg.svdvals(g).double()[:r] ** 2).sum())
@@ -197,12 +242,23 @@ def captured_energy(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> fl
 
 
 def transition_matrices(old: list[torch.Tensor], new: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Rᵢ = P_newᵢᵀ P_oldᵢ: the change of coordinates from the old subspace to the new one."""
+    """Rᵢ = P_newᵢᵀ P_oldᵢ: the change of coordinates from the old subspace to the new one.
+
+    Args:
+        old, new: the bases before and after a refresh (one per side, as :func:`compute_bases`).
+    """
     return [pn.mT @ po for po, pn in zip(old, new)]
 
 
 def reproject_lowrank(low: torch.Tensor, transitions: list[torch.Tensor], side: str) -> torch.Tensor:
-    """Carry a low-rank tensor expressed in the old basis into the new one (project(project_back(low)))."""
+    """Carry a low-rank tensor expressed in the old basis into the new one:
+    project(project_back(low, old), new) = R low (left), low Rᵀ (right), Rₗ low Rᵣᵀ (full).
+
+    Args:
+        low: the low-rank tensor in the old basis.
+        transitions: from :func:`transition_matrices`.
+        side: "left", "right" or "full".
+    """
     if side == "left":
         return transitions[0] @ low
     if side == "right":

@@ -45,6 +45,7 @@ def require_triton() -> Any:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
+    """A ValueError naming each tensor's device unless the given tensors (None skipped) share one."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
@@ -89,8 +90,15 @@ class LazyKernel:
 
     ``configs`` are dicts of meta-parameters plus ``num_warps``/``num_stages``; on a GPU they are
     autotuned over ``key``; under the interpreter only ``interpret_config`` is used, without
-    autotuning (several configs fail there with no GPU driver). ``restore_value`` names in-place
-    arguments that autotuning must put back after each trial run.
+    autotuning (several configs fail there with no GPU driver).
+
+    Args:
+        fn: the kernel as a plain function (``tl.constexpr`` annotations included).
+        configs: meta-parameter dicts to autotune over on a GPU.
+        key: argument names whose values select a tuned config.
+        interpret_config: the meta-parameters used under ``TRITON_INTERPRET=1``.
+        helpers: device functions ``fn`` calls, decorated in the same mode.
+        restore_value: in-place arguments that autotuning must put back after each trial run.
     """
 
     def __init__(

@@ -218,8 +218,14 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """C = (a · a_scale)(b · b_scale)ᵀ (+ bias) for FP8 a (M, K) and b (N, K), fp32 accumulation.
 
-    Scales: float32, shape () or per row (M, 1) / (N, 1). Any strides (a K-major b is fastest on
-    Hopper). Dispatch: :func:`triton_kernels.select_backend` (op ``scaled_gemm``).
+    Any strides (a K-major b is the layout Hopper's FP8 tensor cores want). Dispatch:
+    :func:`triton_kernels.select_backend` (op ``scaled_gemm``).
+
+    Args:
+        a, b: (M, K) and (N, K), ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        a_scale, b_scale: float32, shape () or per row (M, 1) / (N, 1).
+        out_dtype: bfloat16, float16 or float32 (one rounding from the fp32 epilogue).
+        bias: None or a floating-point (N,) tensor, added in fp32.
     """
     _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "fp8")
     if select_backend(a.device, "scaled_gemm") != "triton":
@@ -237,7 +243,11 @@ def int8_gemm(
 ) -> torch.Tensor:
     """C = (a · a_scale)(b · b_scale)ᵀ (+ bias) for int8 a (M, K) and b (N, K), int32 accumulation.
 
-    Exact integer products and sums, then one fp32 epilogue; scales as in :func:`fp8_gemm`.
+    Exact integer products and sums, then one fp32 epilogue.
+
+    Args:
+        a, b: (M, K) and (N, K) int8.
+        a_scale, b_scale, out_dtype, bias: as :func:`fp8_gemm`.
     """
     _check_operands(a, b, a_scale, b_scale, out_dtype, bias, "int8")
     if select_backend(a.device, "scaled_gemm") != "triton":

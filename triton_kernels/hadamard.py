@@ -22,7 +22,13 @@ MAX_TRITON_BLOCK = 16384  # one block lives in one program's registers
 
 
 def check_block_size(x: torch.Tensor, block_size: int | None) -> int:
-    """The block size to use for ``x``, or a ValueError naming what is wrong."""
+    """The block size to use for ``x``: ``block_size``, or x's whole last dimension for None.
+
+    Raises:
+        TypeError: x is not a floating-point tensor, or ``block_size`` not an int.
+        ValueError: a 0-dim x, a block that is not a power of two or does not divide the last
+            dimension, or (for None) a last dimension that is not a power of two.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -47,7 +53,12 @@ def check_block_size(x: torch.Tensor, block_size: int | None) -> int:
 
 
 def hadamard_matrix(size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The unnormalised Sylvester Hadamard matrix H_size (entries ±1); H[i, j] = (−1)^popcount(i & j)."""
+    """The unnormalised Sylvester Hadamard matrix H_size (entries ±1); H[i, j] = (−1)^popcount(i & j).
+
+    Args:
+        size: the order, a power of two.
+        dtype: of the result (on the CPU).
+    """
     if size < 1 or size & (size - 1):
         raise ValueError(f"size must be a power of two, got {size}")
     h = torch.ones(1, 1, dtype=dtype)
@@ -73,7 +84,8 @@ def _fwht(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def hadamard_transform_reference(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
-    """Torch twin of :func:`hadamard_transform` (fast Walsh–Hadamard butterflies, fp32 inside)."""
+    """Torch twin of :func:`hadamard_transform` (fast Walsh–Hadamard butterflies, fp32 inside, fp64
+    for fp64 input, rounded once to x's dtype); arguments as :func:`hadamard_transform`."""
     b = check_block_size(x, block_size)
     return _fwht(x, b).to(x.dtype)
 
@@ -129,9 +141,17 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     """y = x · (I ⊗ H_b/√b) along the last dimension (Sylvester order, orthonormal), same dtype.
 
-    ``block_size`` b: a power of two dividing ``x.shape[-1]`` (None: the whole last dimension). Any
-    leading dimensions; fp32, fp16 and bf16 on the Triton path (b up to 16384), which works in
-    fp32 and rounds once on the way out. Dispatch: :func:`triton_kernels.select_backend` (op ``hadamard``).
+    Any leading dimensions; the Triton path works in fp32 and rounds once on the way out.
+    Dispatch: :func:`triton_kernels.select_backend` (op ``hadamard``).
+
+    Args:
+        x: a floating-point tensor (fp32, fp16 or bf16 on the Triton path).
+        block_size: b, a power of two dividing ``x.shape[-1]`` (None: the whole last dimension);
+            at most 16384 on the Triton path.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_block_size`, or an input the Triton path cannot
+            take once it was chosen.
     """
     b = check_block_size(x, block_size)
     if select_backend(x.device, "hadamard") != "triton":

@@ -216,6 +216,11 @@ def project(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
     fp32 accumulation; products at fp32-level accuracy (3xTF32 on a GPU) unless
     ``torch.set_float32_matmul_precision`` allows TF32. Dispatch: :func:`triton_kernels.select_backend`
     (op ``project``); float64 operands take the torch twin.
+
+    Args:
+        G: the (m, n) gradient.
+        P: the orthonormal basis, (m, r) for "left" or (n, r) for "right".
+        side: "left" or "right".
     """
     _check_project(G, P, side)
     if (
@@ -347,6 +352,15 @@ def fused_galore_adam_step(
     Triton path: the moments are updated by one elementwise kernel, then one GEMM computes D for
     each k-slice in its prologue and writes W once in its epilogue. fp32 moments (contiguous);
     fp32/fp16/bf16 weight and basis; scalars are Python numbers (no host sync).
+
+    Args:
+        weight: W (m, n), updated in place.
+        low_grad: R (r, n) for "left", (m, r) for "right".
+        exp_avg, exp_avg_sq: m and v, R's shape, updated in place.
+        basis: P, (m, r) for "left" or (n, r) for "right".
+        side: "left" or "right".
+        step: t ≥ 1, for the bias corrections.
+        lr, beta1, beta2, eps, weight_decay, scale: AdamW's and GaLore's hyperparameters.
     """
     _check_step(weight, low_grad, exp_avg, exp_avg_sq, basis, side, step, lr, beta1, beta2, eps, weight_decay, scale)
     if weight.numel() == 0 or select_backend(weight.device, "galore_adam_step") != "triton":

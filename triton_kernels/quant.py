@@ -369,9 +369,17 @@ def quantize_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s) with x ≈ q.float() · s, q = sat(round(x / s)) in ``dtype``, s = amax|x| / fp8_max.
 
-    ``granularity``: "tensor" gives a float32 scale of shape (); "row" a float32 scale of shape
-    (rows, 1), rows = the product of the leading dimensions. An all-zero tensor (or row) gets scale
-    1. Saturating, round-to-nearest-even, computed on the device without a host sync.
+    An all-zero tensor (or row) gets scale 1. Saturating, round-to-nearest-even, computed on the
+    device without a host sync. Dispatch: :func:`triton_kernels.select_backend` (op ``quantize``).
+
+    Args:
+        x: a float32/float16/bfloat16/float64 tensor.
+        dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        granularity: "tensor" (a float32 scale of shape ()) or "row" (shape (rows, 1), rows =
+            the product of the leading dimensions).
+
+    Returns:
+        (q of x's shape in ``dtype``, s).
     """
     _check_x(x, granularity)
     fmt = _check_fp8_dtype(dtype)
@@ -383,7 +391,8 @@ def quantize_fp8(
 def quantize_int8(x: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s) with x ≈ q.float() · s, q = clamp(round_half_even(x / s), −127, 127) int8, s = amax|x| / 127.
 
-    Scales as in :func:`quantize_fp8`.
+    Args:
+        x, granularity: as :func:`quantize_fp8`.
     """
     _check_x(x, granularity)
     if x.numel() == 0 or select_backend(x.device, "quantize") != "triton":
@@ -400,6 +409,11 @@ def hadamard_quantize_fp8(
     inputs q can differ by one fp8 step from the unfused composition where that rounding tips a
     tie. With ``granularity="row"`` and rows of at most 16384 entries it is one pass (one read of x,
     one write of q); per-tensor scales need the global amax first, so x is read twice.
+
+    Args:
+        x: as :func:`quantize_fp8` (fp32, fp16 or bf16 on the Triton path).
+        block_size: as :func:`triton_kernels.hadamard_transform`.
+        dtype, granularity: as :func:`quantize_fp8`.
     """
     _check_x(x, granularity)
     b = check_block_size(x, block_size)
@@ -416,7 +430,11 @@ def hadamard_quantize_int8(
     same passes; codes round half to even and saturate at ±127). HALO's INT8 levels, where the
     rotation pays most, quantise every rotated operand this way. Bit-exact against its twin under
     the interpreter; compiled for a GPU, Triton's fp32 division is not IEEE-rounded, so a value on
-    a rounding boundary can land one code away (as for the FP8 kernels)."""
+    a rounding boundary can land one code away (as for the FP8 kernels).
+
+    Args:
+        x, block_size, granularity: as :func:`hadamard_quantize_fp8`.
+    """
     _check_x(x, granularity)
     b = check_block_size(x, block_size)
     if x.numel() == 0 or select_backend(x.device, "quantize") != "triton":

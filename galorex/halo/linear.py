@@ -20,16 +20,15 @@ forward does, which needs no token count divisible by a block and no inverse rot
 rotates the weight-gradient GEMM (its inner dimension is the tokens). HALO's per-tensor scales are
 reduced on the host with ``.item()``; here they stay on the device.
 
-Which level pays depends on the format (``python -m galorex.bench halo``, docs/benchmarks.md,
-2048 tokens × 512 → 512, eight outlier channels ×20…×200 in X and E_Y): with INT8's uniform grid,
-level 1 cuts the error of Y 4.7× (0.070 → 0.015, per-tensor) and level 2 that of E_X 4.8×
-(0.071 → 0.015); FP8 spends its bits on the exponent, so every level gives ≈ 0.037 on Gaussian and
-outlier data alike, and on activations captured from llama-tiny rotation made Y slightly worse
-(0.0114 → 0.0121). Per-row scales were never worse than per-tensor and rescue the weight gradient
-of the normal channels under INT8 (1.00 → 0.012: a per-tensor scale set by the outliers rounds
-them all to zero), hence ``granularity="row"`` by default; e4m3 beat e5m2 for E_Y everywhere
-(scaled, the range of e5m2 is not needed: 0.037 vs 0.059 on E_X), hence ``grad_fp8="e4m3"``.
-Recommended: ``level=2, fmt="int8"``, or ``level=0, fmt="fp8"`` (rotation buys FP8 nothing here).
+Which level pays depends on the format; the errors of every level, format and scale are measured
+by ``python -m galorex.bench halo`` (docs/benchmarks.md, "HALO"). INT8's grid is uniform, so an
+outlier channel sets a coarse step for the rest and rotating the GEMM whose inputs carry the
+outliers pays (level 1 for Y, level 2 for E_X); FP8 spends its bits on the exponent, so its
+relative error hardly depends on the level. Per-row scales were never worse than per-tensor ones
+and keep the normal channels of the weight gradient under INT8 (a per-tensor scale set by the
+outliers rounds them to zero), hence ``granularity="row"`` by default; with a scale, e5m2's range
+is not needed and its lost mantissa bit is, hence ``grad_fp8="e4m3"``. Recommended:
+``level=2, fmt="int8"``, or ``level=0, fmt="fp8"`` (rotation buys FP8 nothing there).
 
 Quantise once (``save_quantized=True``, needs ``granularity="tensor"``), as HALO's
 ``HaloFnLevel1WithQFSDPBackwardXH``: with A = X R_K, B = W R_K, Ẽ = E_Y R_N (R_K = I at level 0,
@@ -40,21 +39,19 @@ the saved Q(A), Q(B) transposed, un-rotating their outputs:
                           E_X = Q(Ẽ) Q(Wᵀ R_N)ᵀ   (level 2, from the master weight, as above)
 
 Saved for backward: Q(A) (1 byte per element of X instead of its 2 or 4) and, at levels 0-1, Q(B)
-— T·K + N·K bytes and two scales against the T·K·2 (bf16) or T·K·4 of X: 0.63 / 0.31 of the
-default at 2048 tokens × 512 → 512, 0.50 / 0.25 at level 2 (which keeps the master weight, a
-parameter, instead of Q(B)). Layers fed one input one after another (q, k, v; gate, up) quantise it
-once and save the same codes (``_quantized_input``); a whole llama-tiny forward, where norms,
-attention and the MLP's activations hold most of what is saved, saves 6.9 % (bf16) / 14.9 %
-(fp32). A per-row scale of
-X would lie along the tokens, the inner dimension of the G GEMM, hence per tensor only. At level 0
-this is exactly the default per-tensor pipeline (same numbers, less memory). With rotation Y is
-that of the default per-tensor pipeline and E_X nearly so (llama-tiny, INT8 level 1: 0.0120 →
-0.0133), but G changes: un-rotating spreads each quantisation error over all channels. INT8 gains
-(G 0.097 → 0.014 on outlier data at level 2, 0.028 → 0.015 on llama-tiny; per-row scales, 0.013
-and 0.006, remain better); FP8 loses its normal channels (G normal 0.038 → 0.38 at level 1 on
-outlier data; 0.056 → 0.058 / 0.061 at levels 1 / 2 on llama-tiny). Use ``level=2, fmt="int8"``
-or ``level=0, fmt="fp8"`` with it, when activation memory matters more than the last digit of G
-(``python -m galorex.bench halo``).
+— T·K + N·K bytes and two scales against the T·K·2 (bf16) or T·K·4 (fp32) bytes of X, tending to
+½ and ¼ as the tokens outnumber the output features; level 2 keeps the master weight (a
+parameter, no new memory) instead of Q(B). Layers fed one input one after another (q, k, v; gate,
+up) quantise it once and save the same codes (``_quantized_input``); over a whole model, norms,
+attention and the MLP's activations hold most of what is saved. A per-row scale of X would lie
+along the tokens, the inner dimension of the G GEMM, hence per tensor only. At level 0 this is
+exactly the default per-tensor pipeline (same numbers, less memory). With rotation Y is that of the
+default per-tensor pipeline and E_X nearly so, but G changes: un-rotating spreads each
+quantisation error over all channels, which INT8 gains from (per-row scales remain better) and
+FP8, whose error is relative to each element, loses its normal channels to. Use
+``level=2, fmt="int8"`` or ``level=0, fmt="fp8"`` with it, when activation memory matters more than
+the last digit of G. The saved bytes and errors of every setting are measured by
+``python -m galorex.bench halo`` (docs/benchmarks.md, "HALO").
 """
 
 from __future__ import annotations
@@ -82,7 +79,19 @@ DEFAULT_GRANULARITY = "row"
 
 @dataclass(frozen=True)
 class HaloConfig:
-    """Settings of one HALO linear layer (immutable; passed through autograd as a constant)."""
+    """Settings of one HALO linear layer (immutable; passed through autograd as a constant).
+
+    Attributes:
+        level: 0 (no rotation), 1 (rotate the forward GEMM's inner dimension K) or 2 (also the
+            input-gradient GEMM's inner dimension N); see the module docstring.
+        fmt: "fp8" (e4m3 operands, E_Y in ``grad_fp8``) or "int8" (every operand INT8).
+        granularity: "row" (one scale per row of each operand) or "tensor".
+        grad_fp8: FP8 format of E_Y when ``fmt="fp8"``: "e4m3" or "e5m2".
+        block_in: Hadamard block along in_features (K), a power of two dividing it.
+        block_out: Hadamard block along out_features (N), a power of two dividing it.
+        backend: the GEMM backend of :func:`galorex.lowp.gemm.scaled_gemm`.
+        save_quantized: keep the quantised operands for backward instead of X (per tensor only).
+    """
 
     level: int = 1
     fmt: str = "fp8"
@@ -294,7 +303,23 @@ def halo_linear(
     signs_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y = X Wᵀ + b through the quantised pipeline of ``cfg`` (see the module docstring), for X of
-    any leading dimensions."""
+    any leading dimensions (flattened to T rows; an empty X takes a plain matmul).
+
+    Args:
+        x: the input (..., in_features), floating point.
+        weight: the (out_features, in_features) master weight.
+        bias: None or the (out_features,) bias, added in float32 before the output's rounding.
+        cfg: the layer's :class:`HaloConfig`.
+        signs_in, signs_out: None, or fixed ±1 vectors of length in_features / out_features that
+            multiply the Hadamard blocks of K / N (R = D·blockdiag(H)).
+
+    Returns:
+        Y of shape (..., out_features) in x's dtype.
+
+    Raises:
+        TypeError: x is not a floating-point tensor.
+        ValueError: x's last dimension is not in_features.
+    """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
@@ -309,18 +334,32 @@ def halo_linear(
 
 
 class HaloLinear(nn.Linear):
-    """Drop-in ``nn.Linear`` with HALO's quantised forward and backward GEMMs (module docstring).
+    """Drop-in ``nn.Linear`` with HALO's quantised forward and backward GEMMs (module docstring;
+    Ashkboos et al., 2025). The weight stays a high-precision master copy, so any optimizer
+    trains it, and checkpoints are those of ``nn.Linear``.
 
-    ``block_size`` (a power of two) must divide in_features (and out_features at level 2); by
-    default each dimension takes the whole dimension if it is a power of two, else its largest
-    power-of-two factor up to 256. ``random_signs`` multiplies the Hadamard blocks by a fixed
-    random ±1 diagonal (seeded; not saved in the state dict, so checkpoints are those of
-    ``nn.Linear``). ``grad_fp8`` is the FP8 format of E_Y. ``backend`` names the GEMM backend:
-    "auto" as ``triton_kernels.select_backend`` decides (torch on CUDA unless
-    ``GALOREX_BACKEND=triton``), or "triton", "torch", "emulate": that one, or an error
-    (``galorex.lowp.gemm``). Rotation and quantisation follow ``select_backend`` alone.
-    ``save_quantized=True`` (needs ``granularity="tensor"``) quantises X, W and E_Y once and keeps
-    the 8-bit X R_K (and W R_K) for backward instead of X (module docstring, "Quantise once").
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        level: 0, 1 or 2: which GEMMs have their inner dimension rotated (module docstring).
+        fmt: "fp8" or "int8", the operands' format.
+        granularity: "row" (default) or "tensor" scales.
+        block_size: the Hadamard block, a power of two dividing in_features (and out_features at
+            level 2). None: each dimension takes its whole length if it is a power of two, else
+            its largest power-of-two factor up to 256.
+        grad_fp8: the FP8 format of E_Y with ``fmt="fp8"``: "e4m3" (default) or "e5m2".
+        random_signs: multiply the Hadamard blocks by a fixed random ±1 diagonal (seeded; held
+            in non-persistent buffers, not in the state dict).
+        seed: the seed of those signs (``seed`` for K, ``seed + 1`` for N).
+        backend: the GEMM backend: "auto" as ``triton_kernels.select_backend`` decides (torch on
+            CUDA unless ``GALOREX_BACKEND=triton``), or "triton", "torch", "emulate": that one,
+            or an error (``galorex.lowp.gemm``). Rotation and quantisation follow
+            ``select_backend`` alone.
+        save_quantized: quantise X, W and E_Y once, per tensor, and keep the 8-bit X R_K (and
+            W R_K) for backward instead of X (module docstring, "Quantise once"); needs
+            ``granularity="tensor"``.
+
+    Raises:
+        ValueError: a setting out of its range, or a block that does not divide its dimension.
     """
 
     def __init__(
@@ -386,9 +425,23 @@ def convert_to_halo(
     **kwargs: Any,
 ) -> int:
     """Swap every plain ``nn.Linear`` of ``model`` for a :class:`HaloLinear` in place, keeping the
-    same weight and bias ``Parameter`` objects (an optimizer built before still holds them), and
-    return how many were swapped. A module is skipped when a component of its dotted name is in
-    ``skip``; ``kwargs`` go to :class:`HaloLinear` (granularity, block_size, grad_fp8, save_quantized, …)."""
+    same weight and bias ``Parameter`` objects (an optimizer built before still holds them).
+
+    Args:
+        model: the module to convert; subclasses of ``nn.Linear`` are left alone.
+        level, fmt: as :class:`HaloLinear`.
+        skip: module names to leave as they are: a module is skipped when a component of its
+            dotted name is in ``skip`` (a single string counts as one name).
+        **kwargs: the other :class:`HaloLinear` settings (granularity, block_size, grad_fp8,
+            random_signs, seed, backend, save_quantized).
+
+    Returns:
+        How many modules were swapped.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a bad setting, or a layer whose dimensions the block does not divide (named).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):

@@ -38,7 +38,12 @@ def scaled_gemm_reference(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, 
 
     ``triton_kernels.scaled_gemm_reference`` with a float32 output: the products of the quantised
     values summed exactly (float64), rounded to float32, then times s_a and s_b (the scales are
-    constant along K, so they go on the (M,N) output)."""
+    constant along K, so they go on the (M,N) output).
+
+    Args:
+        qa, sa: FP8 or int8 (M, K) codes and their float32 scale, () or (M, 1).
+        qb, sb: the same kind of (N, K) codes and their scale, () or (N, 1).
+    """
     return tk_gemm.scaled_gemm_reference(qa, qb, sa, sb, out_dtype=torch.float32)
 
 

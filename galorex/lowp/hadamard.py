@@ -38,6 +38,7 @@ TRITON_DTYPES = tk_hadamard.TRITON_DTYPES
 
 
 def is_power_of_two(n: int) -> bool:
+    """Whether ``n`` is an int of the form 2ᵏ, k ≥ 0."""
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
 
 
@@ -49,8 +50,17 @@ def _check_block(dim: int, block_size: int, what: str = "the last dimension") ->
 
 
 def default_block_size(dim: int, cap: int | None = MAX_DEFAULT_BLOCK) -> int:
-    """The whole dimension when it is a power of two (HALO's choice), else the largest power of
-    two ≤ ``cap`` that divides it (1 for an odd dimension: no rotation)."""
+    """The Hadamard block for a dimension: the whole dimension when it is a power of two (HALO's
+    choice), else the largest power of two ≤ ``cap`` that divides it (1 for an odd dimension: no
+    rotation).
+
+    Args:
+        dim: the length of the rotated dimension, a positive int.
+        cap: the largest block for a dimension that is not a power of two (None: no cap).
+
+    Raises:
+        ValueError: ``dim`` is not a positive int.
+    """
     if not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     if is_power_of_two(dim):
@@ -62,7 +72,12 @@ def default_block_size(dim: int, cap: int | None = MAX_DEFAULT_BLOCK) -> int:
 
 
 def sylvester(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """The orthonormal (n×n) Sylvester–Hadamard matrix, H Hᵀ = I, for n a power of two."""
+    """The orthonormal (n×n) Sylvester–Hadamard matrix H_n/√n (H Hᵀ = I, H = Hᵀ).
+
+    Args:
+        n: the order, a power of two.
+        dtype, device: of the result (built in float64, rounded once to ``dtype``).
+    """
     if not is_power_of_two(n):
         raise ValueError(f"n must be a power of two, got {n!r}")
     return (tk_hadamard.hadamard_matrix(n).to(device) / math.sqrt(n)).to(dtype)
@@ -75,7 +90,14 @@ def block_hadamard_matrix(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Dense R = D · diag(H_b, …, H_b) (d×d): the plain reference of :func:`rotate`."""
+    """Dense R = D · diag(H_b, …, H_b) (d×d): the plain reference of :func:`rotate`.
+
+    Args:
+        dim: d, a multiple of ``block_size``.
+        block_size: b, a power of two.
+        signs: None, or the d entries ±1 of the diagonal D.
+        dtype, device: of the result (built in float64, rounded once).
+    """
     _check_block(dim, block_size, "dim")
     r = torch.block_diag(*([sylvester(block_size, torch.float64, device)] * (dim // block_size)))
     if signs is not None:
@@ -84,7 +106,8 @@ def block_hadamard_matrix(
 
 
 def random_signs(dim: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """A reproducible vector of ±1 (float32) from ``seed``."""
+    """A reproducible float32 vector of ``dim`` entries ±1, drawn on the CPU from ``seed`` (so the
+    same on every device), then moved to ``device``."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     s = torch.randint(0, 2, (dim,), generator=g).float().mul_(2).sub_(1)
     return s.to(device) if device is not None else s
@@ -107,7 +130,13 @@ def fwht(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     log₂(b) butterfly stages (a, b) ↦ (a + b, a − b), O(d log b), then one scale by 1/√b, in
     float32 (float64 for float64 input) and rounded once to x's dtype. The reference of every
     Hadamard path (:func:`fwht_kron`, the Triton kernel): it is the Triton kernel's own twin,
-    ``triton_kernels.hadamard_transform_reference``, behind galorex's argument checks."""
+    ``triton_kernels.hadamard_transform_reference``, behind galorex's argument checks.
+
+    Args:
+        x: a floating-point tensor; the transform runs along its last dimension.
+        block_size: b, a power of two dividing the last dimension (None: the whole dimension,
+            which must then be a power of two).
+    """
     _, b = _transform_block(x, block_size)
     return tk_hadamard.hadamard_transform_reference(x, b)
 
@@ -126,10 +155,14 @@ def fwht_kron(x: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     """The same x·H_b as :func:`fwht`, through GEMMs: H_{b₁b₂} = H_{b₁} ⊗ H_{b₂} (Sylvester), so a
     block of b entries viewed as a b₁×b₂×… array is multiplied by a small ±1 matrix along each axis
     (factors ≤ 64). O(d·Σbᵢ) work instead of O(d log b), but a handful of GEMMs instead of log₂ b
-    elementwise passes: 2.6× faster than the butterfly on the development CPU (2048×1024, one
-    1024-block; ``python -m galorex.bench.halo_gpu --device cpu``), and the butterfly's passes were
-    most of HaloLinear's time on an H200. Computed in
-    float32 (float64 for float64 input); equal to :func:`fwht` to float32 rounding (tested)."""
+    elementwise passes (timed against the butterfly by ``python -m galorex.bench.halo_gpu``,
+    docs/benchmarks.md). Computed in float32 (float64 for float64 input); equal to :func:`fwht` to
+    float32 rounding (tested).
+
+    Args:
+        x: a floating-point tensor; the transform runs along its last dimension.
+        block_size: as :func:`fwht`.
+    """
     dim, b = _transform_block(x, block_size)
     factors, rest = [], b
     while rest > KRON_FACTOR:
@@ -152,7 +185,15 @@ def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.
     """x·H_b block-wise: the Triton kernel where :func:`triton_kernels.select_backend` picks Triton
     for op ``hadamard`` (CUDA: only with ``GALOREX_BACKEND=triton`` until a GPU run flips the
     default) and the kernel takes x (float32/float16/bfloat16, blocks up to 16384); else
-    :func:`fwht_kron`. The butterfly :func:`fwht` is the reference both are tested against."""
+    :func:`fwht_kron`. The butterfly :func:`fwht` is the reference both are tested against.
+
+    Args:
+        x: a floating-point tensor; the transform runs along its last dimension.
+        block_size: as :func:`fwht`.
+
+    Returns:
+        x·blockdiag(H_b/√b, …) in x's dtype.
+    """
     _, b = _transform_block(x, block_size)
     if select_backend(x.device, "hadamard") == "triton" and x.dtype in TRITON_DTYPES and b <= TRITON_MAX_BLOCK:
         return tk_hadamard.hadamard_transform(x, b)
@@ -160,13 +201,20 @@ def hadamard_transform(x: torch.Tensor, block_size: int | None = None) -> torch.
 
 
 def rotate(x: torch.Tensor, block_size: int, signs: torch.Tensor | None = None) -> torch.Tensor:
-    """x ↦ x R with R = D·diag(H_b, …) along the last dimension (D = diag(signs) if given)."""
+    """x ↦ x R with R = D·diag(H_b, …) along the last dimension (D = diag(signs) if given).
+
+    Args:
+        x: a floating-point tensor.
+        block_size: b, a power of two dividing x's last dimension.
+        signs: None, or ±1 of x's last dimension's length (applied before the transform).
+    """
     if signs is not None:
         x = x * signs.to(x.dtype)
     return hadamard_transform(x, block_size)
 
 
 def unrotate(x: torch.Tensor, block_size: int, signs: torch.Tensor | None = None) -> torch.Tensor:
-    """x ↦ x Rᵀ, the inverse of :func:`rotate` (H_b is symmetric)."""
+    """x ↦ x Rᵀ = x·diag(H_b, …)·D, the inverse of :func:`rotate` (H_b is symmetric); arguments
+    as :func:`rotate`."""
     y = hadamard_transform(x, block_size)
     return y * signs.to(y.dtype) if signs is not None else y

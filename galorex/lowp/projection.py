@@ -10,8 +10,8 @@ a linear layer's GEMMs. Values:
     "int8", "int8-hadamard"  both operands INT8 (the stored basis in INT8, as Q-GaLore keeps it)
 
 ``None`` (the default) keeps the projection in the compute dtype. Only the projection is
-quantised: the SVD refresh, Adam's state and the back-projection are untouched. Errors measured by
-``python -m galorex.bench halo`` (docs/benchmarks.md).
+quantised: the SVD refresh, Adam's state and the back-projection are untouched. Errors are measured
+by ``python -m galorex.bench halo`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ PROJ_PRECISIONS = ("fp8", "fp8-hadamard", "int8", "int8-hadamard")
 
 
 def check_proj_precision(value) -> None:
+    """Raise a ValueError naming the key unless ``value`` is None or one of :data:`PROJ_PRECISIONS`."""
     if value is not None and value not in PROJ_PRECISIONS:
         raise ValueError(f"{PROJ_PRECISION!r} must be None or one of {PROJ_PRECISIONS}, got {value!r}")
 
@@ -47,7 +48,23 @@ def _lowprec_matmul_nt(a: torch.Tensor, b: torch.Tensor, precision: str) -> torc
 
 
 def project_lowprec(g: torch.Tensor, bases: list[torch.Tensor], side: str, precision: str) -> torch.Tensor:
-    """``galorex.projection.project`` with its GEMMs in ``precision`` (see the module docstring)."""
+    """``galorex.projection.project`` with its GEMMs in ``precision`` (see the module docstring):
+    each GEMM a bᵀ takes both operands in float32 and quantises them with one scale per row (each
+    row runs along the inner dimension, rotated first for ``-hadamard``), then multiplies the codes
+    with :func:`galorex.lowp.gemm.scaled_gemm`.
+
+    Args:
+        g: the (m×n) gradient matrix.
+        bases: [P] for ``left``/``right``, [Pₗ, Pᵣ] for ``full`` (orthonormal columns).
+        side: "left" (Pᵀ G), "right" (G P) or "full" (Pₗᵀ G Pᵣ).
+        precision: one of :data:`PROJ_PRECISIONS`.
+
+    Returns:
+        The low-rank gradient in g's dtype.
+
+    Raises:
+        ValueError: an unknown ``precision`` or ``side``.
+    """
     check_proj_precision(precision)
     dtype = g.dtype
     g32 = g.to(torch.float32)

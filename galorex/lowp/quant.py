@@ -42,6 +42,7 @@ def _check_format(fmt: str) -> None:
 
 
 def storage_dtype(fmt: str) -> torch.dtype:
+    """The torch dtype codes of ``fmt`` ("e4m3", "e5m2" or "int8") are stored in."""
     _check_format(fmt)
     return torch.int8 if fmt == "int8" else FP8[fmt]
 
@@ -92,13 +93,20 @@ def quantize_reference(
     x: torch.Tensor, fmt: str, granularity: str = "tensor", scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path of :func:`quantize`: the Triton kernels' own twin,
-    ``triton_kernels.quantize_reference``, in galorex's format names."""
+    ``triton_kernels.quantize_reference``, in galorex's format names; arguments as :func:`quantize`."""
     _check_input(x, fmt, granularity)
     return tk_quant.quantize_reference(x, storage_dtype(fmt), granularity, scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q·s in ``dtype`` (the scale broadcast per tensor or per row)."""
+    """x̂ = q·s in ``dtype``, computed in float32.
+
+    Args:
+        q: codes from :func:`quantize` (FP8 or int8).
+        scale: their float32 scale, () per tensor or (rows, 1) per row (rows = the product of q's
+            leading dimensions).
+        dtype: the dtype of the result.
+    """
     if scale.dim() == 0:
         return (q.to(torch.float32) * scale).to(dtype)
     rows = q.reshape(-1, q.shape[-1]).to(torch.float32) * scale
@@ -107,7 +115,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 
 def grid_step(y: torch.Tensor, fmt: str) -> torch.Tensor:
     """Spacing of the format's grid around the (already scaled) values ``y``: 1 for INT8; for FP8
-    2^(max(⌊log₂|y|⌋, e_min) − mantissa bits), the subnormal spacing below the smallest normal."""
+    2^(max(⌊log₂|y|⌋, e_min) − mantissa bits), the subnormal spacing below the smallest normal.
+    Round-to-nearest errs by at most half of it.
+
+    Args:
+        y: values in units of the scale (x/s), any shape.
+        fmt: "e4m3", "e5m2" or "int8".
+    """
     _check_format(fmt)
     if fmt == "int8":
         return torch.ones_like(y, dtype=torch.float32)
@@ -128,7 +142,18 @@ def rotate_quantize(
     of t and one write of q with per-row scales, two reads of t per tensor; random signs cost one
     more elementwise pass, t·signs); otherwise t is rotated as a float32 copy, then quantised.
     Unrotated tensors go to :func:`quantize` as they are (it reads any float dtype, with no float32
-    copy)."""
+    copy).
+
+    Args:
+        t: a floating-point tensor, rotated along its last dimension.
+        block: the Hadamard block (a power of two dividing t's last dimension), or None.
+        signs: None, or ±1 of t's last dimension's length (the diagonal D).
+        fmt: "e4m3", "e5m2" or "int8".
+        granularity: "tensor" or "row".
+
+    Returns:
+        (q, s) as :func:`quantize` returns them, for t R.
+    """
     if block is None:
         return quantize(t, fmt, granularity)
     if (

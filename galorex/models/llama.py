@@ -1,7 +1,8 @@
 """A compact Llama, readable top to bottom.
 
-This is the model the GaLore paper pre-trains (RMSNorm, rotary embeddings,
-SwiGLU, no biases), written so that the parameter names are predictable:
+This is the model the GaLore paper pre-trains (Touvron et al., 2023, "LLaMA: Open and Efficient
+Foundation Language Models": pre-norm RMSNorm, rotary embeddings, SwiGLU, no biases), written so
+that the parameter names are predictable:
 the optimizer's param-group helper picks the low-rank targets by the
 substrings ``attn`` and ``mlp`` and leaves ``embed``, ``lm_head`` and
 ``norm`` parameters to a plain optimizer.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 __all__ = [
@@ -52,6 +54,24 @@ __all__ = [
 
 @dataclass
 class LlamaConfig:
+    """The shape of a :class:`Llama`; validated at construction (a bad field raises a ValueError
+    naming it).
+
+    Attributes:
+        vocab_size: tokens in the vocabulary (rows of the embedding and the head).
+        hidden_size: width of the residual stream, a multiple of ``num_heads``.
+        intermediate_size: width of the SwiGLU MLP.
+        num_layers: decoder blocks.
+        num_heads: query heads; head_dim = hidden_size / num_heads must be even (rotary pairs).
+        num_kv_heads: key/value heads, dividing ``num_heads`` (fewer: grouped-query attention).
+        max_seq_len: the longest sequence (the rotary tables' length).
+        rope_theta: the rotary base θ.
+        norm_eps: ε of every RMSNorm.
+        tie_embeddings: the head shares the embedding's weight.
+        init_std: standard deviation of the initial weights (init_std/√(2·num_layers) for the
+            two projections that write into the residual stream).
+    """
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -185,8 +205,15 @@ MODEL_CONFIGS: dict[str, LlamaConfig] = {
 def get_config(name_or_path: str | os.PathLike, vocab_size: int | None = None) -> LlamaConfig:
     """A named config from MODEL_CONFIGS, or one loaded from a .json file.
 
-    ``vocab_size`` overrides the vocabulary, e.g. to match a tokenizer.
     A fresh copy is returned, so callers may edit it freely.
+
+    Args:
+        name_or_path: a key of :data:`MODEL_CONFIGS` or the path of a JSON file of
+            :class:`LlamaConfig` fields.
+        vocab_size: overrides the vocabulary, e.g. to match a tokenizer.
+
+    Raises:
+        ValueError: an unknown name, an unreadable or invalid file, or a bad ``vocab_size``.
     """
     key = os.fspath(name_or_path)
     if key in MODEL_CONFIGS:
@@ -209,6 +236,14 @@ def get_config(name_or_path: str | os.PathLike, vocab_size: int | None = None) -
 
 
 class RMSNorm(nn.Module):
+    """y = x / √(mean(x²) + ε) · w over the last dimension (Zhang & Sennrich, 2019, "Root Mean
+    Square Layer Normalization"), computed in float32 and returned in x's dtype.
+
+    Args:
+        dim: the normalised (last) dimension; w starts at ones.
+        eps: ε.
+    """
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -232,7 +267,16 @@ def rotary_tables(
     """cos and sin tables of shape (seq_len, head_dim), rotate-half layout.
 
     Channel j and channel j + head_dim/2 form one rotating pair with
-    frequency theta^(-2j/head_dim), as in the Hugging Face Llama.
+    frequency theta^(-2j/head_dim), as in the Hugging Face Llama (rotary
+    position embedding: Su et al., 2021, "RoFormer: Enhanced Transformer with
+    Rotary Position Embedding").
+
+    Args:
+        head_dim: channels per head (even).
+        seq_len: positions 0 … seq_len − 1.
+        theta: the base θ.
+        dtype: of the tables (the angles are computed in float64).
+        device: of the tables.
     """
     # The angles grow to seq_len radians; build them in float64 so the tables
     # are exact to the precision they are stored in.
@@ -249,7 +293,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (..., T, head_dim) by the tables' first T positions."""
+    """Rotate x of shape (..., T, head_dim) by the tables' first T positions:
+    x·cos + rotate_half(x)·sin, in at least float32, returned in x's dtype.
+
+    Args:
+        x: queries or keys, (..., T, head_dim).
+        cos, sin: tables from :func:`rotary_tables` with at least T rows.
+    """
     T = x.shape[-2]
     # Rotate in at least float32: in bf16 the rotation of late positions is
     # visibly off, and q and k would disagree about where they are.
@@ -261,7 +311,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Rotary(nn.Module):
-    """Holds the cos/sin tables, shared by every layer."""
+    """Holds the cos/sin tables (float32, not in the state dict), shared by every layer; they are
+    rebuilt whenever the module moves (``.to``, ``.to_empty``).
+
+    Args:
+        head_dim, max_seq_len, theta: as :func:`rotary_tables`.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
         super().__init__()
@@ -291,6 +346,15 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary positions and grouped-query attention:
+    q, k, v = x W_qᵀ, x W_kᵀ, x W_vᵀ split into heads, q and k rotated, each query head attending
+    to kv head i // (num_heads / num_kv_heads), softmax(q kᵀ/√head_dim + causal mask) v, heads
+    merged, then W_o.
+
+    Args:
+        cfg: the model's :class:`LlamaConfig`.
+    """
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -305,10 +369,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Split the heads: (B, T, heads·head_dim) -> (B, heads, T, head_dim), a view.
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if self.num_kv_heads != self.num_heads:
@@ -318,11 +382,18 @@ class Attention(nn.Module):
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        y = rearrange(y, "b h t d -> b t (h d)")  # merge the heads
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020, "GLU Variants Improve Transformer"):
+    down(silu(gate(x)) ⊙ up(x)).
+
+    Args:
+        cfg: the model's :class:`LlamaConfig`.
+    """
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -335,6 +406,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Args:
+        cfg: the model's :class:`LlamaConfig`.
+    """
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -356,10 +433,15 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """The model. ``activation_checkpointing`` (an attribute, settable at any time): in training
-    with gradients enabled, each decoder block keeps only its input for backward and recomputes
-    its activations there (``torch.utils.checkpoint``, non-reentrant), trading one more forward
-    of every block for the memory of all but one block's activations."""
+    """The model: embedding, ``num_layers`` decoder blocks, a final RMSNorm and the head.
+
+    Args:
+        cfg: its :class:`LlamaConfig`.
+        activation_checkpointing: (an attribute, settable at any time) in training with
+            gradients enabled, each decoder block keeps only its input for backward and
+            recomputes its activations there (``torch.utils.checkpoint``, non-reentrant), trading
+            one more forward of every block for the memory of all but one block's activations.
+    """
 
     def __init__(self, cfg: LlamaConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
@@ -433,6 +515,18 @@ class Llama(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the next token at every position, and the mean cross-entropy.
+
+        Args:
+            idx: token ids (B, T), T ≤ max_seq_len.
+            targets: None, or the ids (B, T) the logits should predict.
+
+        Returns:
+            (logits (B, T, vocab_size) in the model's dtype, the loss in float32 or None).
+
+        Raises:
+            ValueError: T exceeds ``max_seq_len``.
+        """
         T = idx.shape[-1]
         if self.config.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
@@ -465,8 +559,20 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` of shape (B, T).
 
-        temperature == 0 is greedy. Pass a seeded ``generator`` for
-        reproducible samples. No kv-cache: each step re-reads the context.
+        No kv-cache: each step re-reads the context (its last max_seq_len tokens).
+
+        Args:
+            idx: the prompt's token ids (B, T).
+            max_new_tokens: how many tokens to append.
+            temperature: divides the logits; 0 is greedy (argmax).
+            top_k: None, or sample among the k most likely tokens only.
+            generator: a seeded generator for reproducible samples.
+
+        Returns:
+            (B, T + max_new_tokens) token ids.
+
+        Raises:
+            ValueError: a negative ``temperature`` or a ``top_k`` ≤ 0.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -517,6 +623,15 @@ def materialize_(
     of the model ever exists and the memory used while building is the weights' bytes plus one
     piece's workspace. The same seed gives the same weights on the same device and dtype. A tied
     head is re-tied to the materialised embedding. Rotary tables are rebuilt in float32.
+
+    Args:
+        model: a :class:`Llama` built under ``torch.device("meta")``.
+        device: where its storage is allocated.
+        dtype: the parameters' dtype (None: keep the model's).
+        seed: seeds each piece's generator; None leaves the storage uninitialised.
+
+    Returns:
+        ``model`` itself, materialised.
     """
     device = torch.device(device)
     if dtype is not None:
@@ -539,8 +654,14 @@ def build_llama(
     activation_checkpointing: bool = False,
 ) -> Llama:
     """A Llama built on the meta device and materialised piece by piece in ``dtype`` on ``device``
-    (:func:`materialize_`): a 7B model in bf16 never passes through float32. ``seed=None`` leaves
-    the weights uninitialised (load them next)."""
+    (:func:`materialize_`): a 7B model in bf16 never passes through float32.
+
+    Args:
+        cfg: the model's :class:`LlamaConfig`.
+        device, dtype: where and in which dtype its parameters live.
+        seed: the initialisation seed; None leaves the weights uninitialised (load them next).
+        activation_checkpointing: as :class:`Llama`.
+    """
     with torch.device("meta"):
         model = Llama(cfg, activation_checkpointing=activation_checkpointing)
     return materialize_(model, device, dtype, seed)

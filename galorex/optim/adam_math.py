@@ -34,6 +34,16 @@ def adam_directions(
 
     Steps and hyperparameters may be 0-dim tensors (a compiled step): the same maths then runs as
     tensor arithmetic, with the bias corrections in float64, and never reads a value on the host.
+
+    Args:
+        grads: the gradients g (the moments' dtype).
+        exp_avgs, exp_avg_sqs: the moments m and v, updated in place.
+        bias_steps: t per tensor, the steps the moments have seen (≥ 1).
+        beta1, beta2, eps: numbers, or 0-dim tensors.
+        eps_mode: "torch" or "galore_torch".
+
+    Returns:
+        The directions, new tensors of the moments' shapes.
     """
     if any(isinstance(x, torch.Tensor) for x in (beta1, beta2, eps, *bias_steps)):
         return _adam_directions_tensor(grads, exp_avgs, exp_avg_sqs, bias_steps, beta1, beta2, eps, eps_mode)

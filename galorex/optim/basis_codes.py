@@ -1,7 +1,10 @@
 """4- and 8-bit projection bases: block-wise symmetric integer codes with one float32 scale per 64
 entries (``basis_bits=4|8``; Q-GaLore keeps its projections in 4 bits), optionally after a block
 Hadamard rotation of the rank dimension (``basis_rotation``). The state keys carry the format
-(``basis_code_suffix``), so a checkpoint decodes itself."""
+(``basis_code_suffix``), so a checkpoint decodes itself. Block-wise scaling as in Dettmers et al.,
+2022, "8-bit Optimizers via Block-wise Quantization"; 4-bit projections as in Q-GaLore (Zhang et al.,
+2024, "Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients").
+"""
 
 from __future__ import annotations
 
@@ -37,8 +40,16 @@ def _apply_scales(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size, b
 
 def quantize_int4_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 4-bit codes for a projection basis (Q-GaLore keeps its projections in 4 bits):
-    s_b = max|x_b|/7, q = round(x/s_b) ∈ [−7, 7], two codes per byte. Returns (packed uint8 of
-    ⌈numel/2⌉ bytes, float32 scales of ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise."""
+    s_b = max|x_b|/7, q = round(x/s_b) ∈ [−7, 7], two codes per byte. |x̂ − x| ≤ s_b/2 elementwise.
+
+    Args:
+        x: the basis (any shape; flattened in row-major order, computed in float32).
+        block_size: entries per scale.
+
+    Returns:
+        (packed uint8 of ⌈numel/2⌉ bytes, code + 8 in each nibble, low nibble first; float32
+        scales of ⌈numel/block_size⌉).
+    """
     q, scale = _symmetric_codes(x, 7, block_size)
     q = q + 8
     if q.numel() % 2:
@@ -53,7 +64,8 @@ def dequantize_int4_blockwise(
     shape: torch.Size | tuple[int, ...],
     block_size: int = INT4_BLOCK_SIZE,
 ) -> torch.Tensor:
-    """The float32 tensor of ``shape`` that :func:`quantize_int4_blockwise` stored."""
+    """The float32 tensor of ``shape`` that :func:`quantize_int4_blockwise` stored (its packed
+    codes, scales and block size)."""
     shape = torch.Size(shape)
     wide = packed.to(torch.int16)
     q = torch.stack([wide & 0xF, wide >> 4], dim=1).reshape(-1)[: shape.numel()].to(torch.float32) - 8.0
@@ -68,8 +80,16 @@ def int4_nbytes(numel: int, block_size: int = INT4_BLOCK_SIZE) -> int:
 # --------------------------------------------------------------------------- 8-bit bases
 def quantize_int8_blockwise(x: torch.Tensor, block_size: int = INT4_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit codes for a projection basis: s_b = max|x_b|/127, q = round(x/s_b) ∈
-    [−127, 127] (int8, one per entry). Returns (int8 codes of numel, float32 scales of
-    ⌈numel/block⌉); |x̂ − x| ≤ s_b/2 elementwise — 18× finer than the 4-bit codes' s_b = max/7."""
+    [−127, 127] (int8, one per entry); |x̂ − x| ≤ s_b/2 elementwise, a step 127/7 ≈ 18 times
+    finer than the 4-bit codes' max/7.
+
+    Args:
+        x: the basis (any shape; flattened in row-major order, computed in float32).
+        block_size: entries per scale.
+
+    Returns:
+        (int8 codes of numel, float32 scales of ⌈numel/block_size⌉).
+    """
     q, scale = _symmetric_codes(x, 127, block_size)
     return q.to(torch.int8), scale
 
@@ -80,7 +100,8 @@ def dequantize_int8_blockwise(
     shape: torch.Size | tuple[int, ...],
     block_size: int = INT4_BLOCK_SIZE,
 ) -> torch.Tensor:
-    """The float32 tensor of ``shape`` that :func:`quantize_int8_blockwise` stored."""
+    """The float32 tensor of ``shape`` that :func:`quantize_int8_blockwise` stored (its codes,
+    scales and block size)."""
     return _apply_scales(q.reshape(-1).to(torch.float32), scale, torch.Size(shape), block_size)
 
 
@@ -122,8 +143,9 @@ def basis_rotation_block(dim: int) -> int:
 
 
 def rotate_basis(x: torch.Tensor) -> torch.Tensor:
-    """x·H along the last dimension, float32 (see the comment above :func:`basis_rotation_block`).
-    H is symmetric and orthogonal, so this is also its own inverse."""
+    """x·H along the last dimension, float32 (see the comment above :func:`basis_rotation_block`),
+    H = blockdiag(H_b/√b) with b = :func:`basis_rotation_block` of x's last dimension (b = 1: x
+    unchanged). H is symmetric and orthogonal, so this is also its own inverse."""
     from ..lowp.hadamard import hadamard_transform
 
     x = x.to(torch.float32)
@@ -144,7 +166,13 @@ BASIS_SUFFIXES = ("",) + tuple(basis_code_suffix(b, r) for b in BASIS_CODECS for
 
 
 def encode_basis(basis: torch.Tensor, bits: int, rotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, float32 scales) of a basis at ``bits`` = 4 or 8, rotated first if asked."""
+    """(codes, float32 scales) of a basis at ``bits`` = 4 or 8, rotated first if asked.
+
+    Args:
+        basis: the float basis.
+        bits: 4 or 8 (:data:`BASIS_CODECS`).
+        rotated: quantise Q(B·H) instead of Q(B) (``basis_rotation``).
+    """
     quantize = BASIS_CODECS[bits][1]
     return quantize(rotate_basis(basis) if rotated else basis)
 
@@ -152,7 +180,8 @@ def encode_basis(basis: torch.Tensor, bits: int, rotated: bool) -> tuple[torch.T
 def decode_basis(
     codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size | tuple[int, ...], bits: int, rotated: bool
 ) -> torch.Tensor:
-    """The float32 basis of ``shape`` that :func:`encode_basis` stored."""
+    """The float32 basis of ``shape`` that :func:`encode_basis` stored with these ``bits`` and
+    ``rotated`` (un-rotated after decoding)."""
     x = BASIS_CODECS[bits][2](codes, scale, shape)
     return unrotate_basis(x) if rotated else x
 

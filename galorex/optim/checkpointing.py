@@ -19,6 +19,8 @@ from .plan import is_dtensor
 
 
 class CheckpointMixin:
+    """Pickling, copying and ``load_state_dict`` of ``LowRankOptimizer`` (module docstring)."""
+
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self) -> dict[str, Any]:
         """torch keeps only defaults, state and param_groups; the constructor's options travel too
@@ -37,6 +39,9 @@ class CheckpointMixin:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickle (or the state ``load_state_dict`` installs): step counters become CPU
+        tensors, and the constructor's options (compile, layer-wise hooks and counts) come back;
+        a pickle of an older galorex, without them, gets the defaults."""
         options = state.pop("_galorex_options", None)
         super().__setstate__(state)
         # Steps stored as Python numbers (older checkpoints, hand-made states) become tensors, as
@@ -69,6 +74,10 @@ class CheckpointMixin:
         keeps the dtype it was saved with and moves to its parameter's device; unprojected (AdamW)
         state is cast to its parameter's dtype, as torch does. ``step`` counters of projected
         parameters stay on the CPU (they drive the refresh schedule without a device sync).
+
+        Args:
+            state_dict: as ``Optimizer.state_dict()`` returned it (any galorex version; a group
+                key newer than the checkpoint keeps the value this optimizer was built with).
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]

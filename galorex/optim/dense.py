@@ -5,7 +5,12 @@ chosen as torch chooses it (``foreach``/``fused`` from the group; None: torch's 
 device, which never picks the fused kernel), so such parameters match ``torch.optim.AdamW`` step
 for step. Where torch's kernels do not apply — 8-bit moments, galore-torch's ε placement —
 :func:`adamw_foreach` runs the same maths through ``adam_math``; a large weight with 8-bit moments
-(an embedding, an output head) steps slice by slice (:func:`adamw_8bit_chunked`).
+(an embedding, an output head) steps slice by slice (:func:`adamw_8bit_chunked`). AdamW: Loshchilov
+& Hutter, 2019, "Decoupled Weight Decay Regularization", Algorithm 2.
+
+Every entry point takes ``(group, params, state_of)``: the parameter group (its ``lr``, ``betas``,
+``eps``, ``weight_decay``, ``eps_mode``, ``optim_bits`` and torch's flags), the parameters to step
+(gradients in ``p.grad``), and ``state_of[p]``, each parameter's state dict (created when empty).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ DENSE_8BIT_CHUNK = 1 << 22
 
 
 def eight_bit(group: dict[str, Any]) -> bool:
+    """Whether the group keeps its moments in 8 bits (``optim_bits=8``)."""
     return group.get(OPTIM_BITS, 32) == 8
 
 
@@ -42,13 +48,16 @@ def fused_devices() -> set[str]:
 
 
 def adamw(group: dict[str, Any], params: list[torch.Tensor], state_of: Any) -> None:
-    """One AdamW step of ``params`` (gradients in ``p.grad``, state in ``state_of[p]``)."""
+    """One AdamW step of ``params``: :func:`adamw_foreach` for 8-bit moments or galore-torch's ε
+    placement, else :func:`adamw_torch` (arguments: module docstring)."""
     if group[EPS_MODE] == "galore_torch" or eight_bit(group):
         return adamw_foreach(group, params, state_of)
     return adamw_torch(group, params, state_of)
 
 
 def adamw_torch(group: dict[str, Any], params: list[torch.Tensor], state_of: Any) -> None:
+    """``torch.optim.AdamW``'s functional step with torch's state layout (``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad) and implementation choice (module docstring)."""
     fused = bool(group.get("fused"))
     amsgrad = group.get(AMSGRAD, False)
     grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
@@ -109,7 +118,9 @@ def _apply(group: dict[str, Any], params: list[torch.Tensor], directions: list[t
 
 def adamw_foreach(group: dict[str, Any], params: list[torch.Tensor], state_of: Any) -> None:
     """AdamW when torch's kernels do not apply: 8-bit moments (``optim_bits=8``, kept in float32
-    when too small to quantise), or galore-torch's ε and decay placement."""
+    when too small to quantise), or galore-torch's ε and decay placement (decay after the
+    update). Directions from :func:`galorex.optim.adam_math.adam_directions`; arguments: module
+    docstring."""
     eight = eight_bit(group)
     if eight:
         # A large weight steps slice by slice: its float32 moments, gradient and direction would
@@ -158,7 +169,14 @@ def adamw_8bit_chunked(state: dict[str, Any], p: torch.Tensor, group: dict[str, 
     the result is bit for bit the unsliced one, with float32 temporaries of one slice only (on one
     intra-op thread; with several, torch's elementwise kernels round a bf16 weight's update
     differently at the edges of each thread's range, which sit elsewhere in a slice: one bf16
-    rounding at those few elements, the moments unchanged)."""
+    rounding at those few elements, the moments unchanged).
+
+    Args:
+        state: the weight's state dict (created when empty: ``step`` and the codes and block
+            scales of both moments).
+        p: the contiguous weight, gradient in ``p.grad``.
+        group: its group.
+    """
     block = state8bit.BLOCK_SIZE
     n = p.numel()
     fresh = not state

@@ -25,6 +25,17 @@ EXP_AVG_SQ = "exp_avg_sq"
 
 
 def fused_path_applies(opt: Any, group: dict[str, Any], works: list[Work]) -> bool:
+    """Whether the fused Triton step serves this group's step (module docstring): a rule class
+    declaring ``fusable`` in its own body, no compiled step, ``eps_mode="torch"``, 32-bit moments
+    and bases, no ``proj_precision``, number hyperparameters, and every parameter contiguous,
+    float32/float16/bfloat16, projected on one side, with float32 moments, on a device where
+    ``select_backend`` picks Triton for ``galore_adam_step``.
+
+    Args:
+        opt: the optimizer (its rule and compile options).
+        group: the group.
+        works: the parameters to step, with their gradients and states.
+    """
     # Only a rule class that declares itself fusable in its own body (a subclass that changes the
     # maths must opt in again).
     if (
@@ -55,6 +66,9 @@ def fused_path_applies(opt: Any, group: dict[str, Any], works: list[Work]) -> bo
 
 
 def fused_update(opt: Any, group: dict[str, Any], works: list[Work]) -> None:
+    """The step of every parameter in ``works`` through ``triton_kernels.fused_galore_adam_step``:
+    project the rule's gradient, count the step, update the moments and write W in place.
+    Arguments as :func:`fused_path_applies`, which must have returned True."""
     from triton_kernels import fused_galore_adam_step
 
     beta1, beta2 = group["betas"]

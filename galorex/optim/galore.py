@@ -111,6 +111,24 @@ class GaLoreAdamW(LowRankOptimizer):
     Do not wrap the model in DDP (its hooks would fire before DDP's all-reduce, and DDP's buckets
     hold every gradient anyway); average gradients across ranks with
     :meth:`set_layerwise_grad_reducer` instead, as ``galorex-train --distributed ddp --layerwise`` does.
+
+    Args:
+        params: parameters or parameter groups (dicts, optionally with ``(name, tensor)`` pairs so
+            errors name the parameter), as for any ``torch.optim.Optimizer``.
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach, fused, capturable,
+            differentiable: as ``torch.optim.AdamW`` (above for what a projected group does
+            with them).
+        update_proj_gap, scale, proj_type, refresh_method, moment_policy, oversample,
+            power_iters, refresh_seed, eps_mode, optim_bits, basis_bits, basis_rotation: the
+            defaults of the group keys of the same names (above).
+        compile: False, True, or a dict of ``torch.compile`` options for the numeric update.
+        layerwise, accumulation_steps, per_param_grad_clip: the layer-wise mode (above).
+        **rule_options: the rule's own group keys (a subclass's, e.g. NaturalGaLoreAdamW's
+            ``natural_history``); any other keyword raises a TypeError.
+
+    Raises:
+        ValueError: a bad setting, naming the group and key (or the parameter).
+        TypeError: an unknown keyword argument.
     """
 
     rule = AdamRule()

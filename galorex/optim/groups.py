@@ -25,6 +25,16 @@ def select_galore_parameters(model: nn.Module, target_modules: str | Sequence[st
     ``"all-linear"`` for every ``nn.Linear`` except the output head. Only weights with ≥ 2
     dimensions are candidates; embeddings, the output head (also when tied to the embedding) and
     norms are never projected.
+
+    Args:
+        model: the model.
+        target_modules: substrings, a regular expression, or ``"all-linear"`` (above).
+
+    Returns:
+        Parameter names (as ``model.named_parameters()`` gives them), in module order.
+
+    Raises:
+        ValueError: an invalid regular expression, or an empty or non-string sequence.
     """
     if isinstance(target_modules, str) and target_modules != "all-linear":
         try:
@@ -71,8 +81,22 @@ def galore_param_groups(
     """Two groups: the weights selected by ``target_modules`` (see :func:`select_galore_parameters`)
     with the GaLore keys, and everything else as a plain AdamW group.
 
-    Parameters are given with their names, so optimizer errors name them. Extra keyword arguments
-    (``refresh_method``, ``moment_policy``, ``weight_decay`` …) go into the projected group.
+    Parameters are given with their names, so optimizer errors name them. Parameters that do not
+    require gradients are left out.
+
+    Args:
+        model: the model.
+        rank, update_proj_gap, scale, proj_type: the projected group's keys (``scale`` 0.25, the
+            GaLore paper's α).
+        target_modules: as :func:`select_galore_parameters`.
+        **group_options: further keys of the projected group (``refresh_method``,
+            ``moment_policy``, ``weight_decay`` …).
+
+    Returns:
+        ``[plain group, projected group]`` (the plain one only when there is something in it).
+
+    Raises:
+        ValueError: ``target_modules`` matches no weight (the error lists candidate modules).
     """
     names = set(select_galore_parameters(model, target_modules))
     if not names:

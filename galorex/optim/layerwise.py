@@ -20,6 +20,16 @@ class LayerwiseMixin:
     """``layerwise``, ``accumulation_steps`` and ``per_param_grad_clip`` of every galorex optimizer."""
 
     def _configure_layerwise(self, layerwise: bool, accumulation_steps: int, clip: float | None) -> None:
+        """Validate and store the mode's settings (hooks are registered per group afterwards).
+
+        Args:
+            layerwise: step each parameter from its post-accumulate-grad hook.
+            accumulation_steps: step on every k-th backward of a parameter (layer-wise only).
+            clip: ``per_param_grad_clip``: clip each gradient to this norm first (layer-wise only).
+
+        Raises:
+            TypeError, ValueError: a bad value, or a layer-wise setting without ``layerwise``.
+        """
         if not isinstance(layerwise, bool):
             raise TypeError(f"layerwise must be True or False, got {layerwise!r}")
         if not is_int(accumulation_steps) or accumulation_steps < 1:
@@ -44,6 +54,7 @@ class LayerwiseMixin:
         self._grad_reducer: Callable[[torch.Tensor], None] | None = None
 
     def _register_layerwise_hooks(self, group_index: int) -> None:
+        """Hook :meth:`_on_grad_ready` to every trainable parameter of a group; refuse DTensors."""
         params = self.param_groups[group_index]["params"]
         for pi, p in enumerate(params):  # check them all before hooking any
             if is_dtensor(p):
@@ -80,7 +91,13 @@ class LayerwiseMixin:
         p.grad = None  # the point of the mode: this gradient is never held next to the others
 
     def _step_one(self, gi: int, pi: int, index: int) -> None:
-        """The step of one parameter, exactly as step() would take it (its refresh included)."""
+        """The step of one parameter, exactly as step() would take it (its refresh included),
+        after clipping its gradient to ``per_param_grad_clip``.
+
+        Args:
+            gi, pi: its group and its index in the group.
+            index: its index over all groups (seeds a randomized refresh).
+        """
         group = self.param_groups[gi]
         p = group["params"][pi]
         if p.grad is None:
@@ -132,6 +149,8 @@ class LayerwiseMixin:
         self._layerwise_handles.clear()
 
     def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict()``; refused (RuntimeError) in the middle of a layer-wise
+        gradient accumulation."""
         if self._layerwise and any(self._backward_counts.values()):
             raise RuntimeError(
                 "layerwise=True: state_dict() in the middle of a gradient accumulation (some "

@@ -32,6 +32,12 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     At a basis refresh the window follows ``moment_policy``, except that it can never be kept
     as is (its vectors live in the old basis): ``reset`` empties it, ``keep`` and ``reproject``
     carry each vector into the new basis (h ← project(project_back(h))) and rebuild HᵀH.
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad: as :class:`GaLoreAdamW`.
+        natural_history: default of the group key ``natural_history`` (s).
+        natural_damping: default of the group key ``natural_damping`` (λ).
+        **galore_options: GaLoreAdamW's other keyword arguments.
     """
 
     rule = NaturalRule()

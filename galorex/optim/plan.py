@@ -12,7 +12,17 @@ import torch
 @dataclasses.dataclass
 class Plan:
     """A projected parameter in this step: where it sits, its side, and the bases a refresh
-    computed for it (``new_bases``, committed only once every refresh has succeeded)."""
+    computed for it (``new_bases``, committed only once every refresh has succeeded).
+
+    Attributes:
+        param: the parameter.
+        group_index, param_index: its group and its index there.
+        index: its index over all groups (seeds the randomized refresh).
+        side: "left", "right" or "full".
+        step: the parameter's step count when planned (a refresh stores it as ``proj_step``).
+        new_bases: the refreshed bases, or None when this step does not refresh.
+        draw: a generated projection moves to its next seed at this step.
+    """
 
     param: torch.Tensor
     group_index: int
@@ -37,6 +47,7 @@ class Work(NamedTuple):
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False where torch has none)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed

@@ -19,7 +19,18 @@ ALIASES = {"gradnorm_lorp": "gradnorm-lorp", "adafactor": "galore-adafactor", "a
 
 
 def register(name: str, cls: type[LowRankOptimizer]) -> type[LowRankOptimizer]:
-    """Make ``cls`` (a binding of the step loop to a rule) available under ``name``."""
+    """Make ``cls`` (a binding of the step loop to a rule) available under ``name``.
+
+    Args:
+        name: the name (``galorex-train --optimizer``, ``estimate_optimizer_state_bytes``).
+        cls: a ``LowRankOptimizer`` subclass with its ``rule``.
+
+    Returns:
+        ``cls``, so it can decorate the class.
+
+    Raises:
+        ValueError: ``name`` is taken by another class.
+    """
     if name in OPTIMIZERS and OPTIMIZERS[name] is not cls:
         raise ValueError(f"optimizer name {name!r} is taken by {OPTIMIZERS[name].__name__}")
     OPTIMIZERS[name] = cls
@@ -27,6 +38,8 @@ def register(name: str, cls: type[LowRankOptimizer]) -> type[LowRankOptimizer]:
 
 
 def optimizer_class(name: str) -> type[LowRankOptimizer]:
+    """The class registered under ``name`` (or one of its :data:`ALIASES`); a ValueError listing
+    the names for an unknown one."""
     name = ALIASES.get(name, name)
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(['adamw', *OPTIMIZERS])}")

@@ -48,7 +48,16 @@ LowRankOptimizer = Any  # the loop (galorex.optim.lowrank), which imports this m
 
 
 def check_group(opt: LowRankOptimizer, group: dict[str, Any], index: int) -> None:
-    """Refuse, at construction, what the sharded step cannot do (the rule says what it supports)."""
+    """Refuse, at construction, what the sharded step cannot do (the rule says what it supports).
+
+    Args:
+        opt: the optimizer (its rule).
+        group: the group.
+        index: the group's index, for the error message.
+
+    Raises:
+        ValueError: the rule, 8-bit state, 4/8-bit bases or ``proj_type="full"`` with DTensors.
+    """
     where = f"param_groups[{index}]"
     opt.rule.check_sharding(group, where)
     if group.get(OPTIM_BITS, 32) != 32 or group.get(BASIS_BITS, 32) != 32:
@@ -110,7 +119,18 @@ def _shard(full: torch.Tensor, mesh, placement: Shard) -> DTensor:
 
 @torch.no_grad()
 def sharded_step(opt: LowRankOptimizer, closure: Callable[[], Any] | None = None) -> Any:
-    """``opt.step()`` for an optimizer holding DTensor parameters; see the module docstring."""
+    """``opt.step()`` for an optimizer holding DTensor parameters; see the module docstring.
+
+    Args:
+        opt: the optimizer.
+        closure: re-evaluates the model and returns the loss (run with gradients enabled).
+
+    Returns:
+        The closure's loss, or None.
+
+    Raises:
+        ValueError: a projected parameter that is not a DTensor sharded ``Shard(0)`` on a 1-D mesh.
+    """
     loss = None
     if closure is not None:
         with torch.enable_grad():
@@ -206,7 +226,8 @@ def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[Plan
 
 
 def local_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state held by this rank (a DTensor counts its local shard only)."""
+    """Bytes of the tensors in ``optimizer.state`` held by this rank (a DTensor counts its local
+    shard only), for any optimizer."""
     total = 0
     for state in opt.state.values():
         for value in state.values():

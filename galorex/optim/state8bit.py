@@ -236,10 +236,16 @@ def quantize_blockwise(
 
     An all-zero block keeps absmax 0 and divides by 1 instead, so it maps to the code's 0 entry
     rather than to NaN. Any shape and strides; computed in float32 whatever x's dtype. The code
-    must be sorted ascending (not checked: that would need a sync); ``keep_positive`` as in
-    :func:`code_boundaries`. The index is bucketize(u, boundaries, right=True); for the cached codes
-    it is read from code_lut's exact table on u's bits (same bytes, tested; about 3× faster on this
-    CPU, not measured on CUDA), for other codes and under torch.compile from torch.bucketize.
+    must be sorted ascending (not checked: that would need a sync). The index is
+    bucketize(u, boundaries, right=True); for the cached codes it is read from code_lut's exact
+    table on u's bits (the same bytes, tested; not measured on CUDA), for other codes and under
+    torch.compile from torch.bucketize.
+
+    Args:
+        x: a floating-point tensor; blocks run over its row-major flattening.
+        code: a 1-D float32 code of 2 to 256 sorted entries, on x's device.
+        block_size: elements per absmax.
+        keep_positive: as in :func:`code_boundaries`.
     """
     _check_block_size(block_size)
     if not x.is_floating_point():
@@ -262,7 +268,8 @@ def quantize_blockwise(
 def dequantize_blockwise(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int = BLOCK_SIZE
 ) -> torch.Tensor:
-    """x̂_i = code[q_i] · a_b as a new float32 tensor of q's shape."""
+    """x̂_i = code[q_i] · a_b as a new float32 tensor of q's shape; arguments as
+    :func:`quantize_blockwise` returned and took them (uint8 ``q``, float32 ``absmax``)."""
     _check_block_size(block_size)
     if q.dtype != torch.uint8:
         raise TypeError(f"q must be uint8, got {q.dtype}")
@@ -366,6 +373,11 @@ def pack_moment(x: torch.Tensor, kind: str, block_size: int = BLOCK_SIZE) -> dic
     ``kind`` "signed" for Adam's m, "unsigned_sqrt" for v (stored as √v, see
     :func:`quantize_second_moment`). Only tensors, so optimizer state stays weights_only-loadable;
     the small path copies so that, as with 8 bits, the dict never aliases the caller's tensor.
+
+    Args:
+        x: the moment (any shape); in 8 bits from :data:`MIN_8BIT_NUMEL` elements on.
+        kind: :data:`SIGNED` or :data:`UNSIGNED_SQRT`.
+        block_size: elements per absmax.
     """
     _check_kind(kind)
     if not use_8bit(x.numel()):
@@ -383,7 +395,8 @@ def unpack_moment(
     kind: str,
     block_size: int = BLOCK_SIZE,
 ) -> torch.Tensor:
-    """The float32 moment of ``shape`` that :func:`pack_moment` stored, as a new tensor."""
+    """The float32 moment of ``shape`` that :func:`pack_moment` stored (with this ``kind`` and
+    ``block_size``), as a new tensor; a ValueError if the stored size differs from ``shape``'s."""
     _check_kind(kind)
     shape = torch.Size(shape)
     stored = d["value"] if "value" in d else d["q"]

@@ -1,4 +1,6 @@
-"""Adam in the subspace (GaLore: Zhao et al., 2024, Algorithm 1), and AdamW for the rest.
+"""Adam in the subspace (GaLore: Zhao et al., 2024, Algorithm 1), and AdamW for the rest (Kingma &
+Ba, 2015, "Adam"; decoupled decay: Loshchilov & Hutter, 2019, "Decoupled Weight Decay
+Regularization").
 
 R = project(G, P),  M ← β₁M + (1−β₁)R,  V ← β₂V + (1−β₂)R²
 W ← (1 − lr·wd)·W − lr·scale·project_back(M̂/(√V̂ + ε), P)
@@ -37,7 +39,13 @@ ADAM_MOMENTS = (EXP_AVG, EXP_AVG_SQ)
 
 def adam_coefficients(group: dict[str, Any]) -> tuple[float | torch.Tensor, float | torch.Tensor]:
     """(decay, alpha) of W ← decay·W + alpha·back(D): (1 − lr·wd, −lr·scale), with galore-torch's
-    decay placement (after the update) folded into alpha for ``eps_mode="galore_torch"``."""
+    decay placement (after the update: (W − lr·scale·back(D))·decay) folded into alpha, −lr·scale·decay,
+    for ``eps_mode="galore_torch"``.
+
+    Args:
+        group: the group (``lr``, ``weight_decay``, ``scale``, ``eps_mode``); tensor
+            hyperparameters stay tensors.
+    """
     lr = hyperparameter(group["lr"])
     decay = 1.0 - lr * hyperparameter(group["weight_decay"])
     alpha = -lr * hyperparameter(group[SCALE])
@@ -145,14 +153,21 @@ class AdamRule(Rule):
             state[key] = torch.zeros_like(state[key])
 
     def reproject(self, group: dict[str, Any], state: State, transitions: list[torch.Tensor], side: str) -> None:
-        """m ← R m (R = P_newᵀ P_old); v ← (R∘R) v, exact for the second moment when the
-        coordinates are uncorrelated."""
+        """m ← R m (R = P_newᵀ P_old; m Rᵀ on the right side); v ← (R∘R) v, the second moment
+        of R g when g's coordinates are uncorrelated (exact for m, an approximation for v)."""
         squares = [t * t for t in transitions]
         state[EXP_AVG] = proj.reproject_lowrank(state[EXP_AVG], transitions, side)
         state[EXP_AVG_SQ] = proj.reproject_lowrank(state[EXP_AVG_SQ], squares, side)
 
     def directions(self, group: dict[str, Any], lows: list[torch.Tensor], states: list[State]) -> list[torch.Tensor]:
-        """Adam's directions M̂/(√V̂+ε) of the low-rank gradients (moments updated in ``states``)."""
+        """Adam's directions M̂/(√V̂+ε) of the low-rank gradients (moments updated in ``states``),
+        through :func:`galorex.optim.adam_math.adam_directions`.
+
+        Args:
+            group: the group (``betas``, ``eps``, ``eps_mode``, ``moment_policy``).
+            lows: the low-rank gradients.
+            states: their states, holding ``exp_avg``/``exp_avg_sq`` as float tensors.
+        """
         beta1, beta2 = group["betas"]
         return adam_directions(
             lows,
@@ -180,7 +195,13 @@ class AdamRule(Rule):
 
 def moment_bytes(group: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of two Adam moments (first and second) of ``shape``: 8-bit when the group asks
-    (``state8bit``; tensors under 4096 entries stay float32), else in ``dtype``."""
+    (``state8bit``; tensors under 4096 entries stay float32), else in ``dtype``.
+
+    Args:
+        group: the group's settings (``optim_bits``).
+        shape: the moments' shape.
+        dtype: their dtype when not 8-bit.
+    """
     from .. import state8bit
 
     numel = math.prod(shape)

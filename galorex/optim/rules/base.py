@@ -26,8 +26,15 @@ State = dict[str, Any]
 
 
 class Step(NamedTuple):
-    """One parameter's update: W ← decay·W + alpha·project_back(direction). ``extra``: anything
-    else the rule's own :meth:`Rule.write` needs (Fira and APOLLO: the low-rank gradient)."""
+    """One parameter's update: W ← decay·W + alpha·project_back(direction).
+
+    Attributes:
+        direction: the low-rank direction D (the low-rank gradient's shape).
+        decay: the factor of W (1 − lr·wd for decoupled decay); a 0-dim tensor in a compiled step.
+        alpha: the factor of the projected-back D (−lr·scale for Adam).
+        extra: anything else the rule's own :meth:`Rule.write` needs (Fira and APOLLO: the
+            low-rank gradient).
+    """
 
     direction: torch.Tensor
     decay: float | torch.Tensor | None
@@ -53,12 +60,25 @@ class Rule:
 
     # ------------------------------------------------------------------ settings
     def validate(self, group: dict[str, Any], bad: Bad) -> None:
-        """Check the rule's own group keys (the loop checks projection and precision keys)."""
+        """Check the rule's own group keys (the loop checks projection and precision keys).
+
+        Args:
+            group: the parameter group, defaults filled in.
+            bad: ``bad(key, message)`` builds the ValueError to raise, naming the group and key.
+        """
         config.check_lr(group, bad)
         config.check_weight_decay(group, bad)
 
     def check_sharding(self, group: dict[str, Any], where: str) -> None:
-        """Refuse, at construction, group settings the sharded placement cannot serve."""
+        """Refuse, at construction, group settings the sharded placement cannot serve.
+
+        Args:
+            group: the parameter group.
+            where: how the error names the group (``"param_groups[i]"``).
+
+        Raises:
+            ValueError: the rule or a setting cannot run on FSDP2 (DTensor) parameters.
+        """
         if not self.supports_sharding and group.get(config.RANK) is not None:
             raise ValueError(f"{where}: {type(self).__name__} does not support FSDP2 (DTensor) parameters")
 
@@ -71,13 +91,28 @@ class Rule:
         self, group: dict[str, Any], p: torch.Tensor, state: State, shape: tuple[int, ...], dtype: torch.dtype
     ) -> None:
         """Create the subspace state (in ``dtype``, on ``p``'s device) of parameter ``p``, whose
-        low-rank gradient has ``shape``."""
+        low-rank gradient has ``shape``.
+
+        Args:
+            group: the parameter's group.
+            p: the parameter (its local shard under FSDP2).
+            state: its state dict, to fill in place (the loop adds steps and bases itself).
+            shape: the low-rank gradient's shape (:func:`galorex.projection.lowrank_shape`).
+            dtype: the compute dtype (float32, or float64 for float64 weights).
+        """
 
     def reset(self, group: dict[str, Any], state: State) -> None:
         """``moment_policy="reset"``: forget what the state learnt in the old basis."""
 
     def reproject(self, group: dict[str, Any], state: State, transitions: list[torch.Tensor], side: str) -> None:
-        """``moment_policy="reproject"``: carry the state into the new basis (R = P_newᵀ P_old)."""
+        """``moment_policy="reproject"``: carry the state into the new basis.
+
+        Args:
+            group: the parameter's group.
+            state: its state (moments loaded as float tensors); update or replace entries.
+            transitions: Rᵢ = P_newᵢᵀ P_oldᵢ per basis (:func:`galorex.projection.transition_matrices`).
+            side: "left", "right" or "full".
+        """
 
     def on_refresh(
         self,
@@ -87,7 +122,15 @@ class Rule:
         new_bases: list[torch.Tensor],
         side: str,
     ) -> None:
-        """A parameter's basis changes (not at its first one): apply the group's moment policy."""
+        """A parameter's basis changes (not at its first one): apply the group's moment policy
+        (``keep``: nothing; ``reset``: :meth:`reset`; ``reproject``: :meth:`reproject`).
+
+        Args:
+            group: the parameter's group.
+            state: its state.
+            old_bases, new_bases: the bases before and after the refresh (float).
+            side: "left", "right" or "full".
+        """
         policy = group[config.MOMENT_POLICY]
         if policy == "reset":
             self.reset(group, state)
@@ -128,7 +171,14 @@ class Rule:
     # ------------------------------------------------------------------ the step
     def gradient(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The (m×n) matrix that is projected (and whose SVD gives the basis), and a record the
-        rule's :meth:`write` receives back (GradNormLoRP's magnitude gradient)."""
+        rule's :meth:`write` receives back (GradNormLoRP's magnitude gradient). Default: the
+        gradient as a matrix in the compute dtype, no record.
+
+        Args:
+            group: the parameter's group.
+            p: the parameter.
+            grad: its gradient.
+        """
         return proj.as_matrix(grad).to(config.compute_dtype(p.dtype)), None
 
     def steps(
@@ -139,8 +189,19 @@ class Rule:
         lows: list[torch.Tensor],
         states: list[State],
     ) -> list[Step]:
-        """Low-rank gradients → updates, for a group's projected parameters at once (their state
-        updated in place or replaced in ``states``). ``weights`` are the parameters as matrices."""
+        """Low-rank gradients → updates, for a group's projected parameters at once.
+
+        Args:
+            group: the group.
+            params: its projected parameters that have a gradient this step.
+            weights: the same parameters as (m×n) matrices.
+            lows: their low-rank gradients R = project(gradient(...)).
+            states: their states (moments loaded as float tensors), updated in place or with
+                entries replaced; the loop stores them back.
+
+        Returns:
+            One :class:`Step` per parameter.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not define steps()")
 
     def write(
@@ -153,12 +214,30 @@ class Rule:
         side: str,
         record: Any,
     ) -> None:
-        """Apply one update to the weight (default: decay and back-projection in one GEMM)."""
+        """Apply one update to the weight (default: decay and back-projection in one GEMM,
+        :func:`apply_lowrank_update`).
+
+        Args:
+            group: the parameter's group.
+            p: the parameter, updated in place.
+            state: its state.
+            step: the :class:`Step` :meth:`steps` returned for it.
+            bases: the bases it was projected with.
+            side: "left", "right" or "full".
+            record: what :meth:`gradient` returned beside the matrix.
+        """
         apply_lowrank_update(p, step.direction, bases, side, decay=step.decay, alpha=step.alpha)
 
     def step_dense(self, group: dict[str, Any], params: list[torch.Tensor], state_of: Any, compiled: Any) -> None:
-        """Step unprojected parameters (their gradients are ``p.grad``; ``state_of[p]`` their state).
-        ``compiled(key, fn)`` is ``fn`` compiled when the optimizer was built with ``compile``."""
+        """Step unprojected parameters (groups without ``rank``, and 1-D parameters).
+
+        Args:
+            group: their group.
+            params: the parameters with a gradient (in ``p.grad``).
+            state_of: ``state_of[p]`` is a parameter's state dict (created empty).
+            compiled: ``compiled(key, fn)`` is ``fn`` compiled when the optimizer was built with
+                ``compile``, else ``fn``.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not step unprojected parameters")
 
     # ------------------------------------------------------------------ memory
@@ -172,9 +251,15 @@ class Rule:
         dtype: torch.dtype,
         low_shape: tuple[int, ...] | None = None,
     ) -> int:
-        """Bytes of the rule's state for one parameter of ``shape`` and ``dtype``: its subspace
-        state when ``low_shape`` (the low-rank gradient's shape) is given, its unprojected state
-        otherwise. The loop adds the bases and step counters (``galorex.memory`` asks this)."""
+        """Bytes of the rule's state for one parameter: its subspace state when ``low_shape`` is
+        given, its unprojected state otherwise. The loop adds the bases and step counters
+        (``galorex.memory`` asks this).
+
+        Args:
+            group: the group's settings (``optim_bits`` and the rule's keys).
+            shape, dtype: the parameter's.
+            low_shape: the low-rank gradient's shape, or None for an unprojected parameter.
+        """
         return 0
 
 
@@ -188,7 +273,15 @@ def apply_lowrank_update(
     alpha: float | torch.Tensor,
 ) -> None:
     """W ← decay·W + alpha·project_back(D): one GEMM into the weight when it is contiguous and in
-    the compute dtype; otherwise on a compute-dtype copy, rounded once."""
+    the compute dtype; otherwise on a compute-dtype copy, rounded once.
+
+    Args:
+        p: the parameter, updated in place.
+        d: the low-rank direction D (compute dtype).
+        bases, side: as :func:`galorex.projection.project`.
+        decay, alpha: numbers, or 0-dim tensors in a compiled step (then alpha scales the small D
+            and the decay multiplies W in place, since ``addmm_`` takes numbers only).
+    """
     if isinstance(decay, torch.Tensor) or isinstance(alpha, torch.Tensor):
         # Tensor hyperparameters (compiled step): scale the small low-rank D instead of passing
         # alpha to addmm (which takes numbers only), and decay in place.

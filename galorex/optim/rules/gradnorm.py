@@ -6,6 +6,8 @@ weight-norm gradients are
 
     ∂L/∂g_i = ⟨G_i, v̂_i⟩,        ∂L/∂v_i = (g_i/‖v_i‖) (G_i − ⟨G_i, v̂_i⟩ v̂_i)          (v̂ = v/‖v‖)
 
+(the weight-normalisation gradients of Salimans & Kingma, 2016, "Weight Normalization", §2.1)
+
 The direction gradient ∂L/∂v is projected to rank r and stepped by Adam in the subspace exactly as
 GaLoreAdamW steps G (same basis refresh, moment policies, ``scale``); the magnitudes g have their own
 Adam state (two vectors of length m). Since only v/‖v‖ matters, no copy of v is kept: each step
@@ -36,10 +38,19 @@ MAG_EXP_AVG_SQ = "mag_exp_avg_sq"
 
 
 def weight_norm_gradients(g: torch.Tensor, v: torch.Tensor, grad_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂L/∂g, ∂L/∂v) for W = g ⊙ v/‖v‖ (row-wise, g of shape (m,), v and ∂L/∂W of shape (m, n)).
+    """(∂L/∂g, ∂L/∂v) for W = g ⊙ v/‖v‖ (row-wise), the module docstring's formulas.
 
     Rows with ‖v‖ below the dtype's smallest normal number get a zero ∂L/∂v (autograd divides by
-    zero there), so the result stays finite."""
+    zero there), so the result stays finite.
+
+    Args:
+        g: the row magnitudes (m,).
+        v: the row directions (m, n), of any norm.
+        grad_w: ∂L/∂W (m, n).
+
+    Returns:
+        (∂L/∂g of shape (m,), ∂L/∂v of shape (m, n)).
+    """
     tiny = torch.finfo(v.dtype).tiny
     raw = v.norm(dim=1)
     norms = raw.clamp_min(tiny)
@@ -86,6 +97,9 @@ class GradNormRule(AdamRule):
         return grad_v, radial
 
     def write(self, group, p, state, step: Step, bases, side, record) -> None:
+        """Step the magnitudes g (their own Adam on ``record``, ∂L/∂g, decayed by ``step.decay``)
+        and the directions (v̂ + alpha·back(D), renormalised row-wise), then write
+        W_i = g_i' · v_i'/‖v_i'‖; with lr = 0 nothing moves. Arguments as :meth:`Rule.write`."""
         d, decay, alpha = step.direction, step.decay, step.alpha
         w = proj.as_matrix(p).to(d.dtype)
         norms, v_hat = _unit_rows(w)

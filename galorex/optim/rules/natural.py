@@ -59,6 +59,17 @@ def woodbury_inverse_fisher(
     The damping used is λ + δ with δ = 10·ε·(trace(HᵀH) + kλ), ε of ``rows``' dtype: the rounding of
     the stored dot products, which would otherwise make the system indefinite when λ is below what
     they resolve. In float64 δ is negligible; with float32 gradients of norm ~1 it is ~1e-6·k.
+
+    Args:
+        g: the gradient (d,).
+        rows: the k window gradients as rows (k, d), Hᵀ.
+        damping: λ > 0 (a number, or a 0-dim tensor in a compiled step).
+        gram: rows·rowsᵀ (k×k) if already known.
+        dots: rows·g (k,) if already known.
+        count: a 0-dim tensor, the number of rows that are gradients (the others zero).
+
+    Returns:
+        ((λ+δ)I + H Hᵀ)⁻¹ g, (d,) in g's dtype.
     """
     k = rows.shape[0] if count is None else count.to(device=rows.device, dtype=torch.float64)
     if dots is None:
@@ -131,6 +142,18 @@ class NaturalRule(AdamRule):
         state[GRAM] = flat @ flat.mT
 
     def precondition(self, group: dict[str, Any], low: torch.Tensor, state: State) -> torch.Tensor:
+        """g̃ = (λI + H Hᵀ)⁻¹ g of one low-rank gradient: g is written into the ring buffer's next
+        row, one row and column of HᵀH are updated from its dots with the filled rows, and
+        :func:`woodbury_inverse_fisher` solves over the filled rows (the current one included).
+
+        Args:
+            group: the group (``natural_damping``).
+            low: the low-rank gradient R.
+            state: its state (``natural_history``, ``natural_gram`` and the ring's counters).
+
+        Returns:
+            g̃ in R's shape.
+        """
         history = state[HISTORY]
         s = history.shape[0]
         rows = history.view(s, -1)
