@@ -262,7 +262,8 @@ def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
             bar.total += sum(map(len, more.values()))
             run_sweep(more)
         best_lr = {name: _select(sweep[name]) for name in names}
-        triples = [(name, best_lr[name], seed) for name in names for seed in args.seeds[1:]]
+        # Seed by seed across the optimizers, so that a sweep stopped early has them all alike.
+        triples = [(name, best_lr[name], seed) for seed in args.seeds[1:] for name in names]
         per_seed = {name: {seed0: sweep[name][best_lr[name]]} for name in names}
         for (name, _, seed), result in zip(triples, runner.run(triples, bar)):
             per_seed[name][seed] = result
