@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_convergence_quick(tmp_path, monkeypatch):
             "--lrs",
             "1e-3",
             "3e-3",
+            "--extend",
+            "0",
             "--seeds",
             "0",
             "1",
@@ -150,7 +153,112 @@ def test_convergence_quick(tmp_path, monkeypatch):
         assert r["best_lr"] == min((float(k) for k in r["sweep"]), key=lambda lr: r["sweep"][str(lr)])
         assert len(r["seeds"]) == 2 and r["std"] >= 0
         assert r["mean"] == pytest.approx(sum(r["seeds"].values()) / 2)
+        assert r["seeds"]["0"] == r["sweep"][str(r["best_lr"])]  # the sweep's run is seed 0's
     assert (tmp_path / "convergence.png").exists()
+    # Every run is recorded once: 2 optimizers x (2 rates + 1 more seed).
+    assert len((tmp_path / "convergence_runs.jsonl").read_text().splitlines()) == 6
+    table = (tmp_path / "convergence.md").read_text()
+    assert "| galore | 0.003 |" in table or "| galore | 0.001 |" in table
+    assert "vs galore" in table
+
+
+def test_convergence_next_lr_continues_the_grid():
+    from galorex.bench.convergence import next_lr
+
+    grid = [1e-3, 3e-3, 1e-2, 3e-2]
+    assert next_lr(grid, up=True) == 0.1 and next_lr(grid, up=False) == 3e-4
+    assert next_lr([1e-2, 3e-2, 1e-1], up=True) == 0.3
+    assert next_lr([1e-3, 1e-2], up=True) == 0.1 and next_lr([1e-3, 1e-2], up=False) == 1e-4
+    with pytest.raises(ValueError, match="at least two rates"):
+        next_lr([1e-3], up=True)
+
+
+def _fake_runs(monkeypatch, best: dict[str, float]):
+    """Replace the training run by a loss that is a parabola in log10(lr) with its minimum at
+    ``best[optimizer]`` (offset by the seed), non-finite above 0.2: the sweep's bookkeeping alone,
+    in no time. Returns the list of runs made."""
+    import galorex.bench.convergence as convergence
+
+    made = []
+
+    def fake(settings):
+        name, lr, seed = settings["optimizer"], settings["lr"], settings["seed"]
+        made.append((name, lr, seed))
+        loss = 2 + (math.log10(lr) - math.log10(best[name])) ** 2 + 0.01 * seed if lr <= 0.2 else math.nan
+        return {"final_val_loss": loss, "curve": [(1, 3.0), (2, loss)], "unigram_entropy": 3.3, "seconds": 0.0}
+
+    monkeypatch.setattr(convergence, "_train_one", fake)
+    return made
+
+
+def test_convergence_extends_an_edge_and_reuses_runs(tmp_path, monkeypatch):
+    made = _fake_runs(monkeypatch, {"adamw": 3e-3, "galore": 0.1, "apollo-mini": 1e-4})
+    argv = ["--out", str(tmp_path), "convergence", "--optimizers", "adamw", "galore", "apollo-mini"]
+    argv += ["--lrs", "1e-3", "3e-3", "1e-2", "3e-2", "--seeds", "0", "1", "2", "--extend", "1"]
+    main(argv)
+    data = json.loads((tmp_path / "convergence.json").read_text())
+    res = data["results"]
+    # adamw: inside the grid, no extension; galore: one point up finds 0.1; apollo-mini: one point
+    # down (3e-4) is still the edge, and --extend 1 stops there and says so.
+    assert list(res["adamw"]["sweep"]) == ["0.001", "0.003", "0.01", "0.03"]
+    assert res["adamw"]["best_lr"] == 3e-3 and not res["adamw"]["best_at_edge"]
+    assert res["galore"]["best_lr"] == 0.1 and res["galore"]["best_at_edge"]
+    assert res["apollo-mini"]["best_lr"] == 3e-4 and res["apollo-mini"]["best_at_edge"]
+    assert res["adamw"]["mean"] == pytest.approx(2.01) and res["adamw"]["std"] == pytest.approx(0.01)
+    assert res["galore"]["vs_adamw"] == pytest.approx(0.0)
+    assert len(made) == 4 * 3 + 2 + 3 * 2 and len(set(made)) == len(made)
+    table = (tmp_path / "convergence.md").read_text()
+    assert "| galore | — | 6.0000 | 4.3192 | 3.0000 | 2.2734 | **2.0000** | 0.1 (edge) |" in table
+    assert "| adamw | — | 2.2276 | **2.0000** | 2.2734 | 3.0000 | — | 0.003 |" in table
+
+    # The same command again trains nothing; --rerun trains everything again.
+    made.clear()
+    main(argv)
+    assert made == [] and json.loads((tmp_path / "convergence.json").read_text())["runs_reused"] == 20
+    assert json.loads((tmp_path / "convergence.json").read_text())["results"]["galore"]["mean"] == res["galore"]["mean"]
+    main([*argv, "--rerun"])
+    assert len(made) == 20
+
+    # --extend 2 goes on from the recorded runs: galore's 0.3 diverges (non-finite) and 0.1 stays.
+    made.clear()
+    main([*argv[:-1], "2"])
+    assert sorted(made) == [("apollo-mini", 1e-4, 0), ("apollo-mini", 1e-4, 1), ("apollo-mini", 1e-4, 2)] + [
+        ("galore", 0.3, 0)
+    ]
+    res = json.loads((tmp_path / "convergence.json").read_text())["results"]
+    assert res["galore"]["best_lr"] == 0.1 and not res["galore"]["best_at_edge"]
+    assert res["apollo-mini"]["best_lr"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--jobs", "0"], "--jobs must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--lrs", "0", "1e-3"], "--lrs must be positive"),
+        (["--seeds", "0", "0"], "--seeds has a repeated seed"),
+        (["--lrs", "1e-3"], "--extend needs at least two rates"),
+        (["--optimizers", "adamw", "adamx"], "--optimizers: unknown"),
+    ],
+)
+def test_convergence_rejects_bad_flags(tmp_path, monkeypatch, flags, message):
+    made = _fake_runs(monkeypatch, {"adamw": 3e-3})
+    with pytest.raises(ValueError, match=message):
+        main(["--out", str(tmp_path), "convergence", "--optimizers", "adamw", *flags])
+    assert made == []
+
+
+def test_convergence_runs_in_parallel_processes(tmp_path):
+    # Two real (small) runs, each in its own spawned process with one thread.
+    main(["--out", str(tmp_path), "--quick", "convergence", "--optimizers", "adamw", "--jobs", "2"])
+    data = json.loads((tmp_path / "convergence.json").read_text())
+    assert data["threads"] >= 1 and data["jobs"] == 2
+    r = data["results"]["adamw"]
+    assert set(r["seeds"]) == {"0", "1"} and r["seeds"]["0"] != r["seeds"]["1"]
+    # Ten steps from the uniform guess over 256 bytes (ln 256 = 5.55) go down, and stay finite.
+    assert all(math.isfinite(loss) and loss < math.log(256) for loss in r["seeds"].values())
+    lines = [json.loads(line) for line in (tmp_path / "convergence_runs.jsonl").read_text().splitlines()]
+    assert sorted(tuple(line["run"]) for line in lines) == [("adamw", 3e-3, 0), ("adamw", 3e-3, 1)]
 
 
 def test_all_quick_writes_every_table(tmp_path):

@@ -4,7 +4,7 @@
     python -m galorex.bench refresh   [--m 4096 --n 11008 --rank 512]
     python -m galorex.bench memory    [--rank 128 ...]
     python -m galorex.bench train-reference [--steps 1000]
-    python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 --seeds 0 1 2]
+    python -m galorex.bench convergence [--steps 300 --lrs 1e-3 3e-3 1e-2 3e-2 --extend 1 --seeds 0 1 2 --jobs 2]
     python -m galorex.bench layerwise-memory [--model llama-60m --batch-size 4 --seq-len 256]
     python -m galorex.bench halo [--tokens 2048 --in-features 512 --out-features 512]
     python -m galorex.bench basis [--model llama-60m --rank 128 --steps 20]
@@ -18,7 +18,6 @@ Each writes a Markdown table and a JSON file into --out (default bench-out/) and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from ..memory import estimate_optimizer_state_bytes, optimizer_state_bytes
 from ..models.llama import MODEL_CONFIGS, Llama, get_config
 from ..optim import GaLoreAdamW, NaturalGaLoreAdamW, galore_param_groups
 from . import basis as basis_bench
+from . import convergence as convergence_bench
 from . import halo as halo_bench
 from . import hf_trainer as hf_trainer_bench
 from . import peak_memory as peak_memory_bench
@@ -490,6 +490,7 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
                 sample_tokens=0,
                 save_every=0,
                 seed=args.seed,
+                lr=getattr(args, "lr", 3e-3),
                 **_train_overrides(args),
             )
             s = train(cfg, log=lambda *a: None, make_optimizer=make)
@@ -525,128 +526,11 @@ def bench_train_reference(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-# ----------------------------------------------------------------------------- convergence
-def bench_convergence(args: argparse.Namespace) -> dict[str, Any]:
-    """Final validation loss of each optimizer on llama-tiny at a fixed step budget: a learning-rate
-    sweep on the first seed, then the best rate of each optimizer over every seed (mean ± std)."""
-    import tempfile
-
-    from ..train.recipes import recipe_settings
-    from ..train.trainer import TrainConfig, train
-
-    def run(optimizer: str, lr: float, seed: int) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory() as tmp:
-            # galorex-train --recipe cpu-tiny: one model, corpus, batch and schedule for every optimizer.
-            settings = recipe_settings("cpu-tiny")
-            settings.update(
-                optimizer=optimizer,
-                lr=lr,
-                seed=seed,
-                steps=args.steps,
-                out=f"{tmp}/run",
-                eval_every=max(1, args.steps // 10),
-                save_every=0,
-                sample_tokens=0,
-                progress=False,
-                natural_history=args.natural_history,
-                natural_damping=args.natural_damping,
-                optim_bits=args.optim_bits,
-                basis_bits=args.basis_bits,
-                basis_rotation=getattr(args, "basis_rotation", False),
-                **_train_overrides(args),
-            )
-            cfg = TrainConfig(**settings)
-            summary = train(cfg, log=lambda *a: None)
-            curve = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-        bar.update(1)
-        val = [(r["step"], r["val_loss"]) for r in curve if "val_loss" in r]
-        print(f"{optimizer} lr={lr:g} seed={seed}: val loss {summary['final_val_loss']:.4f}", file=sys.stderr)
-        return {
-            "final_val_loss": summary["final_val_loss"],
-            "curve": val,
-            "unigram_entropy": summary["unigram_entropy"],
-        }
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=len(args.optimizers) * (len(args.lrs) + len(args.seeds) - 1),
-        desc="convergence runs",
-        unit="run",
-        file=sys.stderr,
-    )
-    results: dict[str, Any] = {}
-    for name in args.optimizers:
-        sweep = {lr: run(name, lr, args.seeds[0]) for lr in args.lrs}
-        best_lr = min(sweep, key=lambda lr: sweep[lr]["final_val_loss"])
-        per_seed = {args.seeds[0]: sweep[best_lr]}
-        for seed in args.seeds[1:]:
-            per_seed[seed] = run(name, best_lr, seed)
-        losses = [r["final_val_loss"] for r in per_seed.values()]
-        results[name] = {
-            "sweep": {str(lr): r["final_val_loss"] for lr, r in sweep.items()},
-            "best_lr": best_lr,
-            "seeds": {str(k): v["final_val_loss"] for k, v in per_seed.items()},
-            "mean": statistics.mean(losses),
-            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "curves": {str(k): v["curve"] for k, v in per_seed.items()},
-        }
-    bar.close()
-    entropy = next(iter(per_seed.values()))["unigram_entropy"]
-    lr_cols = " | ".join(f"lr {lr:g}" for lr in args.lrs)
-    rows = []
-    for name, r in results.items():
-        sweep_cells = " | ".join(f"{r['sweep'][str(lr)]:.4f}" for lr in args.lrs)
-        rows.append(f"| {name} | {sweep_cells} | {r['best_lr']:g} | {r['mean']:.4f} ± {r['std']:.4f} |")
-    table = "\n".join(
-        [
-            f"llama-tiny on the embedded corpus, {args.steps} steps (batch 16 × 128), final validation loss; "
-            f"sweep on seed {args.seeds[0]}, then the best lr over seeds {', '.join(map(str, args.seeds))} "
-            f"(mean ± std); natural-galore s={args.natural_history}, λ={args.natural_damping:g}; "
-            f"{args.optim_bits}-bit moments, {args.basis_bits}-bit bases"
-            f"{' (Hadamard-rotated)' if getattr(args, 'basis_rotation', False) else ''}; "
-            f"unigram entropy {entropy:.3f}",
-            "",
-            f"| optimizer | {lr_cols} | best lr | mean ± std over seeds |",
-            "| --- | " + " | ".join("---:" for _ in args.lrs) + " | ---: | ---: |",
-            *rows,
-        ]
-    )
-    data = {"env": _env(), "steps": args.steps, "lrs": args.lrs, "seeds": args.seeds, "results": results}
-    _write(Path(args.out), "convergence", table, data)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, r in results.items():
-            for i, curve in enumerate(r["curves"].values()):
-                ax.plot(
-                    *zip(*curve),
-                    color=f"C{list(results).index(name)}",
-                    alpha=0.7,
-                    label=f"{name} (lr {r['best_lr']:g})" if i == 0 else None,
-                )
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(Path(args.out) / "convergence.png", dpi=100)
-        plt.close(fig)
-    except ImportError:
-        pass
-    return data
-
-
 # Small sizes for --quick: everything end to end in well under a minute on 2 CPU cores.
 QUICK = {
     "step": {"model": "llama-tiny", "rank": 16, "repeats": 3, "refresh_repeats": 1},
     "refresh": {"m": 256, "n": 512, "rank": 32, "repeats": 1},
     "memory": {"models": ["llama-tiny", "llama-60m"], "measure_up_to": 1_000_000},
-    "convergence": {"steps": 10, "lrs": [3e-3], "seeds": [0, 1]},
     "train-reference": {"steps": 10},
     "layerwise-memory": {"model": "llama-tiny", "rank": 16, "batch_size": 2, "seq_len": 32, "steps": 1},
 }
@@ -654,10 +538,10 @@ COMMANDS = {
     "step": bench_step,
     "refresh": bench_refresh,
     "memory": bench_memory,
-    "convergence": bench_convergence,
     "train-reference": bench_train_reference,
     "layerwise-memory": bench_layerwise_memory,
 }
+QUICK["convergence"], COMMANDS["convergence"] = convergence_bench.QUICK, convergence_bench.bench_convergence
 QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
 QUICK["basis"], COMMANDS["basis"] = basis_bench.QUICK, basis_bench.bench_basis
 QUICK["hf-trainer"], COMMANDS["hf-trainer"] = hf_trainer_bench.QUICK, hf_trainer_bench.bench_hf_trainer
@@ -715,16 +599,14 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train-reference", help="llama-tiny losses: AdamW, galorex GaLore, galore-torch")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("convergence", help="validation loss of each optimizer on llama-tiny, lr sweep and seeds")
-    c.add_argument("--optimizers", nargs="+", default=["adamw", "galore", "natural-galore"])
-    c.add_argument("--steps", type=int, default=300)
-    c.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    c.add_argument("--natural-history", type=int, default=8)
-    c.add_argument("--natural-damping", type=float, default=1e-3)
-    c.add_argument("--optim-bits", type=int, default=32, choices=(8, 32))
-    c.add_argument("--basis-bits", type=int, default=32, choices=(4, 8, 32))
-    c.add_argument("--basis-rotation", action="store_true", help="Hadamard-rotate 4/8-bit bases before quantising")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="one learning rate for all three runs, so they compare like for like (default: 3e-3, "
+        "the rate the README's table was measured at)",
+    )
+    convergence_bench.add_parser(sub)
     add_layerwise_arguments(
         sub.add_parser("layerwise-memory", help="peak memory of training steps with and without layer-wise updates")
     )

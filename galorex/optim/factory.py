@@ -156,8 +156,10 @@ DEFAULT_SCALE.update({"fira": 0.25, "apollo": 1.0})
 AVAILABLE = ("adamw", *BUILDERS)
 
 # The learning rate galorex-train uses when --lr is not given: each optimizer's best on llama-tiny
-# (docs/benchmarks.md, "Default learning rates"); the ones not swept there keep the former shared 3e-3.
+# (docs/benchmarks.md, "Default learning rates": 100 steps, grid 1e-3/3e-3/1e-2/3e-2, 2026-12-03);
+# the ones not swept there (natural-galore, gradnorm-lorp, galore-adafactor) keep the former shared 3e-3.
 DEFAULT_LR = {name: 3e-3 for name in AVAILABLE}
+DEFAULT_LR.update({"adamw": 3e-3, "galore": 3e-2, "fira": 1e-2, "apollo": 3e-2, "apollo-mini": 3e-3})
 
 
 def default_lr(name: str) -> float:

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=d.lr,
-        help="peak learning rate (default: the optimizer's own, galorex.optim.factory.DEFAULT_LR; 3e-3 for all today)",
+        help="peak learning rate (default: the optimizer's own, galorex.optim.factory.DEFAULT_LR, "
+        "chosen by a sweep on llama-tiny: see docs/benchmarks.md)",
     )
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr of the cosine, as a fraction of --lr")
     a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
