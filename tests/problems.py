@@ -119,3 +119,21 @@ def tiny_train_args(sample_tokens: int = 8) -> list[str]:
         "--model", "llama-tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2",
         "--sample-tokens", str(sample_tokens), "--no-progress", "--threads", "1", "--seed", "0",
     ]  # fmt: skip
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Exact, recursive equality of checkpoint contents (tensors with torch.equal, dtypes too)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"tensor differs at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

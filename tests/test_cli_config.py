@@ -9,8 +9,7 @@ import json
 import shutil
 
 import pytest
-import torch
-from problems import tiny_train_args
+from problems import assert_same, tiny_train_args
 
 from galorex.models.llama import Llama, get_config
 from galorex.optim import config, registry
@@ -224,23 +223,8 @@ def test_a_checkpoint_of_an_older_version_resumes_bit_for_bit(tmp_path, capsys):
     ca = load_checkpoint(a / "checkpoints" / "ckpt-00000004.pt")
     cb = load_checkpoint(b / "checkpoints" / "ckpt-00000004.pt")
     for key in ("model", "optimizer", "scheduler", "data", "rng"):
-        _assert_same(ca[key], cb[key], key)
+        assert_same(ca[key], cb[key], key)
     assert ca["step"] == cb["step"] == 4
-
-
-def _assert_same(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_every_recipe_is_a_valid_config():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from problems import tiny_train_args
+from problems import assert_same, tiny_train_args
 
 from galorex.train.checkpoint import list_checkpoints, load_checkpoint
 from galorex.train.cli import main
@@ -94,24 +94,6 @@ def model_json(path: Path, hidden: int) -> Path:
         )
     )
     return path
-
-
-def assert_same(a, b, where: str = "") -> None:
-    """Exact, recursive equality of checkpoint contents (tensors with torch.equal, dtypes too)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"tensor differs at {where}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ----------------------------------------------------------------------------- 1. every optimizer
