@@ -185,9 +185,9 @@ class DirectionSpy:
         self.calls: list[list[torch.Tensor]] = []
         original = AdamRule.directions
 
-        def spy(rule, group, lows, states):
+        def spy(rule, group, lows, states, out=None):
             self.calls.append([low.detach().clone() for low in lows])
-            return original(rule, group, lows, states)
+            return original(rule, group, lows, states, out=out)
 
         monkeypatch.setattr(AdamRule, "directions", spy)
 

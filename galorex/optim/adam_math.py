@@ -25,6 +25,7 @@ def adam_directions(
     beta2: Scalar,
     eps: Scalar,
     eps_mode: str = "torch",
+    out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Update the moments in place and return Adam's directions for a list of tensors at once.
 
@@ -41,28 +42,52 @@ def adam_directions(
         bias_steps: t per tensor, the steps the moments have seen (≥ 1).
         beta1, beta2, eps: numbers, or 0-dim tensors.
         eps_mode: "torch" or "galore_torch".
+        out: tensors of the moments' shapes and dtypes to write the directions into, or None for
+            new ones. They may be ``grads`` themselves (whose values are then lost): the gradients
+            are read only by the moments' update, which comes first. Writing into tensors that
+            already exist spares the allocator a fresh buffer per tensor and step, which on the CPU
+            costs a page fault per 4 KiB once buffers are large enough to be mapped afresh.
 
     Returns:
-        The directions, new tensors of the moments' shapes.
+        The directions: ``out`` when given, else new tensors of the moments' shapes. Either way the
+        same values, bit for bit.
     """
     if any(isinstance(x, torch.Tensor) for x in (beta1, beta2, eps, *bias_steps)):
-        return _adam_directions_tensor(grads, exp_avgs, exp_avg_sqs, bias_steps, beta1, beta2, eps, eps_mode)
+        directions = _adam_directions_tensor(grads, exp_avgs, exp_avg_sqs, bias_steps, beta1, beta2, eps, eps_mode)
+        if out is None:
+            return directions
+        torch._foreach_copy_(out, directions)
+        return out
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     bias1 = [1.0 - beta1**s for s in bias_steps]
     bias2_sqrt = [math.sqrt(1.0 - beta2**s) for s in bias_steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if out is None:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        denom = out
+        for v, d in zip(exp_avg_sqs, out):
+            torch.sqrt(v, out=d)
     if eps_mode == "torch":
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, eps)
-        directions = torch._foreach_div(exp_avgs, denom)
+        directions = _divide(exp_avgs, denom, in_place=out is not None)
         torch._foreach_div_(directions, bias1)
     else:
         torch._foreach_add_(denom, eps)
-        directions = torch._foreach_div(exp_avgs, denom)
+        directions = _divide(exp_avgs, denom, in_place=out is not None)
         torch._foreach_mul_(directions, [b2 / b1 for b1, b2 in zip(bias1, bias2_sqrt)])
     return directions
+
+
+def _divide(numerators: list[torch.Tensor], denominators: list[torch.Tensor], *, in_place: bool) -> list[torch.Tensor]:
+    """n / d elementwise, per pair: into ``denominators`` when ``in_place``, else new tensors."""
+    if not in_place:
+        return torch._foreach_div(numerators, denominators)
+    for n, d in zip(numerators, denominators):
+        torch.div(n, d, out=d)
+    return denominators
 
 
 def _adam_directions_tensor(

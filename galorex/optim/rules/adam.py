@@ -159,7 +159,13 @@ class AdamRule(Rule):
         state[EXP_AVG] = proj.reproject_lowrank(state[EXP_AVG], transitions, side)
         state[EXP_AVG_SQ] = proj.reproject_lowrank(state[EXP_AVG_SQ], squares, side)
 
-    def directions(self, group: dict[str, Any], lows: list[torch.Tensor], states: list[State]) -> list[torch.Tensor]:
+    def directions(
+        self,
+        group: dict[str, Any],
+        lows: list[torch.Tensor],
+        states: list[State],
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Adam's directions M̂/(√V̂+ε) of the low-rank gradients (moments updated in ``states``),
         through :func:`galorex.optim.adam_math.adam_directions`.
 
@@ -167,6 +173,8 @@ class AdamRule(Rule):
             group: the group (``betas``, ``eps``, ``eps_mode``, ``moment_policy``).
             lows: the low-rank gradients.
             states: their states, holding ``exp_avg``/``exp_avg_sq`` as float tensors.
+            out: where to write the directions (may be ``lows``, which are then overwritten), or
+                None for new tensors.
         """
         beta1, beta2 = group["betas"]
         return adam_directions(
@@ -178,11 +186,14 @@ class AdamRule(Rule):
             hyperparameter(beta2),
             hyperparameter(group["eps"]),
             group[EPS_MODE],
+            out=out,
         )
 
     def steps(self, group, params, weights, lows, states) -> list[Step]:
+        # The low-rank gradients are the loop's own temporaries and nothing reads them after this
+        # rule's step, so the directions overwrite them instead of taking fresh buffers.
         decay, alpha = adam_coefficients(group)
-        return [Step(d, decay, alpha) for d in self.directions(group, lows, states)]
+        return [Step(d, decay, alpha) for d in self.directions(group, lows, states, out=list(lows))]
 
     def step_dense(self, group: dict[str, Any], params: list[torch.Tensor], state_of: Any, compiled: Any) -> None:
         dense.adamw(group, params, state_of)

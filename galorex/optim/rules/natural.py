@@ -196,11 +196,17 @@ class NaturalRule(AdamRule):
         out = woodbury_inverse_fisher(g, rows, lam, gram=gram, dots=dots, count=state[FILLED])
         return out.view_as(low)
 
-    def directions(self, group: dict[str, Any], lows: list[torch.Tensor], states: list[State]) -> list[torch.Tensor]:
+    def directions(
+        self,
+        group: dict[str, Any],
+        lows: list[torch.Tensor],
+        states: list[State],
+        out: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         if group[NATURAL_HISTORY] > 0:
             precondition = self.precondition_compiled if torch.compiler.is_compiling() else self.precondition
             lows = [precondition(group, low, s) if HISTORY in s else low for low, s in zip(lows, states)]
-        return super().directions(group, lows, states)
+        return super().directions(group, lows, states, out=out)
 
     def state_bytes(self, group, shape, dtype, low_shape=None) -> int:
         total = super().state_bytes(group, shape, dtype, low_shape)
