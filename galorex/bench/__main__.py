@@ -127,6 +127,7 @@ class _ArithmeticFloor:
 
 
 FLOOR = "floor: fused AdamW + 2 GEMMs + low-rank Adam"
+STEP_ROWS = ("galore", "galore-fused", "natural-galore", "fira", "apollo", "apollo-mini", "apollo-fused", "apollo-mini-fused")
 
 
 def bench_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,13 +153,16 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             runs["galore-torch GaLoreAdamW"] = Reference(ref_groups, lr=1e-3)
-    runs["galorex GaLoreAdamW"] = GaLoreAdamW(groups(), lr=1e-3)
-    # The floor steps the unprojected parameters with torch's fused kernel; so does this row.
-    runs["galorex GaLoreAdamW (fused=True)"] = GaLoreAdamW(groups(), lr=1e-3, fused=True)
+    rows = set(args.rows)
+    if "galore" in rows:
+        runs["galorex GaLoreAdamW"] = GaLoreAdamW(groups(), lr=1e-3)
+    if "galore-fused" in rows:
+        # The floor steps the unprojected parameters with torch's fused kernel; so does this row.
+        runs["galorex GaLoreAdamW (fused=True)"] = GaLoreAdamW(groups(), lr=1e-3, fused=True)
     runs[FLOOR] = _ArithmeticFloor(groups())
-    if args.natural_history > 0:
+    if args.natural_history > 0 and "natural-galore" in rows:
         runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
-    runs.update(_norm_scaled_optimizers(model, args.rank, gap, fused_rows=True))
+    runs.update(_norm_scaled_optimizers(model, args.rank, gap, fused_rows=True, rows=rows))
 
     # Warm-up (includes the first refresh), then interleave the optimizers so that machine noise
     # hits all of them alike. Parameters drift a little; the work per step does not change.
@@ -177,12 +181,13 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             refresh_runs["galore-torch GaLoreAdamW"] = Reference(
                 [{**g, "params": [p for _, p in g["params"]]} for g in every()], lr=1e-3
             )
-    refresh_runs["galorex GaLoreAdamW"] = GaLoreAdamW(every(), lr=1e-3)
-    if args.natural_history > 0:
+    if "galore" in rows:
+        refresh_runs["galorex GaLoreAdamW"] = GaLoreAdamW(every(), lr=1e-3)
+    if args.natural_history > 0 and "natural-galore" in rows:
         refresh_runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(
             every(), lr=1e-3, natural_history=args.natural_history
         )
-    refresh_runs.update(_norm_scaled_optimizers(model, args.rank, 1))
+    refresh_runs.update(_norm_scaled_optimizers(model, args.rank, 1, rows=rows))
     refresh_times = _time_interleaved(refresh_runs, args.refresh_repeats, set_grads, device)
     del refresh_runs
 
@@ -400,24 +405,27 @@ def _memory_groups(model, rank: int, label: str) -> list[dict[str, Any]]:
     return galore_param_groups(model, rank=rank, scale=1.0 if label.startswith("APOLLO") else 0.25)
 
 
-def _norm_scaled_optimizers(model, rank: int, gap: int, fused_rows: bool = False) -> dict[str, torch.optim.Optimizer]:
+def _norm_scaled_optimizers(
+    model, rank: int, gap: int, fused_rows: bool = False, rows: set[str] | None = None
+) -> dict[str, torch.optim.Optimizer]:
     """The step benchmark's FiraAdamW, ApolloAdamW (random, channel-wise) and APOLLO-Mini; with
     ``fused_rows`` also APOLLO and APOLLO-Mini with torch's fused AdamW kernel on the unprojected
-    parameters (``fused=True``, opt-in as for GaLoreAdamW; the default is torch's own choice)."""
+    parameters (``fused=True``, opt-in as for GaLoreAdamW; the default is torch's own choice).
+    ``rows``: the ``--rows`` names to build (default: all)."""
     from ..optim import ApolloAdamW, FiraAdamW
 
     groups = lambda: galore_param_groups(model, rank=rank, update_proj_gap=gap, scale=1.0)
     apollo = lambda **kw: ApolloAdamW(groups(), lr=1e-3, **kw)
     mini = lambda **kw: ApolloAdamW.mini(galore_param_groups(model, update_proj_gap=gap), lr=1e-3, **kw)
-    runs = {
-        "galorex FiraAdamW": FiraAdamW(galore_param_groups(model, rank=rank, update_proj_gap=gap), lr=1e-3),
-        "galorex ApolloAdamW": apollo(),
-        "galorex APOLLO-Mini": mini(),
+    builders = {
+        "fira": ("galorex FiraAdamW", lambda: FiraAdamW(galore_param_groups(model, rank=rank, update_proj_gap=gap), lr=1e-3)),
+        "apollo": ("galorex ApolloAdamW", apollo),
+        "apollo-mini": ("galorex APOLLO-Mini", mini),
     }
     if fused_rows:
-        runs["galorex ApolloAdamW (fused=True)"] = apollo(fused=True)
-        runs["galorex APOLLO-Mini (fused=True)"] = mini(fused=True)
-    return runs
+        builders["apollo-fused"] = ("galorex ApolloAdamW (fused=True)", lambda: apollo(fused=True))
+        builders["apollo-mini-fused"] = ("galorex APOLLO-Mini (fused=True)", lambda: mini(fused=True))
+    return {name: build() for key, (name, build) in builders.items() if rows is None or key in rows}
 
 
 def _norm_scaled_estimates(model, rank: int) -> dict[str, int]:
@@ -584,6 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--natural-history", type=int, default=8, help="NaturalGaLoreAdamW's s (0: leave it out)")
     s.add_argument("--gap", type=int, default=200, help="update_proj_gap for the amortised cost")
     s.add_argument("--refresh-repeats", type=int, default=3)
+    s.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(STEP_ROWS),
+        choices=STEP_ROWS,
+        help="galorex rows to time (default: all); torch AdamW, galore-torch and the floor always run",
+    )
     r = sub.add_parser("refresh", help="exact vs randomized basis refresh")
     r.add_argument("--m", type=int, default=4096)
     r.add_argument("--n", type=int, default=11008)
