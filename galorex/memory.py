@@ -269,9 +269,7 @@ def training_memory_breakdown(
     sizes = [p.numel() * p.element_size() for p in params]
     weights = sum(sizes)
     gradients = max(sizes) if layerwise else weights
-    name = {"natural-galore": "galore", "gradnorm-lorp": "gradnorm_lorp", "galore-adafactor": "adafactor"}.get(
-        optimizer, optimizer
-    )
+    name = registry.ALIASES.get(optimizer, optimizer)  # one spelling per optimizer from here on
     if optimizer == "apollo-mini":
         rank = 1  # ApolloAdamW.mini sets rank 1 on every projected group
     if name == "adamw":
@@ -288,7 +286,7 @@ def training_memory_breakdown(
             optimizer=name,
             optim_bits=optim_bits,
             basis_bits=basis_bits,
-            natural_history=natural_history if optimizer == "natural-galore" else 0,
+            natural_history=natural_history if name == "natural-galore" else 0,
             beta1=beta1 if beta1 > 0 else None,
         )
         projected = {id(p) for _, p in groups[-1]["params"]}
@@ -301,7 +299,7 @@ def training_memory_breakdown(
             lm, ln = proj.lowrank_shape(side, m, n, rank)
             # The float32 gradient and update, three low-rank tensors (projected gradient, m, v).
             workspace = max(workspace, 2 * p.numel() * cbytes + 3 * lm * ln * cbytes)
-        elif optim_bits == 8 and name == "adafactor":
+        elif optim_bits == 8 and name == "galore-adafactor":
             # Adafactor's dense step is not elementwise (row and column means, the update's RMS), so
             # it takes the whole weight at once: the decoded first moment and the three float32
             # temporaries of the factored update (R² + ε₁, the update and its next value).
