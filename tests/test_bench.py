@@ -54,6 +54,25 @@ def test_step_on_tiny_model(tmp_path):
     assert (tmp_path / "step.md").read_text().startswith("optimizer.step()")
 
 
+def test_step_rows_and_per_round_ratios(tmp_path):
+    import statistics
+
+    from galorex.bench.__main__ import FLOOR
+
+    args = ["--out", str(tmp_path), "--device", "cpu", "step", "--model", "llama-tiny", "--rank", "8"]
+    main([*args, "--repeats", "3", "--refresh-repeats", "0", "--natural-history", "0", "--rows", "galore-fused"])
+    data = json.loads((tmp_path / "step.json").read_text())["results"]
+    # the reference rows always run; of galorex's only the one asked for
+    assert {n for n in data if n.startswith("galorex")} == {"galorex GaLoreAdamW (fused=True)"}
+    assert FLOOR in data and "torch AdamW (foreach)" in data
+    for name, r in data.items():
+        per_round = [a / b for a, b in zip(r["all_s"], data[FLOOR]["all_s"])]
+        assert r["vs_floor_paired"] == statistics.median(per_round)
+    assert data[FLOOR]["vs_floor_paired"] == 1.0
+    with pytest.raises(SystemExit):
+        main([*args, "--rows", "no-such-row"])
+
+
 def test_refresh_small(tmp_path):
     main(
         [
