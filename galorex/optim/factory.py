@@ -155,11 +155,13 @@ DEFAULT_SCALE = {"galore": 0.25, "natural-galore": 0.25, "gradnorm-lorp": 0.25, 
 DEFAULT_SCALE.update({"fira": 0.25, "apollo": 1.0})
 AVAILABLE = ("adamw", *BUILDERS)
 
-# The learning rate galorex-train uses when --lr is not given: each optimizer's best on llama-tiny
-# (docs/benchmarks.md, "Default learning rates": 100 steps, grid 1e-3/3e-3/1e-2/3e-2, 2026-12-03);
-# the ones not swept there (natural-galore, gradnorm-lorp, galore-adafactor) keep the former shared 3e-3.
+# The learning rate galorex-train uses when --lr is not given: each optimizer's best on llama-tiny at
+# galorex-train's own default length (docs/benchmarks.md, "Default learning rates at 1000 steps":
+# grid 3e-3/1e-2/3e-2, extended at an edge, 2026-12-03); natural-galore and gradnorm-lorp from the
+# 300-step sweep of the same day (the longest they were swept); galore-adafactor, never swept, keeps 3e-3.
 DEFAULT_LR = {name: 3e-3 for name in AVAILABLE}
-DEFAULT_LR.update({"adamw": 3e-3, "galore": 3e-2, "fira": 1e-2, "apollo": 3e-2, "apollo-mini": 3e-3})
+DEFAULT_LR.update({"adamw": 3e-3, "galore": 3e-2, "fira": 3e-3, "apollo": 1e-2, "apollo-mini": 3e-3})
+DEFAULT_LR.update({"natural-galore": 1e-2, "gradnorm-lorp": 3e-2})
 
 
 def default_lr(name: str) -> float:
