@@ -65,7 +65,7 @@ def test_step_rows_and_per_round_ratios(tmp_path):
     # the reference rows always run; of galorex's only the one asked for
     assert {n for n in data if n.startswith("galorex")} == {"galorex GaLoreAdamW (fused=True)"}
     assert FLOOR in data and "torch AdamW (foreach)" in data
-    for name, r in data.items():
+    for r in data.values():
         per_round = [a / b for a, b in zip(r["all_s"], data[FLOOR]["all_s"])]
         assert r["vs_floor_paired"] == statistics.median(per_round)
     assert data[FLOOR]["vs_floor_paired"] == 1.0

@@ -127,7 +127,16 @@ class _ArithmeticFloor:
 
 
 FLOOR = "floor: fused AdamW + 2 GEMMs + low-rank Adam"
-STEP_ROWS = ("galore", "galore-fused", "natural-galore", "fira", "apollo", "apollo-mini", "apollo-fused", "apollo-mini-fused")
+STEP_ROWS = (
+    "galore",
+    "galore-fused",
+    "natural-galore",
+    "fira",
+    "apollo",
+    "apollo-mini",
+    "apollo-fused",
+    "apollo-mini-fused",
+)
 
 
 def bench_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,7 +441,10 @@ def _norm_scaled_optimizers(
     apollo = lambda **kw: ApolloAdamW(groups(), lr=1e-3, **kw)
     mini = lambda **kw: ApolloAdamW.mini(galore_param_groups(model, update_proj_gap=gap), lr=1e-3, **kw)
     builders = {
-        "fira": ("galorex FiraAdamW", lambda: FiraAdamW(galore_param_groups(model, rank=rank, update_proj_gap=gap), lr=1e-3)),
+        "fira": (
+            "galorex FiraAdamW",
+            lambda: FiraAdamW(galore_param_groups(model, rank=rank, update_proj_gap=gap), lr=1e-3),
+        ),
         "apollo": ("galorex ApolloAdamW", apollo),
         "apollo-mini": ("galorex APOLLO-Mini", mini),
     }
