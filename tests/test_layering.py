@@ -8,7 +8,7 @@ The layers of galorex.optim, lowest first; a module may import only from its own
                                             settings, 8-bit and 4-bit codes, typed records, Adam's maths
     1  codec, dense                            state storage around rules; AdamW for unprojected params
     2  rules.*                                 what runs inside the subspace (knows no optimizer)
-    3  checkpointing, layerwise, fused, sharded  what the loop mixes in or hands a step to
+    3  checkpointing, layerwise, fused, sharded, writes  what the loop mixes in or hands a step to
     4  lowrank                                 the one step loop
     5  galore, natural_galore, gradnorm_lorp, adafactor, fira, apollo, base
                                             thin bindings (and the 0.1 import path)
@@ -40,6 +40,7 @@ OPTIM_LAYERS = {
     "layerwise": 3,
     "fused": 3,
     "sharded": 3,
+    "writes": 3,
     "lowrank": 4,
     "galore": 5,
     "natural_galore": 5,

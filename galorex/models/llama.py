@@ -613,6 +613,8 @@ def materialize_(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     seed: int | None = 0,
+    weight_bits: int | None = None,
+    weight_group_size: int = 256,
 ) -> Llama:
     """Give a model built on the meta device storage, one piece at a time, in ``dtype`` on
     ``device``, and initialise each piece there (``seed=None``: leave the storage uninitialised,
@@ -624,16 +626,31 @@ def materialize_(
     piece's workspace. The same seed gives the same weights on the same device and dtype. A tied
     head is re-tied to the materialised embedding. Rotary tables are rebuilt in float32.
 
+    With ``weight_bits=8`` the attention and MLP weights (those GaLore projects) of each piece are
+    converted to INT8 codes (``galorex.weights.quantize_linear_``, rounded to nearest) as soon as
+    the piece is initialised, so the model never holds more than one piece in ``dtype``.
+
     Args:
         model: a :class:`Llama` built under ``torch.device("meta")``.
         device: where its storage is allocated.
-        dtype: the parameters' dtype (None: keep the model's).
-        seed: seeds each piece's generator; None leaves the storage uninitialised.
+        dtype: the parameters' dtype (None: keep the model's); the compute dtype of INT8 weights.
+        seed: seeds each piece's generator; None leaves the storage uninitialised (INT8 weights:
+            zero codes, to be loaded).
+        weight_bits: None, or 8 for INT8 attention and MLP weights.
+        weight_group_size: elements per INT8 scale (a positive multiple of 32).
 
     Returns:
         ``model`` itself, materialised.
     """
     device = torch.device(device)
+    quantized: set[str] = set()
+    if weight_bits is not None:
+        from ..weights.codes import check_group_size
+        from ..weights.convert import check_bits, quantized_linear_names
+
+        check_bits(weight_bits, "weight_bits")
+        check_group_size(weight_group_size, "weight_group_size")
+        quantized = set(quantized_linear_names(model))
     if dtype is not None:
         model.to(dtype=dtype)  # on the meta device: changes dtypes, allocates nothing
     for index, (name, module) in enumerate(model.pieces()):
@@ -641,6 +658,12 @@ def materialize_(
         if seed is not None:
             gen = torch.Generator(device=device).manual_seed(_piece_seed(seed, index))
             model.init_piece_(name, module, gen)
+        if quantized:
+            from ..weights.convert import quantize_linear_
+
+            for sub_name, sub in module.named_modules():
+                if (f"{name}.{sub_name}" if sub_name else name) in quantized:
+                    quantize_linear_(sub, weight_group_size, values=seed is not None)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model
@@ -652,16 +675,20 @@ def build_llama(
     dtype: torch.dtype = torch.float32,
     seed: int | None = 0,
     activation_checkpointing: bool = False,
+    weight_bits: int | None = None,
+    weight_group_size: int = 256,
 ) -> Llama:
     """A Llama built on the meta device and materialised piece by piece in ``dtype`` on ``device``
-    (:func:`materialize_`): a 7B model in bf16 never passes through float32.
+    (:func:`materialize_`): a 7B model in bf16 never passes through float32, and with
+    ``weight_bits=8`` its attention and MLP weights never exist whole in bf16.
 
     Args:
         cfg: the model's :class:`LlamaConfig`.
         device, dtype: where and in which dtype its parameters live.
         seed: the initialisation seed; None leaves the weights uninitialised (load them next).
         activation_checkpointing: as :class:`Llama`.
+        weight_bits, weight_group_size: INT8 attention and MLP weights (:func:`materialize_`).
     """
     with torch.device("meta"):
         model = Llama(cfg, activation_checkpointing=activation_checkpointing)
-    return materialize_(model, device, dtype, seed)
+    return materialize_(model, device, dtype, seed, weight_bits, weight_group_size)

@@ -57,7 +57,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``moment_policy`` (``keep`` as galore-torch; ``reset`` zeroes the statistics and restarts β̂_t;
     ``reproject`` carries m by R = P_newᵀP_old and the factored V̂ by R∘R, then re-factors it),
     ``oversample``, ``power_iters``, ``refresh_seed``, ``optim_bits``, ``basis_bits``,
-    ``basis_rotation``.
+    ``basis_rotation``, ``weight_rounding``, ``rounding_seed`` (INT8 and bf16 weights).
 
     ``optim_bits=8`` stores the first moment ``exp_avg`` (and a vector's unfactored ``exp_avg_sq``)
     block-wise in 8 bits through the state codec, projected and unprojected parameters alike, when
@@ -105,6 +105,8 @@ class GaLoreAdafactor(LowRankOptimizer):
         optim_bits: int = 32,
         basis_bits: int = 32,
         basis_rotation: bool = False,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
         compile: CompileOption = False,
         layerwise: bool = False,
         accumulation_steps: int = 1,
@@ -131,6 +133,8 @@ class GaLoreAdafactor(LowRankOptimizer):
             "optim_bits": optim_bits,
             "basis_bits": basis_bits,
             "basis_rotation": basis_rotation,
+            "weight_rounding": weight_rounding,
+            "rounding_seed": rounding_seed,
         }
         super().__init__(
             params,

@@ -3,7 +3,8 @@
 torch keeps only ``defaults``, ``state`` and ``param_groups`` in a pickle; the constructor's options
 travel here too, so a copy steps exactly as the original. ``load_state_dict`` keeps subspace state
 in the dtype it was saved with (torch would round the float32 basis and moments of a bf16 weight
-to bf16), and step counters become CPU float32 tensors whatever the checkpoint held.
+to bf16), as does the float32 state of a weight stepped on a working copy (``galorex.weights``), and
+step counters become CPU float32 tensors whatever the checkpoint held.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 import torch
 
+from ..weights.write import needs_working_copy
 from . import codec
-from .config import PROJ_STEP, as_step_tensor
+from .config import PROJ_STEP, WEIGHT_ROUNDING, as_step_tensor
 from .dense import eight_bit
 from .plan import is_dtensor
 
@@ -115,9 +117,11 @@ class CheckpointMixin:
                     projected
                     or keep_dtype
                     or eight_bit(group)
+                    or needs_working_copy(p, group.get(WEIGHT_ROUNDING))
                     or not (value.is_floating_point() and p.is_floating_point())
                 ):
-                    # 8-bit scales and float32 small moments keep their dtype, like subspace state.
+                    # 8-bit scales and float32 small moments keep their dtype, like subspace state;
+                    # so does the float32 state of a weight stepped on a working copy (INT8 codes).
                     restored[key] = value.detach().to(device=p.device, copy=True)
                 else:
                     restored[key] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)

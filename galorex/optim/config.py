@@ -37,7 +37,11 @@ BASIS_ROTATION = "basis_rotation"
 AMSGRAD = "amsgrad"
 MAXIMIZE = "maximize"
 
+WEIGHT_ROUNDING = "weight_rounding"
+ROUNDING_SEED = "rounding_seed"
+
 EPS_MODES = ("torch", "galore_torch")
+WEIGHT_ROUNDINGS = ("nearest", "stochastic")
 MOMENT_POLICIES = ("keep", "reset", "reproject")
 
 # State keys every projected parameter has.
@@ -161,6 +165,31 @@ class StatePrecision:
             raise bad(BASIS_ROTATION, "rotates a quantised basis: it needs basis_bits=4 or 8")
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightWrite:
+    """How the step writes a weight stored below the compute precision: a bf16 weight, or INT8
+    codes (``galorex.quantize_weights``), for every group, projected or not (``galorex.weights``).
+
+    Args:
+        weight_rounding: ``nearest``, ``stochastic``, or None: stochastic for INT8 weights, nearest
+            for bf16 weights (the measured default, docs/benchmarks.md). Stochastic rounding applies
+            the float32 update to a working copy and rounds it up with probability equal to the
+            fraction it lies above the grid point below, so updates smaller than the grid survive
+            in expectation.
+        rounding_seed: seeds the stochastic rounding's draws with the parameter's index and its
+            step (splitmix64), so a resumed run rounds the same way.
+    """
+
+    weight_rounding: str | None = None
+    rounding_seed: int = 0
+
+    def validate(self, bad: Bad) -> None:
+        if self.weight_rounding not in (None,) + WEIGHT_ROUNDINGS:
+            raise bad(WEIGHT_ROUNDING, f"must be None or one of {WEIGHT_ROUNDINGS}")
+        if not is_int(self.rounding_seed):
+            raise bad(ROUNDING_SEED, "must be an integer")
+
+
 def _from_group(cls: type, group: dict[str, Any]) -> Any:
     return cls(**{f.name: dict.get(group, f.name, f.default) for f in dataclasses.fields(cls)})
 
@@ -171,6 +200,10 @@ def projection_config(group: dict[str, Any]) -> ProjectionConfig:
 
 def refresh_config(group: dict[str, Any]) -> RefreshConfig:
     return _from_group(RefreshConfig, group)
+
+
+def weight_write(group: dict[str, Any]) -> WeightWrite:
+    return _from_group(WeightWrite, group)
 
 
 def state_precision(group: dict[str, Any]) -> StatePrecision:
@@ -185,7 +218,7 @@ def group_keys(*configs: Any) -> dict[str, Any]:
 def projection_defaults() -> dict[str, Any]:
     """Every projection, refresh and precision key with its default (``rank`` excluded: absent
     means unprojected)."""
-    keys = group_keys(ProjectionConfig(), RefreshConfig(), StatePrecision())
+    keys = group_keys(ProjectionConfig(), RefreshConfig(), StatePrecision(), WeightWrite())
     keys.pop(RANK)
     return keys
 
@@ -195,6 +228,7 @@ def validate_projection(group: dict[str, Any], index: int) -> None:
     bad = bad_key(group, index)
     projection = projection_config(group)
     state_precision(group).validate(bad, projection.rank is not None)
+    weight_write(group).validate(bad)
     projection.validate(bad)
     if projection.rank is not None:
         refresh_config(group).validate(bad)
@@ -298,7 +332,7 @@ class RuleOptions:
 
 
 # The dataclasses whose fields are the optimizers' named options (galorex-train's flags).
-OPTION_CONFIGS: tuple[type, ...] = (ProjectionConfig, RefreshConfig, StatePrecision, RuleOptions)
+OPTION_CONFIGS: tuple[type, ...] = (ProjectionConfig, RefreshConfig, StatePrecision, WeightWrite, RuleOptions)
 OPTIM_BITS_CHOICES = (8, 32)
 BASIS_BITS_CHOICES = (4, 8, 32)
 # Options whose values form a short list (the validators above refuse anything else).
@@ -309,6 +343,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     REFRESH_METHOD: proj.REFRESH_METHODS,
     OPTIM_BITS: OPTIM_BITS_CHOICES,
     BASIS_BITS: BASIS_BITS_CHOICES,
+    WEIGHT_ROUNDING: WEIGHT_ROUNDINGS,
 }
 
 
@@ -387,6 +422,7 @@ def validate_options(values: dict[str, Any], bad: Bad) -> None:
     projection keys are checked whenever it is given)."""
     projection = _from_group(ProjectionConfig, values)
     _from_group(StatePrecision, values).validate(bad, projection.rank is not None)
+    _from_group(WeightWrite, values).validate(bad)
     projection.validate(bad)
     if projection.rank is not None:
         _from_group(RefreshConfig, values).validate(bad)

@@ -71,12 +71,14 @@ def build_optimizer(
     adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     optim_bits = settings.pop(config.OPTIM_BITS, 32)
     rule_options = {k: settings.pop(k) for k in RULE_OPTIONS if k in settings}
+    # How weights below the compute precision are written applies to every group, as optim_bits.
+    adam.update({k: settings.pop(k) for k in WEIGHT_OPTIONS if k in settings})
     if name == "adamw":
-        if optim_bits == 8 or layerwise:
-            # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments
-            # and with layer-wise updates.
+        if optim_bits == 8 or layerwise or _needs_galorex_write(model, adam):
+            # A galorex optimizer without a rank group is AdamW; it is the one with 8-bit moments,
+            # with layer-wise updates, and that writes INT8 or stochastically rounded weights.
             return GaLoreAdamW(model.parameters(), **adam, optim_bits=optim_bits, **lw)
-        return torch.optim.AdamW(model.parameters(), **adam)
+        return torch.optim.AdamW(model.parameters(), **{k: v for k, v in adam.items() if k not in WEIGHT_OPTIONS})
     build = builder(name)
     groups = galore_param_groups(
         model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, target_modules=target_modules, **settings
@@ -86,6 +88,17 @@ def build_optimizer(
 
 # The rules' own options (natural_history …): each goes only to the optimizers whose rule has it.
 RULE_OPTIONS = tuple(o.name for o in config.options() if o.owner is config.RuleOptions)
+# The weight write's options (weight_rounding, rounding_seed): constructor defaults, every group.
+WEIGHT_OPTIONS = tuple(o.name for o in config.options() if o.owner is config.WeightWrite)
+
+
+def _needs_galorex_write(model: nn.Module, options: dict[str, Any]) -> bool:
+    """Whether torch's AdamW cannot step ``model``: INT8 weights, or stochastic rounding asked for."""
+    from ..weights import is_quantized
+
+    stochastic = options.get(config.WEIGHT_ROUNDING) == "stochastic"
+    return stochastic or any(is_quantized(p) for p in model.parameters())
+
 
 Builder = Callable[..., torch.optim.Optimizer]
 
@@ -117,6 +130,7 @@ def _adafactor(groups, *, adam, optim_bits, rule_options, layerwise):
         lr=adam["lr"],
         beta1=beta1 if beta1 > 0 else None,
         weight_decay=adam["weight_decay"],
+        **{k: adam[k] for k in WEIGHT_OPTIONS if k in adam},
         relative_step=False,
         scale_parameter=False,
         optim_bits=optim_bits,

@@ -59,6 +59,14 @@ class GaLoreAdamW(LowRankOptimizer):
       pay on GaLore's bases. The Hadamard blocks are the largest power of two dividing the rank, at
       most 64: an odd rank is not rotated at all, rank 40 in blocks of 8.
 
+    - ``weight_rounding`` (None) and ``rounding_seed`` (0): how a weight stored below the compute
+      precision is written — INT8 codes (``galorex.quantize_weights``) or a bf16 weight. None:
+      stochastic for INT8 codes, round-to-nearest for bf16; ``"stochastic"`` updates a float32
+      working copy and rounds it up with probability equal to its fraction above the grid point
+      below (q = ⌊x⌋ + 𝟙[u < x − ⌊x⌋]), with draws seeded from (``rounding_seed``, parameter,
+      step); ``"nearest"`` rounds to nearest. Unprojected weights stepped so keep float32 AdamW
+      moments (``galorex.weights``).
+
     - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
       ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
       Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.lowp.projection``).
@@ -119,8 +127,8 @@ class GaLoreAdamW(LowRankOptimizer):
             differentiable: as ``torch.optim.AdamW`` (above for what a projected group does
             with them).
         update_proj_gap, scale, proj_type, refresh_method, moment_policy, oversample,
-            power_iters, refresh_seed, eps_mode, optim_bits, basis_bits, basis_rotation: the
-            defaults of the group keys of the same names (above).
+            power_iters, refresh_seed, eps_mode, optim_bits, basis_bits, basis_rotation,
+            weight_rounding, rounding_seed: the defaults of the group keys of the same names (above).
         compile: False, True, or a dict of ``torch.compile`` options for the numeric update.
         layerwise, accumulation_steps, per_param_grad_clip: the layer-wise mode (above).
         **rule_options: the rule's own group keys (a subclass's, e.g. NaturalGaLoreAdamW's
@@ -154,6 +162,8 @@ class GaLoreAdamW(LowRankOptimizer):
         optim_bits: int = 32,
         basis_bits: int = 32,
         basis_rotation: bool = False,
+        weight_rounding: str | None = None,
+        rounding_seed: int = 0,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -186,6 +196,8 @@ class GaLoreAdamW(LowRankOptimizer):
             optim_bits=optim_bits,
             basis_bits=basis_bits,
             basis_rotation=basis_rotation,
+            weight_rounding=weight_rounding,
+            rounding_seed=rounding_seed,
             amsgrad=amsgrad,
             maximize=maximize,
             foreach=foreach,

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from .. import projection as proj
 from ..lowp.projection import project_lowprec
+from ..weights import write as weight_write
 from . import codec, config
 from .checkpointing import CheckpointMixin
 from .config import PROJ_STEP, RANK, STEP, CompileOption, compute_dtype
@@ -32,9 +33,10 @@ from .dense import eight_bit
 from .layerwise import LayerwiseMixin
 from .plan import Plan, Work, is_dtensor
 from .rules.base import Rule
+from .writes import WeightWriteMixin
 
 
-class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
+class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimizer):
     """The projected step loop around a rule (``rule``, a class attribute of each binding).
 
     Args:
@@ -111,6 +113,10 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
             if sharded_params:
                 from . import sharded
 
+                if config.weight_write(group).weight_rounding == "stochastic":
+                    raise config.bad_key(group, index)(
+                        config.WEIGHT_ROUNDING, "is not supported with FSDP2 (DTensor) parameters yet"
+                    )
                 sharded.check_group(self, group, index)
             if self._layerwise:
                 self._register_layerwise_hooks(index)
@@ -210,9 +216,6 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
                 self._dense_step(group, dense)
             if projected:
                 lowrank_step(group, projected)
-
-    def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        self.rule.step_dense(group, params, self.state, self._compiled)
 
     def _refresh_generator(self, device: torch.device, seed: int, index: int, step: int) -> torch.Generator:
         # Seeded from (seed, parameter, step) so a resumed run draws the same sketch without any
@@ -334,9 +337,17 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         ]
         from .fused import fused_update
 
-        if self._fused_path_applies(group, works):
+        rounding = config.weight_write(group).weight_rounding
+        copied = [w for w in works if weight_write.needs_working_copy(w.param, rounding)]
+        if not copied and self._fused_path_applies(group, works):
             return fused_update(self, group, works)
-        self._compiled("lowrank_update", self._lowrank_update)(group, works)
+        update = self._compiled("lowrank_update", self._lowrank_update)
+        if not copied:
+            return update(group, works)
+        plain = [w for w in works if not any(w is c for c in copied)]
+        if plain:
+            update(group, plain)
+        self._update_on_copies(group, copied, update)
 
     def _fused_path_applies(self, group: dict[str, Any], works: list[Work]) -> bool:
         from .fused import fused_path_applies
@@ -349,18 +360,21 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         params, weights, lows, views, all_bases, records = [], [], [], [], [], []
         for w in works:
             p = w.param
+            # The weight as the rule reads and writes it: the parameter, or its float32 working copy.
+            weight = p if w.target is None else w.target
             bases = w.bases if w.bases is not None else codec.load_bases(w.state, w.side, p, group[RANK])
-            g, record = rule.gradient(group, p, w.grad)
+            g, record = rule.gradient(group, weight, w.grad)
             lows.append(self._project_gradient(group, g, bases, w.side))
+            del g  # the float32 gradient is freed here unless the rule keeps it as its record
             w.state[STEP] += 1
             params.append(p)
-            weights.append(proj.as_matrix(p))
+            weights.append(proj.as_matrix(weight))
             views.append(codec.load_view(w.state, keys, compute_dtype(p.dtype)))
             all_bases.append(bases)
             records.append(record)
         steps = rule.steps(group, params, weights, lows, views)
         for w, view, step, bases, record in zip(works, views, steps, all_bases, records):
-            rule.write(group, w.param, view, step, bases, w.side, record)
+            rule.write(group, w.param if w.target is None else w.target, view, step, bases, w.side, record)
             codec.store_view(w.state, view, keys, eight)
 
     def _project_gradient(self, group: dict[str, Any], g: torch.Tensor, bases, side: str) -> torch.Tensor:

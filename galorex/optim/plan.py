@@ -44,6 +44,7 @@ class Work(NamedTuple):
     grad: torch.Tensor
     state: dict[str, Any]
     bases: list[torch.Tensor] | None = None  # generated on the host (None: stored in the state)
+    target: torch.Tensor | None = None  # a float32 working copy the rule writes instead of param
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
