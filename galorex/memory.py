@@ -230,19 +230,26 @@ def training_memory_breakdown(
     batch_size: int = 1,
     seq_len: int = 256,
     beta1: float = 0.9,
+    weight_bits: int | None = None,
+    weight_group_size: int = 256,
+    weight_rounding: str | None = None,
 ) -> dict[str, int]:
     """The analytic peak of a ``galorex-train`` step, in bytes, by part:
 
-    - ``weights``: every parameter in ``dtype``;
+    - ``weights``: every parameter in ``dtype``; with ``weight_bits=8`` the attention and MLP
+      weights as one byte an element plus a float32 scale per ``weight_group_size`` elements;
     - ``gradients``: every gradient at once, or with ``layerwise`` the largest live one (each is
       stepped and freed as soon as it is complete);
     - ``optimizer_state``: :func:`estimate_optimizer_state_bytes` on the groups ``galorex-train``
       builds (attention and MLP weights projected at ``rank``, the rest on AdamW; ``adamw`` alone
       keeps its moments in ``dtype``, in 8 bits with ``optim_bits=8``);
     - ``activations``: :func:`activation_bytes` for the batch;
-    - ``step_workspace``: float32 temporaries of the optimizer's largest single update: the full
-      gradient in float32 and the low-rank Adam step of the largest projected weight, or the
-      float32 temporaries of one slice of the largest unprojected weight when ``optim_bits=8``
+    - ``step_workspace``: float32 temporaries of the optimizer's largest single update: for the
+      largest projected weight, its low-rank step and its float32 copies — the gradient cast to
+      float32 (freed after the projection unless the rule keeps it: Fira, APOLLO, GradNormLoRP)
+      and the weight's float32 working copy when its storage is below float32 (bf16, INT8 codes),
+      with the rounding write's chunk temporaries for INT8 or stochastically rounded weights — or
+      the float32 temporaries of one slice of the largest unprojected weight when ``optim_bits=8``
       (stepped ``DENSE_8BIT_CHUNK`` elements at a time; GaLoreAdafactor's whole weight at once),
       whichever is larger;
     - ``runtime``: the interpreter and torch themselves (:data:`CPU_RUNTIME_BYTES`).
@@ -259,16 +266,29 @@ def training_memory_breakdown(
             ``--activation-checkpointing``.
         batch_size, seq_len: the training batch.
         beta1: the first moment's β₁ of an optimizer for which it is optional (0: none kept).
+        weight_bits, weight_group_size: INT8 attention and MLP weights (``--weight-bits 8``).
+        weight_rounding: as the group key (stochastic rounding writes bf16 weights on a copy).
     """
     from .models.llama import Llama
     from .optim.groups import galore_param_groups
+    from .weights import codes as weight_codes
+    from .weights.convert import quantized_linear_names
+    from .weights.write import BF16_DEFAULT_ROUNDING
 
     with torch.device("meta"):
         model = Llama(model_cfg).to(dtype)
     params = list(model.parameters())
     sizes = [p.numel() * p.element_size() for p in params]
-    weights = sum(sizes)
-    gradients = max(sizes) if layerwise else weights
+    quantized: set[int] = set()
+    if weight_bits is not None:
+        modules = dict(model.named_modules())
+        quantized = {id(modules[n].weight) for n in quantized_linear_names(model)}
+    stored = [
+        p.numel() + 4 * weight_codes.num_groups(p.numel(), weight_group_size) if id(p) in quantized else size
+        for p, size in zip(params, sizes)
+    ]
+    weights = sum(stored)
+    gradients = max(sizes) if layerwise else sum(sizes)
     name = registry.ALIASES.get(optimizer, optimizer)  # one spelling per optimizer from here on
     if optimizer == "apollo-mini":
         rank = 1  # ApolloAdamW.mini sets rank 1 on every projected group
@@ -291,14 +311,23 @@ def training_memory_breakdown(
         )
         projected = {id(p) for _, p in groups[-1]["params"]}
     cbytes = 8 if dtype == torch.float64 else 4
+    below = dtype not in (torch.float32, torch.float64)  # gradient cast, weight on a float32 copy
+    stochastic = (weight_rounding or BF16_DEFAULT_ROUNDING) == "stochastic"
+    keeps_gradient = name in ("fira", "apollo", "gradnorm-lorp")  # the rule's record is the gradient
     workspace = 0
     for p in params:
         if id(p) in projected:
             m, n = proj.matrix_shape(p.shape)
             side = proj.projection_side(proj_type, m, n)
             lm, ln = proj.lowrank_shape(side, m, n, rank)
-            # The float32 gradient and update, three low-rank tensors (projected gradient, m, v).
-            workspace = max(workspace, 2 * p.numel() * cbytes + 3 * lm * ln * cbytes)
+            # Float32 copies of the gradient (cast, while it is projected; kept through the write
+            # when the rule needs it) and of the weight (written on a copy), three low-rank tensors
+            # (projected gradient, m, v), and the rounding write's chunk temporaries.
+            copies = int(below) * (2 if keeps_gradient else 1) + int(id(p) in quantized and not below)
+            rounding = id(p) in quantized or (below and stochastic)
+            chunk = weight_codes.WRITE_TEMPORARIES * min(p.numel(), weight_codes.chunk_elements(weight_group_size))
+            step = copies * p.numel() * cbytes + 3 * lm * ln * cbytes + (chunk * 4 if rounding else 0)
+            workspace = max(workspace, step)
         elif optim_bits == 8 and name == "galore-adafactor":
             # Adafactor's dense step is not elementwise (row and column means, the update's RMS), so
             # it takes the whole weight at once: the decoded first moment and the three float32

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from problems import assert_same, tiny_train_args
+from safetensors.torch import load_file
 
 from galorex.train.checkpoint import list_checkpoints, load_checkpoint
 from galorex.train.cli import main
+from galorex.weights import codes as weight_codes
 
 TINY = tiny_train_args()
 ERROR_PREFIX = "galorex-train: error:"
@@ -266,6 +268,10 @@ RESUME = {
         "--update-proj-gap",
         "4",
     ],
+    # INT8 weights written with stochastic rounding (draws seeded by parameter and step).
+    "galore-int8-weights": ["--optimizer", "galore", "--update-proj-gap", "4", "--weight-bits", "8"],
+    # bf16 weights with stochastic rounding, on AdamW (the unprojected write).
+    "adamw-bf16-stochastic": ["--optimizer", "adamw", "--dtype", "bf16", "--weight-rounding", "stochastic"],
 }
 COMPARED = ("step", "tokens_seen", "model", "optimizer", "scheduler", "data", "rng")
 
@@ -471,6 +477,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "halo": (["--halo-format", "int8"], ["--halo-format", "needs --halo"]),
         "basis-rotation": (["--basis-rotation"], ["--basis-rotation", "--basis-bits 4 or 8"]),
         "dataset-without-datasets": (["--dataset", "c4"], ["datasets"]),
+        "weight-bits-4": (["--weight-bits", "4"], ["--weight-bits must be one of (8,)", "got 4"]),
+        "weight-group-size": (["--weight-bits", "8", "--weight-group-size", "48"], ["--weight-group-size", "32"]),
+        "weight-group-size-alone": (["--weight-group-size", "64"], ["--weight-group-size needs --weight-bits 8"]),
+        "halo-with-weight-bits": (["--halo", "1", "--weight-bits", "8"], ["--halo with --weight-bits"]),
+        "fsdp2-with-weight-bits": (["--distributed", "fsdp2", "--weight-bits", "8"], ["--weight-bits", "fsdp2"]),
     }
 
 
@@ -484,6 +495,11 @@ BAD = [
     "halo",
     "basis-rotation",
     "dataset-without-datasets",
+    "weight-bits-4",
+    "weight-group-size",
+    "weight-group-size-alone",
+    "halo-with-weight-bits",
+    "fsdp2-with-weight-bits",
 ]
 
 
@@ -806,3 +822,39 @@ def test_the_loss_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     assert _plot(metrics, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert matplotlib.get_backend() == before
+
+
+def test_init_from_converts_between_float_and_int8_weights(tmp_path, capsys):
+    """--init-from a float run into --weight-bits 8 quantises each weight to nearest; a float run
+    from an INT8 run's file dequantises them; both from safetensors and from a checkpoint."""
+    float_run, int8_run, back = tmp_path / "f", tmp_path / "q", tmp_path / "b"
+    assert main(TINY + ["--steps", "2", "--save-every", "2", "--eval-every", "0", "--out", str(float_run)]) == 0
+    for i, source in enumerate((float_run / "model.safetensors", float_run / "checkpoints" / "ckpt-00000002.pt")):
+        out = tmp_path / f"q{i}"
+        argv = TINY + ["--steps", "0", "--weight-bits", "8", "--init-from", str(source), "--out", str(out)]
+        assert main(argv) == 0
+        saved = load_file(out / "model.safetensors")
+        want = load_file(float_run / "model.safetensors")["layers.0.mlp.up_proj.weight"]
+        codes, scales = weight_codes.quantize(want, 256)
+        assert torch.equal(saved["layers.0.mlp.up_proj.weight_codes"], codes)
+        assert torch.equal(saved["layers.0.mlp.up_proj.weight_scales"], scales)
+    argv = TINY + [
+        "--steps",
+        "2",
+        "--weight-bits",
+        "8",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--out",
+        str(int8_run),
+    ]
+    assert main(argv) == 0
+    assert main(TINY + ["--steps", "0", "--init-from", str(int8_run / "model.safetensors"), "--out", str(back)]) == 0
+    capsys.readouterr()
+    q, b = load_file(int8_run / "model.safetensors"), load_file(back / "model.safetensors")
+    deq = weight_codes.dequantize(
+        q["layers.1.attn.v_proj.weight_codes"], q["layers.1.attn.v_proj.weight_scales"], 256, torch.float32
+    )
+    assert torch.equal(b["layers.1.attn.v_proj.weight"], deq)

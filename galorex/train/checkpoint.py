@@ -38,6 +38,7 @@ __all__ = [
     "save_safetensors",
     "read_safetensors_header",
     "load_safetensors_into",
+    "read_safetensors_tensor",
     "save_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
@@ -319,9 +320,27 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, dic
     return header, data_start
 
 
+def read_safetensors_tensor(path: str | os.PathLike[str], name: str) -> torch.Tensor:
+    """One entry of a safetensors file as a new CPU tensor of its own dtype (read, no memory map)."""
+    p = Path(path)
+    header, data_start = read_safetensors_header(p)
+    if name not in header:
+        raise CheckpointError(f"{p}: holds no tensor {name!r}")
+    entry = header[name]
+    t = torch.empty(entry["shape"], dtype=_ST_NAMES[entry["dtype"]])
+    if t.numel():
+        with open(p, "rb", buffering=0) as f:
+            f.seek(data_start + entry["data_offsets"][0])
+            _readinto_exactly(f, _byte_view(t), p, name)
+    return t
+
+
 @torch.no_grad()
 def load_safetensors_into(
-    targets: dict[str, torch.Tensor], path: str | os.PathLike[str], what: str = "the model"
+    targets: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    what: str = "the model",
+    skip: frozenset[str] | set[str] = frozenset(),
 ) -> None:
     """Read a safetensors file straight into ``targets`` (e.g. ``model.state_dict()``, whose
     tensors share the parameters' storage), one tensor at a time.
@@ -329,13 +348,14 @@ def load_safetensors_into(
     A contiguous CPU target of the file's dtype is filled by ``readinto`` with no copy at all;
     any other (another dtype, a GPU) through a buffer of at most 64 MiB. Plain reads, no memory
     map: the file's pages never count as this process's memory. Names and shapes must match
-    exactly; a mismatch raises :class:`CheckpointError` naming the file and the tensor, before
-    anything is written.
+    exactly (entries named in ``skip`` may be in the file: the caller reads them itself); a
+    mismatch raises :class:`CheckpointError` naming the file and the tensor, before anything is
+    written.
     """
     p = Path(path)
     header, data_start = read_safetensors_header(p)
     missing = sorted(set(targets) - set(header))
-    unexpected = sorted(set(header) - set(targets))
+    unexpected = sorted(set(header) - set(targets) - set(skip))
     if missing or unexpected:
         raise CheckpointError(f"{p}: keys do not match {what} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for name, t in targets.items():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..optim.factory import available as available_optimizers
+from . import allocator
 from .config import option_flags
 from .recipes import RECIPES, recipe_settings
 from .tracking import REPORT_TO
@@ -162,10 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the model even when the memory estimate says the run does not fit",
     )
     a("--no-save-model", dest="save_model", action="store_false", help="do not write OUT/model.safetensors")
+    a(
+        "--weight-bits",
+        type=int,
+        default=d.weight_bits,
+        help="8: keep the attention and MLP weights as INT8 codes with one scale per --weight-group-size "
+        "elements, dequantised for each matmul and written with --weight-rounding (stochastic by default)",
+    )
+    a("--weight-group-size", type=int, default=d.weight_group_size, help="elements per INT8 weight scale")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``galorex-train`` (and ``python -m galorex.train``). Run as the command (``argv`` None: the
+    process's own arguments), it first has the C allocator return freed blocks to the system
+    (``galorex.train.allocator``: the peak the run's memory estimate counts), before anything is
+    built; called with an argument list (tests, notebooks) it leaves the process's allocator alone."""
+    if argv is None:
+        allocator.configure()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["tokenizer"]:  # galorex-train tokenizer --data DIR --vocab-size N --out tok.json
         from .tokenizer import main as tokenizer_main

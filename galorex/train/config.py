@@ -34,6 +34,8 @@ TRAIN_HELP = {
     "(galorex.lowp.projection); default: in the compute dtype",
     "scale": "scale of the projected-back update (GaLore's scale, Fira's alpha, APOLLO's scale); "
     "default: the optimizer's own (0.25; apollo 1)",
+    "weight_rounding": "how the step writes INT8 (--weight-bits 8) and bf16 weights: stochastic or nearest "
+    "(default: stochastic for INT8, nearest for bf16)",
 }
 
 # Settings a resumed run may change; every other one defines the model, the optimizer, the
@@ -214,6 +216,8 @@ class TrainConfig(_OptimizerFields):
     activation_checkpointing: bool = False
     force: bool = False  # build the model even when the memory estimate says it will not fit
     save_model: bool = True  # write OUT/model.safetensors at the end
+    weight_bits: int | None = None  # 8: INT8 attention and MLP weights (galorex.weights)
+    weight_group_size: int = 256  # elements per INT8 scale
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,6 +272,24 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("--halo-save-quantized needs --halo 0|1|2")
     if cfg.data is not None and cfg.dataset is not None:
         raise TrainError("give either --data or --dataset, not both")
+    if cfg.weight_bits is not None:
+        from ..weights.codes import check_group_size
+        from ..weights.convert import check_bits
+
+        try:
+            check_bits(cfg.weight_bits, "--weight-bits")
+            check_group_size(cfg.weight_group_size, "--weight-group-size")
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if cfg.halo is not None:
+            raise TrainError(
+                "--halo with --weight-bits: HALO's layers quantise their GEMM operands from float weights, "
+                "INT8 weights are dequantised for bf16/float32 GEMMs; choose one"
+            )
+        if cfg.distributed == "fsdp2":
+            raise TrainError("--weight-bits with --distributed fsdp2 is not supported yet (use ddp, or one process)")
+    elif cfg.weight_group_size != TrainConfig.weight_group_size:
+        raise TrainError("--weight-group-size needs --weight-bits 8")
     if cfg.layerwise and cfg.distributed == "fsdp2":
         raise TrainError(
             "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "

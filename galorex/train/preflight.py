@@ -96,6 +96,9 @@ def _estimate(cfg: TrainConfig, model_cfg: LlamaConfig, dtype: torch.dtype, **ch
         batch_size=c.batch_size,
         seq_len=c.seq_len,
         beta1=c.beta1,
+        weight_bits=c.weight_bits,
+        weight_group_size=c.weight_group_size,
+        weight_rounding=c.weight_rounding,
     )
 
 
@@ -124,6 +127,8 @@ def _preflight(
         options.append(("--activation-checkpointing", {"activation_checkpointing": True}))
     if cfg.basis_bits == 32 and cfg.optimizer != "adamw":
         options.append(("--basis-bits 4", {"basis_bits": 4}))
+    if cfg.weight_bits is None and cfg.halo is None:
+        options.append(("--weight-bits 8", {"weight_bits": 8}))
     if cfg.batch_size > 1:
         half = cfg.batch_size // 2
         options.append((f"--batch-size {half} --grad-accum {2 * cfg.grad_accum}", {"batch_size": half}))
@@ -139,7 +144,11 @@ def _preflight(
             combined.update(change)
         if after < estimate["total"]:
             hints.append(f"{flag} ({g(after)})")
-    advice = "; ".join(hints) if hints else "none of --layerwise, --optim-bits 8, --activation-checkpointing applies"
+    advice = (
+        "; ".join(hints)
+        if hints
+        else "none of --layerwise, --optim-bits 8, --activation-checkpointing, --weight-bits 8 applies"
+    )
     if combined:
         advice += f"; all of these together: {g(_estimate(cfg, model_cfg, dtype, **combined)['total'])}"
     message = (

@@ -29,11 +29,14 @@ from ..models.llama import Llama, LlamaConfig, build_llama, get_config
 from ..optim.factory import DEFAULT_SCALE, PLANNED, build_optimizer, default_lr
 from ..optim.factory import available as available_optimizers
 from ..optim.sharded import local_state_bytes
-from . import distributed
+from ..weights.convert import load_across_storage, reconcile_keys
+from . import allocator, distributed
 from .atomic import atomic_write
 from .checkpoint import (
     CheckpointError,
     load_safetensors_into,
+    read_safetensors_header,
+    read_safetensors_tensor,
     rng_state,
     save_checkpoint,
     save_safetensors,
@@ -213,14 +216,21 @@ def _check_init_file(path: str) -> None:
 def _load_initial_weights(model: Llama, path: str) -> None:
     """--init-from: a safetensors file (e.g. an earlier run's OUT/model.safetensors), read tensor by
     tensor straight into the model's storage (never two copies of the weights), or a torch file
-    holding a state dict or a galorex-train checkpoint (memory-mapped, copied tensor by tensor)."""
+    holding a state dict or a galorex-train checkpoint (memory-mapped, copied tensor by tensor).
+    A weight stored otherwise in the file than in the model (INT8 codes against float values, either
+    way round: --weight-bits 8) is converted one tensor at a time (``galorex.weights.convert``)."""
     p = Path(path)
     _check_init_file(path)
     own = model.state_dict()
     if p.suffix == ".safetensors":
         try:
-            load_safetensors_into(own, p, what="the model")
-        except CheckpointError as e:
+            header, _ = read_safetensors_header(p)
+            quantize, dequantize = reconcile_keys(own, header)
+            replaced = {k for pair in quantize.values() for k in pair} | set(dequantize)
+            saved = set(quantize) | {k for pair in dequantize.values() for k in pair}
+            load_safetensors_into({k: v for k, v in own.items() if k not in replaced}, p, "the model", skip=saved)
+            load_across_storage(model, quantize, dequantize, lambda name: read_safetensors_tensor(p, name))
+        except (CheckpointError, ValueError) as e:
             raise TrainError(f"--init-from {e}") from None
         return
     try:
@@ -230,20 +240,28 @@ def _load_initial_weights(model: Llama, path: str) -> None:
         raise TrainError(f"--init-from {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise TrainError(f"--init-from {path}: holds no state dict")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    quantize, dequantize = reconcile_keys(own, state)
+    replaced = {k for pair in quantize.values() for k in pair} | set(dequantize)
+    direct = {k: v for k, v in own.items() if k not in replaced}
+    expected = set(direct) | set(quantize) | {k for pair in dequantize.values() for k in pair}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise TrainError(
             f"--init-from {path}: keys do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
+    for key, value in direct.items():
+        if tuple(state[key].shape) != tuple(value.shape):
             raise TrainError(
-                f"--init-from {path}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}"
+                f"--init-from {path}: {key} has shape {tuple(state[key].shape)}, the model needs {tuple(value.shape)}"
             )
     with torch.no_grad():
-        for key, value in state.items():
-            own[key].copy_(value)
+        for key, value in direct.items():
+            value.copy_(state[key])
+    try:
+        load_across_storage(model, quantize, dequantize, state.__getitem__)
+    except ValueError as e:
+        raise TrainError(f"--init-from {path}: {e}") from None
 
 
 def _save_weights(state: dict[str, torch.Tensor], out: Path) -> Path:
@@ -449,6 +467,8 @@ def _setup_model(
         dtype=dtype,
         seed=None if loading else cfg.seed,
         activation_checkpointing=cfg.activation_checkpointing,
+        weight_bits=cfg.weight_bits,
+        weight_group_size=cfg.weight_group_size,
     )
     if loading:
         _load_initial_weights(model, cfg.init_from)
@@ -708,6 +728,7 @@ def _report(run: Run, position: Position, wall_s: float) -> dict[str, Any]:
         ),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+        "allocator": allocator.configured(),  # glibc's thresholds: set by galorex-train, or not
         # The same figures at three points of the run, and the analytic breakdown checked before
         # building the model (galorex.memory.training_memory_breakdown).
         "memory": run.memory,

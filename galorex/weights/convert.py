@@ -149,6 +149,73 @@ def has_quantized_weights(model: nn.Module) -> bool:
     return any(isinstance(p, QuantizedWeight) for p in model.parameters())
 
 
+# ----------------------------------------------------------------------------- loading across storage
+def reconcile_keys(
+    own: Iterable[str], source: Iterable[str]
+) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """How a saved state dict's names meet a model whose weights are stored otherwise.
+
+    Args:
+        own: the model's state-dict names.
+        source: the saved names.
+
+    Returns:
+        (``to_quantize``: a float ``<name>.weight`` in the source for a weight held as INT8 codes
+        here → the model's (codes, scales) names it replaces; ``to_dequantize``: a float weight here
+        whose source holds INT8 codes → the source's (codes, scales) names.)
+    """
+    own, source = set(own), set(source)
+    to_quantize, to_dequantize = {}, {}
+    for name in own:
+        if name.endswith("." + CODES_SUFFIX) or name == CODES_SUFFIX:
+            prefix = name[: -len(CODES_SUFFIX)]
+            if prefix + "weight" in source and name not in source:
+                to_quantize[prefix + "weight"] = (name, prefix + SCALES_SUFFIX)
+        elif name.endswith(".weight") or name == "weight":
+            prefix = name[: -len("weight")]
+            pair = (prefix + CODES_SUFFIX, prefix + SCALES_SUFFIX)
+            if name not in source and pair[0] in source:
+                to_dequantize[name] = pair
+    return to_quantize, to_dequantize
+
+
+def group_size_of(numel: int, num_scales: int, what: str) -> int:
+    """The group size that gives ``num_scales`` groups over ``numel`` elements (a saved INT8 weight
+    does not store it), or a ValueError naming ``what``."""
+    size = -(-int(numel) // max(int(num_scales), 1))
+    size = -(-size // 32) * 32
+    if num_scales < 1 or C.num_groups(numel, size) != num_scales:
+        raise ValueError(f"{what}: {num_scales} scales fit no group size (a multiple of 32) over {numel} codes")
+    return size
+
+
+@torch.no_grad()
+def load_across_storage(
+    model: nn.Module,
+    to_quantize: dict[str, tuple[str, str]],
+    to_dequantize: dict[str, tuple[str, str]],
+    read: Any,
+) -> None:
+    """Fill the weights :func:`reconcile_keys` matched across storage, one tensor at a time:
+    ``read(name)`` gives a saved tensor; a float weight is quantised to nearest into INT8 codes, a
+    saved INT8 weight dequantised into a float one. Raises ValueError naming a mismatched shape."""
+    params = dict(model.named_parameters())
+    for name in to_quantize:
+        values, target = read(name), params[name]
+        if tuple(values.shape) != tuple(target.shape):
+            raise ValueError(f"{name} has shape {tuple(values.shape)}, the model needs {tuple(target.shape)}")
+        target.copy_(values)
+    for name, (codes_name, scales_name) in to_dequantize.items():
+        codes, scales, target = read(codes_name), read(scales_name).reshape(-1), params[name]
+        if tuple(codes.shape) != tuple(target.shape) or codes.dtype != torch.int8:
+            raise ValueError(
+                f"{codes_name}: int8 codes of shape {tuple(target.shape)} expected, "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
+        size = group_size_of(codes.numel(), scales.numel(), scales_name)
+        target.copy_(C.dequantize(codes.contiguous(), scales.to(torch.float32), size, target.dtype))
+
+
 # ----------------------------------------------------------------------------- state dicts
 def _register(module: nn.Module, kind: str, hook: Any) -> None:
     if kind == "state_dict_post":
@@ -202,9 +269,12 @@ __all__ = [
     "WEIGHT_BITS",
     "check_bits",
     "dequantize_weights",
+    "group_size_of",
     "has_quantized_weights",
+    "load_across_storage",
     "quantize_linear_",
     "quantize_weights",
     "quantized_linear_names",
     "quantized_modules",
+    "reconcile_keys",
 ]
