@@ -332,6 +332,7 @@ def test_preflight_stops_before_building_and_names_estimate_available_and_fixes(
     assert (
         "--optim-bits 8 (" in err and "--activation-checkpointing (" in err and "--batch-size 1 --grad-accum 2" in err
     )
+    assert "--weight-bits 8 (" in err
     assert not out.exists()
     assert main(TINY + ["--steps", "1", "--out", str(out), "--force"]) == 0
     assert "--force: trying anyway" in capsys.readouterr().out
@@ -376,6 +377,21 @@ def test_breakdown_parts_follow_the_flags():
     assert ckpt["activations"] < base["activations"] and ckpt["weights"] == base["weights"]
     adamw = training_memory_breakdown(cfg, optimizer="adamw", **kw)
     assert adamw["optimizer_state"] == estimate_optimizer_state_bytes(model.to(torch.bfloat16), optimizer="adamw")
+
+
+def test_breakdown_counts_int8_weights_as_the_built_model_holds_them():
+    from galorex.weights import storage_bytes
+
+    cfg = get_config("llama-tiny")
+    kw = dict(dtype=torch.bfloat16, rank=8, batch_size=2, seq_len=32)
+    plain = training_memory_breakdown(cfg, **kw)
+    int8 = training_memory_breakdown(cfg, weight_bits=8, weight_group_size=64, **kw)
+    model = build_llama(cfg, dtype=torch.bfloat16, seed=0, weight_bits=8, weight_group_size=64)
+    assert int8["weights"] == sum(storage_bytes(p) for p in model.parameters())
+    assert plain["weights"] == sum(p.numel() * 2 for p in model.parameters())
+    # The write's float32 working copy of a bf16 or INT8 weight is in the workspace either way.
+    assert int8["step_workspace"] >= plain["step_workspace"]
+    assert int8["gradients"] == plain["gradients"] and int8["optimizer_state"] == plain["optimizer_state"]
 
 
 # --- compact optimizer state ------------------------------------------------------------------
