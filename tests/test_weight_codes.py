@@ -48,12 +48,24 @@ def test_nearest_codes_are_within_half_a_step(rows, cols, groups, magnitude, see
     assert torch.equal(back.reshape(-1), codes.double().reshape(-1) * s64)  # exact in float64
 
 
-def test_dequantize_rounds_the_float32_product_once():
+def test_dequantize_rounds_the_exact_product_once():
     w = torch.randn(40, 96, generator=_gen(1))
     codes, scales = C.quantize(w, 64)
-    expected = codes.float().reshape(-1, 64) * scales.unsqueeze(1)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert torch.equal(C.dequantize(codes, scales, 64, dtype), expected.reshape(40, 96).to(dtype))
+    exact = codes.double().reshape(-1, 64) * scales.double().unsqueeze(1)  # ≤ 16 significant bits
+    assert torch.equal(exact.float().double(), exact)  # so float32 holds it exactly
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        assert torch.equal(C.dequantize(codes, scales, 64, dtype), exact.reshape(40, 96).to(dtype))
+
+
+@given(values=st.lists(st.floats(min_value=0.0, max_value=2.0**127, width=32, allow_nan=False), min_size=1, max_size=50))
+def test_scales_round_up_to_the_next_bf16_value(values):
+    s = torch.tensor(values, dtype=torch.float32)
+    up = C.round_up_to_bf16(s)
+    assert torch.equal(up.to(torch.bfloat16).float(), up)  # a bf16 value
+    assert bool((up >= s).all())
+    below = up.to(torch.bfloat16)  # the bf16 value just below ``up`` is below s (or up == s)
+    prev = torch.nextafter(below, torch.zeros_like(below)).float()
+    assert bool(((up == s) | (prev < s)).all())
 
 
 def test_stochastic_rounding_is_unbiased_within_the_draw_bound():
@@ -101,7 +113,7 @@ def test_chunks_and_a_short_tail(monkeypatch):
     chunked = C.quantize(w, 64)
     assert torch.equal(chunked[0], codes) and torch.equal(chunked[1], scales)
     assert scales.numel() == C.num_groups(7000, 64) == 110
-    assert float(scales[-1]) == float(w.reshape(-1)[109 * 64 :].abs().max() / 127)
+    assert float(scales[-1]) == float(C.round_up_to_bf16(w.reshape(-1)[109 * 64 :].abs().max() / 127))
     back = C.dequantize(codes, scales, 64, torch.float32).reshape(-1)
     assert bool(((back - w.reshape(-1)).abs() <= scales.repeat_interleave(64)[:7000] * 0.5001).all())
 
@@ -110,8 +122,8 @@ def test_zero_groups_and_non_finite_values():
     w = torch.zeros(4, 64)
     w[1, 3] = 2.0
     codes, scales = C.quantize(w, 64, "stochastic", _gen(0))
-    assert torch.equal(scales, torch.tensor([0.0, 2.0 / 127, 0.0, 0.0]))
-    assert int(codes.abs().sum()) == 127
+    assert torch.equal(scales, C.round_up_to_bf16(torch.tensor([0.0, 2.0 / 127, 0.0, 0.0])))
+    assert int((codes != 0).sum()) == 1 and abs(float(codes[1, 3]) * float(scales[1]) - 2.0) < float(scales[1])
     w[2, 0] = float("nan")
     with pytest.raises(FloatingPointError):
         C.quantize(w, 64)

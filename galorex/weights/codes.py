@@ -3,10 +3,13 @@
 A weight W is stored as INT8 codes q and one float32 scale per group of ``group_size`` consecutive
 elements of W in row-major order (the last group may be shorter):
 
-    s_g = max_{i∈g} |W_i| / 127,     W_i ≈ q_i · s_g,     q_i ∈ {−127, …, 127}
+    s_g = ⌈max_{i∈g} |W_i| / 127⌉_bf16,     W_i ≈ q_i · s_g,     q_i ∈ {−127, …, 127}
 
 (symmetric: no zero point; ``docs/benchmarks.md`` has the error measured against the asymmetric
-min/max code). Quantising x = W/s (0 where s = 0) rounds either to nearest (ties to even) or
+min/max code). The scale is rounded up to the next bf16 value (at most 2⁻⁸ larger): q·s then has
+at most 16 significant bits, so the bf16 weight of a forward GEMM, bf16(q·s), is computed exactly
+by two vectorised bf16 passes (cast the codes, multiply by the scale) rather than a mixed-dtype one,
+and the float32 working copy of a write holds q·s exactly. Quantising x = W/s (0 where s = 0) rounds either to nearest (ties to even) or
 stochastically, with u ~ U[0, 1) drawn from a seeded generator:
 
     q = ⌊x⌋ + 𝟙[u < x − ⌊x⌋]          E[q] = x,   |q − x| < 1
@@ -68,6 +71,13 @@ def _grouped(flat: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return body, tail
 
 
+def round_up_to_bf16(s: torch.Tensor) -> torch.Tensor:
+    """Non-negative finite float32 values rounded up to the next bf16 value (exact ones unchanged):
+    the low 16 bits of the pattern carried into the top ones."""
+    bits = s.contiguous().view(torch.int32)
+    return (bits + 0xFFFF).bitwise_and_(-65536).view(torch.float32)
+
+
 def uniform_draws(numel: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """u ~ U[0, 1) in float32 for one chunk of stochastic rounding."""
     return torch.rand(numel, generator=generator, device=device, dtype=torch.float32)
@@ -117,6 +127,7 @@ def quantize_(
             scale = part.abs().amax(dim=1).div_(QMAX)
             if not bool(torch.isfinite(scale).all()):
                 raise FloatingPointError("the weight holds a non-finite value")
+            scale = round_up_to_bf16(scale)
             s[first : first + part.shape[0]] = scale
             part.div_(scale.clamp_min_(torch.finfo(torch.float32).tiny).unsqueeze(1))
         flat_q[a:b] = _round(x, rounding, generator).clamp_(-QMAX, QMAX)
@@ -151,9 +162,10 @@ def dequantize(
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W = q·s in ``dtype`` (the product formed in float32 and rounded once to ``dtype``; formed
-    exactly in float64 for float64), in ``codes``' shape: one fused multiply per part, no float32
-    temporary of the whole weight.
+    """W = q·s in ``dtype``: the exact product rounded once to ``dtype``, in ``codes``' shape, with
+    no float32 temporary of the whole weight. bf16: the codes cast to bf16 and multiplied by the
+    scales in bf16 (exact products of ≤ 16 bits, one rounding: scales are bf16 values); float32 and
+    float64: cast, then multiplied (exact); other dtypes: the float32 product, then cast.
 
     Args:
         codes: int8 codes (contiguous).
@@ -164,12 +176,18 @@ def dequantize(
     """
     if out is None:
         out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    if dtype == torch.float64:
-        scales = scales.to(torch.float64)  # q·s has at most 31 significant bits: exact
     flat_q, flat_out = codes.view(-1), out.view(-1)
-    q_body, q_tail = _grouped(flat_q, group_size)
     o_body, o_tail = _grouped(flat_out, group_size)
-    n = q_body.shape[0]
+    n = o_body.shape[0]
+    if dtype in (torch.bfloat16, torch.float32, torch.float64):
+        flat_out.copy_(flat_q)
+        s = scales.to(dtype)  # exact: every scale is a bf16 value
+        if n:
+            o_body.mul_(s[:n].unsqueeze(1))
+        if o_tail is not None:
+            o_tail.mul_(s[n:].unsqueeze(1))
+        return out
+    q_body, q_tail = _grouped(flat_q, group_size)
     if n:
         torch.mul(q_body, scales[:n].unsqueeze(1), out=o_body)
     if q_tail is not None:
