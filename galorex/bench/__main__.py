@@ -10,6 +10,8 @@
     python -m galorex.bench basis [--model llama-60m --rank 128 --steps 20]
     python -m galorex.bench hf-trainer [--steps 300 --seed 0]
     python -m galorex.bench peak-memory [--steps 2] -- <galorex-train flags>   (or --figure)
+    python -m galorex.bench variants [--steps 1000 --seeds 0 1 2 --variant NAME=FLAGS ...]
+    python -m galorex.bench int8-linear [--in-features 4096 --out-features 11008 --tokens 256]
     python -m galorex.bench all [--quick]
 
 Each writes a Markdown table and a JSON file into --out (default bench-out/) and prints the table.
@@ -35,7 +37,9 @@ from . import basis as basis_bench
 from . import convergence as convergence_bench
 from . import halo as halo_bench
 from . import hf_trainer as hf_trainer_bench
+from . import int8_linear as int8_linear_bench
 from . import peak_memory as peak_memory_bench
+from . import variants as variants_bench
 from .common import _env, _write
 from .layerwise import add_arguments as add_layerwise_arguments
 from .layerwise import bench_layerwise_memory
@@ -580,6 +584,8 @@ QUICK["halo"], COMMANDS["halo"] = halo_bench.QUICK, halo_bench.bench_halo
 QUICK["basis"], COMMANDS["basis"] = basis_bench.QUICK, basis_bench.bench_basis
 QUICK["hf-trainer"], COMMANDS["hf-trainer"] = hf_trainer_bench.QUICK, hf_trainer_bench.bench_hf_trainer
 QUICK["peak-memory"], COMMANDS["peak-memory"] = peak_memory_bench.QUICK, peak_memory_bench.bench_peak_memory
+QUICK["variants"], COMMANDS["variants"] = variants_bench.QUICK, variants_bench.bench_variants
+QUICK["int8-linear"], COMMANDS["int8-linear"] = int8_linear_bench.QUICK, int8_linear_bench.bench_int8_linear
 
 
 def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -655,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     basis_bench.add_parser(sub)
     hf_trainer_bench.add_parser(sub)
     peak_memory_bench.add_parser(sub)
+    variants_bench.add_parser(sub)
+    int8_linear_bench.add_parser(sub)
     args = p.parse_args(argv)
     commands = list(COMMANDS) if args.command == "all" else [args.command]
     for command in commands:
