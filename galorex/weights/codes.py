@@ -9,12 +9,14 @@ elements of W in row-major order (the last group may be shorter):
 min/max code). The scale is rounded up to the next bf16 value (at most 2⁻⁸ larger): q·s then has
 at most 16 significant bits, so the bf16 weight of a forward GEMM, bf16(q·s), is computed exactly
 by two vectorised bf16 passes (cast the codes, multiply by the scale) rather than a mixed-dtype one,
-and the float32 working copy of a write holds q·s exactly. Quantising x = W/s (0 where s = 0) rounds either to nearest (ties to even) or
-stochastically, with u ~ U[0, 1) drawn from a seeded generator:
+and the float32 working copy of a write holds q·s exactly.
+
+Quantising x = W/s (0 where s = 0) rounds either to nearest (ties to even) or stochastically, with
+u ~ U[0, 1) drawn from a seeded generator:
 
     q = ⌊x⌋ + 𝟙[u < x − ⌊x⌋]          E[q] = x,   |q − x| < 1
 
-The same rule rounds a float32 weight onto the bf16 grid (:func:`round_to_bf16`): a bf16 value is
+The same rule rounds a float32 weight onto the bf16 grid (:func:`round_to_bf16_`): a bf16 value is
 the top 16 bits of a float32 one, so adding a uniform 16-bit integer r to the low half of the bit
 pattern and truncating rounds the magnitude up with probability (low half)/2¹⁶, the fraction the
 magnitude lies above its bf16 floor.
