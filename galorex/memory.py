@@ -237,7 +237,9 @@ def training_memory_breakdown(
     """The analytic peak of a ``galorex-train`` step, in bytes, by part:
 
     - ``weights``: every parameter in ``dtype``; with ``weight_bits=8`` the attention and MLP
-      weights as one byte an element plus a float32 scale per ``weight_group_size`` elements;
+      weights as one byte an element (their INT8 codes),
+    - ``weight_scales``: and a float32 scale per ``weight_group_size`` of those elements (0 without
+      ``weight_bits``);
     - ``gradients``: every gradient at once, or with ``layerwise`` the largest live one (each is
       stepped and freed as soon as it is complete);
     - ``optimizer_state``: :func:`estimate_optimizer_state_bytes` on the groups ``galorex-train``
@@ -283,11 +285,8 @@ def training_memory_breakdown(
     if weight_bits is not None:
         modules = dict(model.named_modules())
         quantized = {id(modules[n].weight) for n in quantized_linear_names(model)}
-    stored = [
-        p.numel() + 4 * weight_codes.num_groups(p.numel(), weight_group_size) if id(p) in quantized else size
-        for p, size in zip(params, sizes)
-    ]
-    weights = sum(stored)
+    weights = sum(p.numel() if id(p) in quantized else size for p, size in zip(params, sizes))
+    scales = sum(4 * weight_codes.num_groups(p.numel(), weight_group_size) for p in params if id(p) in quantized)
     gradients = max(sizes) if layerwise else sum(sizes)
     name = registry.ALIASES.get(optimizer, optimizer)  # one spelling per optimizer from here on
     if optimizer == "apollo-mini":
@@ -340,6 +339,7 @@ def training_memory_breakdown(
             workspace = max(workspace, p.numel() * cbytes)
     parts = {
         "weights": weights,
+        "weight_scales": scales,
         "gradients": gradients,
         "optimizer_state": state,
         "activations": activation_bytes(model_cfg, batch_size, seq_len, dtype, activation_checkpointing),

@@ -387,7 +387,9 @@ def test_breakdown_counts_int8_weights_as_the_built_model_holds_them():
     plain = training_memory_breakdown(cfg, **kw)
     int8 = training_memory_breakdown(cfg, weight_bits=8, weight_group_size=64, **kw)
     model = build_llama(cfg, dtype=torch.bfloat16, seed=0, weight_bits=8, weight_group_size=64)
-    assert int8["weights"] == sum(storage_bytes(p) for p in model.parameters())
+    assert int8["weights"] + int8["weight_scales"] == sum(storage_bytes(p) for p in model.parameters())
+    assert int8["weight_scales"] == sum(4 * p.scales.numel() for p in model.parameters() if hasattr(p, "scales"))
+    assert plain["weight_scales"] == 0
     assert plain["weights"] == sum(p.numel() * 2 for p in model.parameters())
     # The write's float32 working copy of a bf16 or INT8 weight is in the workspace either way.
     assert int8["step_workspace"] >= plain["step_workspace"]

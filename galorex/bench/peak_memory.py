@@ -38,6 +38,7 @@ GIB = 1024**3
 # The paper's memory figure, as cumulative changes of the galorex-train flags.
 BASE = ["--dtype", "bf16", "--batch-size", "1", "--seq-len", "256", "--vocab-size", "32000"]
 GALORE = ["--optimizer", "galore", "--update-proj-gap", "200", "--scale", "0.25", "--refresh-method", "randomized"]
+RECIPE_8BIT = ["--optim-bits", "8", "--layerwise", "--activation-checkpointing"]
 FIGURE_CONFIGS: list[tuple[str, list[str]]] = [
     ("AdamW", ["--optimizer", "adamw"]),
     ("GaLore", GALORE),
@@ -45,9 +46,27 @@ FIGURE_CONFIGS: list[tuple[str, list[str]]] = [
     ("+ layer-wise", GALORE + ["--optim-bits", "8", "--layerwise"]),
     ("+ act. ckpt", GALORE + ["--optim-bits", "8", "--layerwise", "--activation-checkpointing"]),
     ("+ 4-bit basis", GALORE + ["--optim-bits", "8", "--layerwise", "--activation-checkpointing", "--basis-bits", "4"]),
+    (
+        "+ INT8 weights",
+        GALORE
+        + ["--optim-bits", "8", "--layerwise", "--activation-checkpointing", "--basis-bits", "4", "--weight-bits", "8"],
+    ),
+    (
+        "APOLLO-Mini, 8-bit, INT8 weights",
+        [
+            "--optimizer",
+            "apollo-mini",
+            "--optim-bits",
+            "8",
+            "--layerwise",
+            "--activation-checkpointing",
+            "--weight-bits",
+            "8",
+        ],
+    ),
 ]
 FIGURE_RANK = {"llama-1b": 1024, "llama-7b": 1024}
-PARTS = ("weights", "gradients", "optimizer_state", "activations", "step_workspace", "runtime")
+PARTS = ("weights", "weight_scales", "gradients", "optimizer_state", "activations", "step_workspace", "runtime")
 # Flags the measurement sets itself: the run does nothing but build and step.
 QUIET = [
     "--eval-every",
@@ -131,6 +150,12 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
         )
     lines += ["", "| analytic | GiB |", "| --- | ---: |"]
     lines += [f"| {k.replace('_', ' ')} | {_gib(v)} |" for k, v in est.items()]
+    gpu = est["total"] - est["runtime"]
+    lines += [
+        "",
+        f"On a GPU this configuration needs about {_gib(gpu)} GiB of device memory: the analytic total without "
+        "the CPU runtime allowance (what galorex-train's preflight checks against a GPU's free memory).",
+    ]
     timing = f"first step (with the refresh) {row['first_step_s']:.2f} s"
     if row["later_step_s"] is not None:
         timing += f", later steps {row['later_step_s']:.2f} s each"
@@ -194,10 +219,11 @@ def _figure(args: argparse.Namespace) -> dict[str, Any]:
     for model, rows in results.items():
         for r in rows:
             e = r["estimate"]
+            weights = e["weights"] + e.get("weight_scales", 0)
             first = "–" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}"
             later = "–" if r.get("later_step_s") is None else f"{r['later_step_s']:.1f}"
             lines.append(
-                f"| {model} | {r['label']} | {_gib(e['weights'])} | {_gib(e['gradients'])} | "
+                f"| {model} | {r['label']} | {_gib(weights)} | {_gib(e['gradients'])} | "
                 f"{_gib(e['optimizer_state'])} | {_gib(e['activations'])} | "
                 f"{_gib(e['step_workspace'] + e['runtime'])} | {_gib(e['total'])} | {_gib(r.get('peak_bytes'))} "
                 f"| {first} | {later} |"
@@ -231,7 +257,10 @@ def _plot(results: dict[str, list[dict[str, Any]]], png: Path) -> bool:
         labels = [r["label"] for r in rows]
         bottom = [0.0] * len(rows)
         for part in ("weights", "gradients", "optimizer_state", "activations", "other"):
-            if part == "other":
+            if part == "weights":
+                values = [(r["estimate"]["weights"] + r["estimate"].get("weight_scales", 0)) / GIB for r in rows]
+                name = "weights"
+            elif part == "other":
                 values = [(r["estimate"]["step_workspace"] + r["estimate"]["runtime"]) / GIB for r in rows]
                 name = "workspace + runtime"
             else:
