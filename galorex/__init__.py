@@ -15,6 +15,7 @@ from .optim import (
     register,
     select_galore_parameters,
 )
+from .weights import QuantizedWeight, dequantize_weights, quantize_weights
 
 __version__ = "0.1.0"
 
@@ -26,11 +27,14 @@ __all__ = [
     "GradNormLoRPAdamW",
     "LowRankOptimizer",
     "NaturalGaLoreAdamW",
+    "QuantizedWeight",
     "Rule",
     "Step",
+    "dequantize_weights",
     "estimate_optimizer_state_bytes",
     "galore_param_groups",
     "optimizer_state_bytes",
+    "quantize_weights",
     "register",
     "select_galore_parameters",
 ]

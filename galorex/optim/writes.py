@@ -33,7 +33,7 @@ class WeightWriteMixin:
         """Run the numeric ``update`` of each projected parameter in ``works`` on a float32 working
         copy of its weight, then store the copy (one parameter at a time)."""
         for w in works:
-            target = weight_write.working_copy(w.param)
+            target = weight_write.working_copy(w.param, config.compute_dtype(w.param.dtype))
             update(group, [w._replace(target=target)])
             self._store_weight(group, w.param, target)
 
@@ -48,8 +48,8 @@ class WeightWriteMixin:
         if plain:
             self.rule.step_dense(group, plain, self.state, self._compiled)
         for p in copied:
-            w = weight_write.working_copy(p)
-            w.grad = p.grad.to(torch.float32)
+            w = weight_write.working_copy(p, config.compute_dtype(p.dtype))
+            w.grad = p.grad.to(w.dtype)
             self.rule.step_dense(group, [w], _StateOf(self.state, w, p), self._compiled)
             w.grad = None
             self._store_weight(group, p, w)

@@ -51,15 +51,16 @@ def needs_working_copy(p: torch.Tensor, weight_rounding: str | None) -> bool:
     return p.dtype == torch.bfloat16 and rounding_for(p, weight_rounding) == "stochastic"
 
 
-def working_copy(p: torch.Tensor) -> torch.Tensor:
-    """A new contiguous float32 tensor holding ``p``'s values (dequantised codes, or the bf16 weight)."""
+def working_copy(p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new contiguous tensor of ``dtype`` (the compute dtype: float32, or float64 for float64
+    weights) holding ``p``'s values (dequantised codes, or the bf16 weight), exactly."""
     if is_quantized(p):
-        return p.dequantize(torch.float32)
-    return p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return p.dequantize(dtype)
+    return p.detach().to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def store_(p: torch.Tensor, w: torch.Tensor, weight_rounding: str | None, generator: torch.Generator | None) -> None:
-    """Store the float32 values ``w`` (a :func:`working_copy` after the update) into ``p`` with one
+    """Store the values ``w`` (a :func:`working_copy` after the update) into ``p`` with one
     rounding (:func:`rounding_for`), drawing from ``generator`` when stochastic.
 
     Raises:
