@@ -246,7 +246,9 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
         # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
         # every bf16 gradient at once would cost as much memory as AdamW's moments.
         grad = p.grad if full_gradient is None else full_gradient(p)
-        g, _ = self.rule.gradient(group, p, grad)
+        # An INT8 weight is read as its exact values (GradNormLoRP's gradient reads W), as the update reads it.
+        weight = p.dequantize(compute_dtype(p.dtype)) if weight_write.is_quantized(p) else p
+        g, _ = self.rule.gradient(group, weight, grad)
         if not bool(torch.isfinite(g).all()):
             raise FloatingPointError(
                 f"{self._param_label(plan.group_index, plan.param_index)} has a non-finite "
