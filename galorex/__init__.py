@@ -15,6 +15,7 @@ from .optim import (
     register,
     select_galore_parameters,
 )
+from .optim.factory import build_optimizer
 from .weights import QuantizedWeight, dequantize_weights, quantize_weights
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "QuantizedWeight",
     "Rule",
     "Step",
+    "build_optimizer",
     "dequantize_weights",
     "estimate_optimizer_state_bytes",
     "galore_param_groups",

@@ -17,6 +17,7 @@ from torch import nn
 from . import config, registry
 from .galore import GaLoreAdamW
 from .groups import galore_param_groups
+from .keys import near_misses
 
 # Names of optimizers still to come, so that asking for one gives a clear answer.
 PLANNED: tuple[str, ...] = ()
@@ -26,7 +27,7 @@ def build_optimizer(
     name: str,
     model: nn.Module,
     *,
-    lr: float,
+    lr: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
@@ -53,16 +54,28 @@ def build_optimizer(
     Args:
         name: ``adamw``, a registered name, or ``apollo-mini``.
         model: the module whose parameters are optimised.
-        lr, betas, eps, weight_decay: Adam's hyperparameters.
+        lr: the learning rate; None takes ``galorex-train``'s default for ``name``
+            (:data:`DEFAULT_LR`, the best of a sweep on llama-tiny).
+        betas, eps, weight_decay: Adam's hyperparameters.
         rank, update_proj_gap: the projected group's rank and refresh period.
         scale: the projected-back scale; None takes the optimizer's own (:data:`DEFAULT_SCALE`).
         target_modules: which weights are projected (``select_galore_parameters``).
         layerwise, accumulation_steps, per_param_grad_clip: layer-wise updates (every galorex
             optimizer, and ``adamw`` the same way).
         settings: named options (``config.options()``: ``proj_type``, ``refresh_method``,
-            ``optim_bits``, ``basis_bits``, ``natural_history`` …); any other key goes into the
-            projected group as it is.
+            ``optim_bits``, ``basis_bits``, ``natural_history``, ``weight_rounding`` …, the
+            settings ``galorex-train`` takes as flags).
+
+    Raises:
+        ValueError: an unknown ``name`` or setting (the error lists what is allowed), or a bad value.
     """
+    unknown = sorted(set(settings) - OPTION_NAMES)
+    if unknown:
+        allowed = sorted(OPTION_NAMES | set(_SIGNATURE_SETTINGS))
+        hints = near_misses(unknown, allowed)
+        raise ValueError(f"build_optimizer({name!r}): unknown setting(s) {unknown}{hints}; the settings are {allowed}")
+    if lr is None:
+        lr = default_lr(name)
     if name == "apollo-mini" and scale is not None:
         raise ValueError("apollo-mini sets its scale itself (128, a √128 multiplier); leave scale unset")
     if scale is None:
@@ -86,6 +99,10 @@ def build_optimizer(
     return build(groups, adam=adam, optim_bits=optim_bits, rule_options=rule_options, layerwise=lw)
 
 
+# Every named option (config.options()), and the arguments of build_optimizer's own signature.
+OPTION_NAMES = frozenset(o.name for o in config.options())
+_SIGNATURE_SETTINGS = ("lr", "betas", "eps", "weight_decay", "target_modules", "layerwise")
+_SIGNATURE_SETTINGS += ("accumulation_steps", "per_param_grad_clip")
 # The rules' own options (natural_history …): each goes only to the optimizers whose rule has it.
 RULE_OPTIONS = tuple(o.name for o in config.options() if o.owner is config.RuleOptions)
 # The weight write's options (weight_rounding, rounding_seed): constructor defaults, every group.

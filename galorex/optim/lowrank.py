@@ -30,10 +30,15 @@ from . import codec, config
 from .checkpointing import CheckpointMixin
 from .config import PROJ_STEP, RANK, STEP, CompileOption, compute_dtype
 from .dense import eight_bit
+from .keys import warn_near_miss_keys
 from .layerwise import LayerwiseMixin
 from .plan import Plan, Work, is_dtensor
 from .rules.base import Rule
 from .writes import WeightWriteMixin
+
+# Keys torch.optim's AdamW groups hold (a galorex group may hold them too).
+_TORCH_GROUP_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable"})
+_TORCH_GROUP_KEYS |= {"differentiable", "fused", "decoupled_weight_decay"}
 
 
 class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimizer):
@@ -109,6 +114,7 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
         try:
             self.rule.validate(group, config.bad_key(group, index))
             config.validate_projection(group, index)
+            warn_near_miss_keys(group, index, set(self.defaults) | _TORCH_GROUP_KEYS)
             self.rule.check_params(group, index, lambda pi: self._param_label(index, pi))
             if sharded_params:
                 from . import sharded
