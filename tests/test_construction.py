@@ -200,6 +200,40 @@ def test_vocab_size_sets_the_embedding_and_must_hold_the_tokenizer(tmp_path, cap
     assert rc == 2 and "--vocab-size 0" in err and "vocab_size must be a positive int" in err
 
 
+def test_the_model_follows_a_larger_tokenizer_and_resume_checks_it(tmp_path, capsys):
+    """--tokenizer with more tokens than the preset and no --vocab-size: the embedding takes the
+    tokenizer's size rounded up to a multiple of 64, one line says so, summary.json and the
+    checkpoint record it, and a resume asking for another size is refused."""
+    from galorex.train.data import default_corpus_path
+
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "--data", str(default_corpus_path()), "--vocab-size", "300", "--out", str(tok)]) == 0
+    capsys.readouterr()
+    run = [
+        "--tokenizer",
+        str(tok),
+        "--steps",
+        "2",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    assert main(TINY + run) == 0
+    out = capsys.readouterr().out
+    assert out.count("vocabulary: 320 (the tokenizer's 300 tokens rounded up to a multiple of 64") == 1
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["vocab_size"] == 320
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
+    assert ckpt["model_config"]["vocab_size"] == 320 and ckpt["model"]["embed.weight"].shape == (320, 128)
+    assert main(TINY + run[:-4] + ["--steps", "4", "--eval-every", "0", "--out", str(tmp_path / "a"), "--resume"]) == 0
+    capsys.readouterr()
+    rc = main(TINY + run + ["--resume", "--vocab-size", "384"])
+    assert rc == 2 and "vocab_size" in capsys.readouterr().err
+
+
 # --- streamed weights --------------------------------------------------------------------------
 
 

@@ -384,6 +384,7 @@ def _setup(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
         raise TrainError(f"--optimizer {cfg.optimizer}: {known}; available: {', '.join(available_optimizers())}")
     model_cfg = _model_config(cfg)
     run_data, batcher = _setup_data(cfg, log)
+    model_cfg = _vocabulary_of(cfg, model_cfg, run_data.tokenizer, log)
     model, memory, estimate = _setup_model(cfg, model_cfg, run_data, ckpt, device, dtype, log)
     # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
     runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
@@ -431,6 +432,24 @@ def _setup_data(cfg: TrainConfig, log) -> tuple[Any, TokenBatcher]:
     except DataError as e:
         raise TrainError(f"{run_data.val_source}: {e}") from None
     return run_data, batcher
+
+
+VOCAB_MULTIPLE = 64  # a vocabulary taken from the tokenizer is rounded up to this (GEMM-friendly sizes)
+
+
+def _vocabulary_of(cfg: TrainConfig, model_cfg: LlamaConfig, tokenizer: Any, log) -> LlamaConfig:
+    """The model follows the tokenizer: when ``--tokenizer`` has more tokens than the preset's
+    vocabulary and ``--vocab-size`` is not given, the embedding takes the tokenizer's size rounded up
+    to a multiple of :data:`VOCAB_MULTIPLE` (one line says so). An explicit ``--vocab-size`` below the
+    tokenizer's stays an error (:func:`_setup_model`)."""
+    if cfg.vocab_size is not None or tokenizer.vocab_size <= model_cfg.vocab_size:
+        return model_cfg
+    size = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    log(
+        f"vocabulary: {size} (the tokenizer's {tokenizer.vocab_size} tokens rounded up to a multiple of "
+        f"{VOCAB_MULTIPLE}; --model {cfg.model} has {model_cfg.vocab_size}); --vocab-size sets it"
+    )
+    return dataclasses.replace(model_cfg, vocab_size=size)
 
 
 def _setup_model(
@@ -735,6 +754,7 @@ def _report(run: Run, position: Position, wall_s: float) -> dict[str, Any]:
         "memory_estimate": run.estimate,
         "parameters": model.num_parameters(),
         "model": cfg.model,
+        "vocab_size": run.model_cfg.vocab_size,
         "device": str(device),
         "dtype": cfg.dtype,
         "sample": sample,
