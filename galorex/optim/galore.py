@@ -46,7 +46,7 @@ class GaLoreAdamW(LowRankOptimizer):
     - ``optim_bits`` (32): 8 stores Adam's moments block-wise in 8 bits (``state8bit``: per-block
       absmax scales, non-linear codes, √v for the second moment; tensors under 4096 elements stay
       float32), for projected and unprojected parameters alike. Unprojected parameters then use a
-      foreach AdamW instead of torch's fused kernel.
+      foreach AdamW instead of torch's kernels.
 
     - ``basis_bits`` (32): 4 or 8 stores each basis in 4 or 8 bits (symmetric codes, one float32
       scale per 64 entries; Q-GaLore keeps its projections in 4 bits) and dequantises it on use; the
@@ -72,13 +72,17 @@ class GaLoreAdamW(LowRankOptimizer):
     - ``amsgrad``, ``maximize`` (False): honoured for unprojected parameters (torch's own AdamW
       runs them); a group with ``rank`` refuses either, since neither is defined for Adam
       moments whose basis changes at every refresh.
-    - ``foreach``, ``fused`` (None): choose torch's AdamW implementation for unprojected
-      parameters exactly as ``torch.optim.AdamW`` does (None: torch's default for the device,
-      which never picks the fused kernel). ``fused=True`` is checked up front (floating point
-      parameters on a device with the fused kernel, not with ``foreach=True``, not with 8-bit
-      moments or ``eps_mode="galore_torch"``), and a gradient whose strides differ from its
-      parameter's is handed to the fused kernel in the parameter's layout (the kernel
-      mis-updates it otherwise).
+    - ``foreach``, ``fused`` (None): torch's AdamW implementation for unprojected parameters.
+      Both None (the default): torch's fused kernel for every parameter it serves (floating point,
+      on a device type with the kernel: CPU and CUDA; not a DTensor), torch's default for the
+      rest; torch.optim.AdamW itself never picks the fused kernel, so the default matches it to
+      float rounding (torch's fused-vs-loop tolerance), not bit for bit. Set either flag and the
+      choice is torch's with that flag: ``foreach=False`` (and ``fused=False`` on CPU) runs its
+      single-tensor loop, step for step ``torch.optim.AdamW(..., foreach=False)``.
+      ``fused=True`` is checked up front (floating point parameters on a device with the fused
+      kernel, not with ``foreach=True``, not with 8-bit moments or ``eps_mode="galore_torch"``),
+      and a gradient whose strides differ from its parameter's is handed to the fused kernel in
+      the parameter's layout (the kernel mis-updates it otherwise).
     - ``capturable``, ``differentiable``: only False (the refresh schedule runs on the host).
 
     ``lr``, ``weight_decay``, ``betas`` and ``eps`` may be 0-dim tensors (``lr=torch.tensor(1e-3)``),
