@@ -29,6 +29,7 @@ MOMENT_POLICY = "moment_policy"
 OVERSAMPLE = "oversample"
 POWER_ITERS = "power_iters"
 REFRESH_SEED = "refresh_seed"
+REFRESH_SCHEDULE = "refresh_schedule"
 EPS_MODE = "eps_mode"
 OPTIM_BITS = "optim_bits"
 BASIS_BITS = "basis_bits"
@@ -39,6 +40,7 @@ MAXIMIZE = "maximize"
 
 EPS_MODES = ("torch", "galore_torch")
 MOMENT_POLICIES = ("keep", "reset", "reproject")
+REFRESH_SCHEDULES = ("together", "staggered")
 
 # State keys every projected parameter has.
 STEP = "step"
@@ -116,12 +118,16 @@ class RefreshConfig:
         power_iters: power iterations of the range finder.
         refresh_seed: seeds the sketch with the parameter's index and the step (splitmix64), so a
             resumed run draws the same bases without any RNG state in the checkpoint.
+        refresh_schedule: ``together`` (every matrix of a group at steps 0, T, 2T, …) or
+            ``staggered`` (each matrix at its own phase, spread over T so a step refreshes about
+            N/T of them; the first step computes every basis; ``galorex.optim.schedule``).
     """
 
     refresh_method: str = "svd"
     oversample: int = 16
     power_iters: int = 2
     refresh_seed: int = 0
+    refresh_schedule: str = "together"
 
     def validate(self, bad: Bad) -> None:
         if self.refresh_method not in proj.REFRESH_METHODS:
@@ -132,6 +138,8 @@ class RefreshConfig:
             raise bad(POWER_ITERS, "must be an integer >= 0")
         if not is_int(self.refresh_seed):
             raise bad(REFRESH_SEED, "must be an integer")
+        if self.refresh_schedule not in REFRESH_SCHEDULES:
+            raise bad(REFRESH_SCHEDULE, f"must be one of {REFRESH_SCHEDULES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +315,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     MOMENT_POLICY: MOMENT_POLICIES,
     PROJ_PRECISION: PROJ_PRECISIONS,
     REFRESH_METHOD: proj.REFRESH_METHODS,
+    REFRESH_SCHEDULE: REFRESH_SCHEDULES,
     OPTIM_BITS: OPTIM_BITS_CHOICES,
     BASIS_BITS: BASIS_BITS_CHOICES,
 }

@@ -36,6 +36,12 @@ class GaLoreAdamW(LowRankOptimizer):
     - ``moment_policy`` ("keep"): what the Adam moments do at a refresh — ``keep`` them as they are
       (galore-torch), ``reset`` them to zero (bias correction restarts), or ``reproject`` them into
       the new basis.
+    - ``refresh_schedule`` ("together"): ``together`` refreshes every basis of the group at steps
+      0, T, 2T, … (galore-torch); ``staggered`` gives each matrix its own phase φ and refreshes it
+      at the steps t ≡ φ (mod T), the phases spread over T by refresh cost so that each step
+      computes about N/T of the N bases instead of all of them every T-th step (the first step
+      still computes every basis). Phases follow from the group's shapes alone, so a resumed,
+      layer-wise or FSDP2 run keeps them (``galorex.optim.schedule``).
 
     - ``eps_mode`` ("torch"): where ε enters. ``torch`` follows the GaLore paper's Algorithm 1 and
       ``torch.optim.AdamW``: m̂/(√v̂ + ε), and decay W ← (1 − lr·wd)W before the update.
@@ -123,7 +129,8 @@ class GaLoreAdamW(LowRankOptimizer):
             differentiable: as ``torch.optim.AdamW`` (above for what a projected group does
             with them).
         update_proj_gap, scale, proj_type, refresh_method, moment_policy, oversample,
-            power_iters, refresh_seed, eps_mode, optim_bits, basis_bits, basis_rotation: the
+            power_iters, refresh_seed, refresh_schedule, eps_mode, optim_bits, basis_bits,
+            basis_rotation: the
             defaults of the group keys of the same names (above).
         compile: False, True, or a dict of ``torch.compile`` options for the numeric update.
         layerwise, accumulation_steps, per_param_grad_clip: the layer-wise mode (above).
@@ -154,6 +161,7 @@ class GaLoreAdamW(LowRankOptimizer):
         oversample: int = 16,
         power_iters: int = 2,
         refresh_seed: int = 0,
+        refresh_schedule: str = "together",
         eps_mode: str = "torch",
         optim_bits: int = 32,
         basis_bits: int = 32,
@@ -186,6 +194,7 @@ class GaLoreAdamW(LowRankOptimizer):
             oversample=oversample,
             power_iters=power_iters,
             refresh_seed=refresh_seed,
+            refresh_schedule=refresh_schedule,
             eps_mode=eps_mode,
             optim_bits=optim_bits,
             basis_bits=basis_bits,

@@ -3,16 +3,18 @@
 For each parameter group with a ``rank`` key, every parameter with ≥ 2 dimensions is stepped as
 
     G = rule.gradient(grad) as an (m×n) matrix
-    every update_proj_gap steps: P ← orthonormal top-r basis of G      (state follows moment_policy)
+    at its refresh steps:        P ← orthonormal top-r basis of G      (state follows moment_policy)
     R = project(G, P)                                                 (r×n, m×r or r×r)
     (D, decay, alpha) = rule.steps(R)                                 (Adam: M̂/(√V̂+ε), 1 − lr·wd, −lr·scale)
     W ← decay·W + alpha·project_back(D, P)                            (rule.write; one GEMM by default)
 
-and everything else (groups without ``rank``, 1-D parameters) by ``rule.step_dense`` (AdamW
-rules: ``torch.optim.AdamW``'s own functional). Around the rule the loop applies the state codec
-(8-bit moments, 4/8-bit bases), the placement (local, or FSDP2 row shards: ``sharded``), the
-layer-wise hooks (``layerwise``) and the checkpoint policy (``checkpointing``). The optimizer state
-holds tensors only: a checkpoint loads with ``torch.load(weights_only=True)``.
+(refresh steps: once every ``update_proj_gap`` steps, all matrices of a group together or each at
+its own phase: ``schedule``), and everything else (groups without ``rank``, 1-D parameters) by
+``rule.step_dense`` (AdamW rules: ``torch.optim.AdamW``'s own functional). Around the rule the
+loop applies the state codec (8-bit moments, 4/8-bit bases), the placement (local, or FSDP2 row
+shards: ``sharded``), the layer-wise hooks (``layerwise``) and the checkpoint policy
+(``checkpointing``). The optimizer state holds tensors only: a checkpoint loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.optim import Optimizer
 
 from .. import projection as proj
 from ..lowp.projection import project_lowprec
-from . import codec, config
+from . import codec, config, schedule
 from .checkpointing import CheckpointMixin
 from .config import PROJ_STEP, RANK, STEP, CompileOption, compute_dtype
 from .dense import eight_bit
@@ -234,11 +236,12 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         state = self.state[p]
         plan.step = step = int(state[STEP].item()) if STEP in state else 0
         plan.new_bases = None
-        refresh_now = not state or step % group[config.UPDATE_PROJ_GAP] == 0
+        gap = group[config.UPDATE_PROJ_GAP]
         if self.rule.basis_is_generated(group):
-            plan.draw = refresh_now  # no gradient needed: the projection comes from a seed
+            # No gradient needed: the projection comes from a seed, and seeds advance together.
+            plan.draw = not state or step % gap == 0
             return
-        if not refresh_now:
+        if state and not schedule.refreshes_at(step, gap, self._refresh_phase(group, plan)):
             return
         # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
         # every bf16 gradient at once would cost as much memory as AdamW's moments.
@@ -263,6 +266,17 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
             power_iters=refresh.power_iters,
             generator=generator,
         )
+
+    def _refresh_phase(self, group: dict[str, Any], plan: Plan) -> int:
+        """The parameter's phase in its group's refresh schedule (``schedule.group_phases``),
+        computed once per group and again only when the group's settings or size change."""
+        refresh = config.refresh_config(group)
+        key = (len(group["params"]), group[config.UPDATE_PROJ_GAP], group[RANK], group[config.PROJ_TYPE], refresh)
+        cache = self.__dict__.setdefault("_refresh_phases", {})
+        held = cache.get(plan.group_index)
+        if held is None or held[0] != key:
+            held = cache[plan.group_index] = (key, schedule.group_phases(group, self.is_projected))
+        return held[1][plan.param_index]
 
     def _commit_refresh(self, group: dict[str, Any], plan: Plan) -> None:
         if plan.draw:
