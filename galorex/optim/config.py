@@ -81,7 +81,9 @@ class ProjectionConfig:
         scale: multiplies the projected-back update (the GaLore paper uses 0.25).
         proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full`` (see ``projection``).
         moment_policy: what subspace state does at a refresh: ``keep``, ``reset`` or ``reproject``.
-        proj_precision: None, or a quantised projection GEMM (``galorex.lowp.projection``).
+        proj_precision: None (the compute dtype), ``bf16`` (projection, back-projection and the
+            randomized refresh's GEMMs on bf16 operands with float32 accumulation; state float32;
+            refused for float64 weights), or a quantised projection GEMM (``galorex.lowp.projection``).
     """
 
     rank: int | None = None
@@ -206,6 +208,14 @@ def validate_projection(group: dict[str, Any], index: int) -> None:
     projection.validate(bad)
     if projection.rank is not None:
         refresh_config(group).validate(bad)
+    if projection.rank is not None and projection.proj_precision == "bf16":
+        for pi, p in enumerate(group["params"]):
+            if p.dtype == torch.float64 and p.dim() >= 2:
+                raise ValueError(
+                    f"param_groups[{index}]: {PROJ_PRECISION!r} 'bf16' would round the projections of the float64 "
+                    f"parameter param_groups[{index}]['params'][{pi}] (shape {tuple(p.shape)}) to 8 significant "
+                    "bits; use proj_precision=None (float64) for float64 weights"
+                )
 
 
 def check_lr(group: dict[str, Any], bad: Bad) -> None:

@@ -65,9 +65,14 @@ class GaLoreAdamW(LowRankOptimizer):
       pay on GaLore's bases. The Hadamard blocks are the largest power of two dividing the rank, at
       most 64: an odd rank is not rotated at all, rank 40 in blocks of 8.
 
-    - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
-      ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
-      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.lowp.projection``).
+    - ``proj_precision`` (None), group key only: ``"bf16"`` runs the projection, the
+      back-projection and the randomized refresh's GEMMs on bf16 operands with float32
+      accumulation (bases and state stay float32; refused for float64 weights; fast only where
+      the hardware multiplies bf16: GPUs, CPUs with AMX or AVX512-BF16 — elsewhere the rounded
+      operands are multiplied in float32, the same numbers at float32's speed). ``"fp8"``,
+      ``"int8"``, ``"fp8-hadamard"`` or ``"int8-hadamard"`` runs the projection GEMM on quantised
+      operands (per-row scales), with a Hadamard rotation of its inner dimension for
+      ``-hadamard`` (``galorex.lowp.projection``).
 
     Weight decay is decoupled and applied to the full weight.
 

@@ -26,7 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import projection as proj
-from ..lowp.projection import project_lowprec
+from ..lowp.projection import BF16, project_lowprec, projection_bases
 from . import codec, config, schedule
 from .checkpointing import CheckpointMixin
 from .config import PROJ_STEP, RANK, STEP, CompileOption, compute_dtype
@@ -265,6 +265,7 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
             oversample=refresh.oversample,
             power_iters=refresh.power_iters,
             generator=generator,
+            bf16=group.get(config.PROJ_PRECISION) == BF16,
         )
 
     def _refresh_phase(self, group: dict[str, Any], plan: Plan) -> int:
@@ -364,6 +365,7 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
         for w in works:
             p = w.param
             bases = w.bases if w.bases is not None else codec.load_bases(w.state, w.side, p, group[RANK])
+            bases = projection_bases(bases, group.get(config.PROJ_PRECISION))  # bf16 copies for "bf16"
             g, record = rule.gradient(group, p, w.grad)
             lows.append(self._project_gradient(group, g, bases, w.side))
             w.state[STEP] += 1
@@ -378,8 +380,9 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, Optimizer):
             codec.store_view(w.state, view, keys, eight)
 
     def _project_gradient(self, group: dict[str, Any], g: torch.Tensor, bases, side: str) -> torch.Tensor:
-        """R = project(G): in the compute dtype, or quantised when the group sets ``proj_precision``."""
-        if group.get(config.PROJ_PRECISION) is None:
+        """R = project(G): in the compute dtype, on bf16 bases as given, or quantised when the
+        group sets a quantised ``proj_precision``."""
+        if group.get(config.PROJ_PRECISION) in (None, BF16):
             return proj.project(g, bases, side)
         return project_lowprec(g, bases, side, group[config.PROJ_PRECISION])
 

@@ -30,8 +30,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {"rank": 32, "update_proj_gap": 100, "scale": N
 # galorex-train's help where it says more than the option's own (its Args: line).
 TRAIN_HELP = {
     "rank": "GaLore rank r (clipped to min(m, n))",
-    "proj_precision": "quantise the projection GEMMs: fp8 or int8, -hadamard after a block Hadamard rotation "
-    "(galorex.lowp.projection); default: in the compute dtype",
+    "proj_precision": "the projection GEMMs' precision: bf16 (projection, back-projection and randomized refresh "
+    "on bf16 operands, float32 accumulation), or quantised: fp8 or int8, -hadamard after a block Hadamard "
+    "rotation (galorex.lowp.projection); default: in the compute dtype",
     "scale": "scale of the projected-back update (GaLore's scale, Fira's alpha, APOLLO's scale); "
     "default: the optimizer's own (0.25; apollo 1)",
 }
