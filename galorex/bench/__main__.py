@@ -130,6 +130,7 @@ FLOOR = "floor: fused AdamW + 2 GEMMs + low-rank Adam"
 STEP_ROWS = (
     "galore",
     "galore-fused",
+    "galore-bf16",
     "natural-galore",
     "fira",
     "apollo",
@@ -168,6 +169,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     if "galore-fused" in rows:
         # The floor steps the unprojected parameters with torch's fused kernel; so does this row.
         runs["galorex GaLoreAdamW (fused=True)"] = GaLoreAdamW(groups(), lr=1e-3, fused=True)
+    if "galore-bf16" in rows:
+        bf16 = [{**g, "proj_precision": "bf16"} if g.get("rank") else g for g in groups()]
+        runs[BF16_ROW] = GaLoreAdamW(bf16, lr=1e-3)
     runs[FLOOR] = _ArithmeticFloor(groups())
     if args.natural_history > 0 and "natural-galore" in rows:
         runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
@@ -180,6 +184,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             set_grads()
             opt.step()
     times = _time_interleaved(runs, args.repeats, set_grads, device)
+    schedule = _bench_schedule(model, args, set_grads, device, Reference) if args.schedule_periods > 0 else None
 
     # Steps that refresh every basis (update_proj_gap = 1), for the amortised cost.
     refresh_runs: dict[str, torch.optim.Optimizer] = {}
@@ -265,8 +270,60 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             *rows,
         ]
     )
+    if BF16_ROW in times and "galorex GaLoreAdamW" in times:
+        ratio = paired(BF16_ROW, "galorex GaLoreAdamW")
+        data["bf16_vs_float32_paired"] = ratio
+        table += f"\n\nproj_precision='bf16' / float32 projections (GaLoreAdamW, per round): {ratio:.2f}×"
+    if schedule is not None:
+        data["schedule"] = schedule.pop("data")
+        table += "\n\n" + schedule["table"]
     _write(Path(args.out), "step", table, data)
     return data
+
+
+BF16_ROW = "galorex GaLoreAdamW (proj_precision='bf16')"
+
+
+def _bench_schedule(model, args: argparse.Namespace, set_grads, device, reference) -> dict[str, Any]:
+    """Every step of ``--schedule-periods`` refresh periods at ``--schedule-gap`` after a first step
+    (which computes every basis under any schedule), the optimizers taking turns step by step:
+    the slowest step over the median step of each, and the total time of staggered over together."""
+    gap = args.schedule_gap
+    groups = lambda **kw: galore_param_groups(model, rank=args.rank, update_proj_gap=gap, scale=0.25, **kw)
+    runs: dict[str, torch.optim.Optimizer] = {}
+    if reference is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs["galore-torch GaLoreAdamW"] = reference(
+                [{**g, "params": [p for _, p in g["params"]]} for g in groups()], lr=1e-3
+            )
+    runs["galorex GaLoreAdamW, together"] = GaLoreAdamW(groups(), lr=1e-3)
+    runs["galorex GaLoreAdamW, staggered"] = GaLoreAdamW(groups(refresh_schedule="staggered"), lr=1e-3)
+    for opt in runs.values():  # the first step: every basis
+        set_grads()
+        opt.step()
+    times = _time_interleaved(runs, args.schedule_periods * gap, set_grads, device)
+    rows, data = [], {"gap": gap, "periods": args.schedule_periods, "results": {}}
+    for name, ts in times.items():
+        slowest, median = max(ts), statistics.median(ts)
+        data["results"][name] = {"all_s": ts, "slowest_s": slowest, "median_s": median, "total_s": sum(ts)}
+        rows.append(f"| {name} | {median * 1e3:.0f} | {slowest * 1e3:.0f} | {slowest / median:.2f} | {sum(ts):.2f} |")
+    ratio = sum(times["galorex GaLoreAdamW, staggered"]) / sum(times["galorex GaLoreAdamW, together"])
+    data["staggered_vs_together_total"] = ratio
+    table = "\n".join(
+        [
+            f"Every step of {args.schedule_periods} refresh periods at update_proj_gap {gap} after the first "
+            f"(which computes every basis), {args.model} rank {args.rank}, exact SVD, the optimizers taking turns "
+            "step by step",
+            "",
+            "| optimizer | median step (ms) | slowest step (ms) | slowest / median | total (s) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            f"total time, staggered / together: {ratio:.3f}",
+        ]
+    )
+    return {"table": table, "data": data}
 
 
 # ----------------------------------------------------------------------------- refresh
@@ -618,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--natural-history", type=int, default=8, help="NaturalGaLoreAdamW's s (0: leave it out)")
     s.add_argument("--gap", type=int, default=200, help="update_proj_gap for the amortised cost")
     s.add_argument("--refresh-repeats", type=int, default=3)
+    s.add_argument(
+        "--schedule-periods",
+        type=int,
+        default=0,
+        help="also time every step of this many refresh periods, staggered vs together vs galore-torch (0: skip)",
+    )
+    s.add_argument("--schedule-gap", type=int, default=10, help="update_proj_gap of --schedule-periods")
     s.add_argument(
         "--rows",
         nargs="+",
