@@ -351,14 +351,21 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
         side = proj.projection_side("std", args.m, args.n)
         timings: dict[str, float] = {}
         bases: dict[str, list[torch.Tensor]] = {}
-        for method in ("svd", "randomized"):
+        for method in ("svd", "randomized", "randomized-bf16"):
             best = float("inf")
-            for rep in range(args.repeats if method == "randomized" else 1):
-                gen = torch.Generator(device=device).manual_seed(rep)
+            for rep in range(args.repeats if method != "svd" else 1):
+                gen = torch.Generator(device=device).manual_seed(rep)  # the same sketches, float32 and bf16
                 _sync(device)
                 t = time.perf_counter()
                 b = proj.compute_bases(
-                    G, args.rank, side, method, oversample=args.oversample, power_iters=args.power_iters, generator=gen
+                    G,
+                    args.rank,
+                    side,
+                    method.removesuffix("-bf16"),
+                    oversample=args.oversample,
+                    power_iters=args.power_iters,
+                    generator=gen,
+                    bf16=method.endswith("-bf16"),
                 )
                 _sync(device)
                 best = min(best, time.perf_counter() - t)
@@ -366,29 +373,39 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
         s = torch.linalg.svdvals(G).double()
         top = float((s[: args.rank] ** 2).sum())
         energy = {k: proj.energy(proj.project(G, b, side)) / top for k, b in bases.items()}
+        eye = torch.eye(args.rank, dtype=torch.float64, device=device)
+        ortho = {k: float(torch.linalg.norm(b[0].double().mT @ b[0].double() - eye)) for k, b in bases.items()}
         speedup = timings["svd"] / timings["randomized"]
         results.append(
             {
                 "spectrum": spectrum,
                 "svd_s": timings["svd"],
                 "randomized_s": timings["randomized"],
+                "randomized_bf16_s": timings["randomized-bf16"],
                 "speedup": speedup,
                 "energy_svd": energy["svd"],
                 "energy_randomized": energy["randomized"],
+                "energy_randomized_bf16": energy["randomized-bf16"],
+                "orthonormality_randomized": ortho["randomized"],
+                "orthonormality_randomized_bf16": ortho["randomized-bf16"],
             }
         )
         rows.append(
             f"| {spectrum} | {timings['svd']:.2f} | {timings['randomized']:.3f} | {speedup:.1f}× | "
-            f"{energy['svd']:.4f} | {energy['randomized']:.4f} |"
+            f"{timings['randomized-bf16']:.3f} | {energy['svd']:.4f} | {energy['randomized']:.4f} | "
+            f"{energy['randomized-bf16']:.4f} | {ortho['randomized']:.1e} | {ortho['randomized-bf16']:.1e} |"
         )
+    native = "native" if proj.bf16_gemm_is_native(device) else "emulated: bf16-rounded operands in float32 GEMMs"
     table = "\n".join(
         [
             f"Basis refresh of a {args.m}×{args.n} float32 gradient at rank {args.rank} "
             f"(randomized: oversample {args.oversample}, {args.power_iters} power iterations; best of "
-            f"{args.repeats}), device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            f"{args.repeats}; bf16: its GEMMs with G on bf16 operands, {native}), device {device}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads",
             "",
-            "| spectrum | svd (s) | randomized (s) | speed-up | energy svd | energy randomized |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| spectrum | svd (s) | randomized (s) | speed-up | randomized bf16 (s) | energy svd | "
+            "energy randomized | energy randomized bf16 | ‖QᵀQ − I‖_F randomized | ‖QᵀQ − I‖_F bf16 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
             "energy = ‖project(G)‖²_F / Σᵢ≤r σᵢ² (1.0 = the exact top-r subspace)",
