@@ -1,4 +1,5 @@
-"""``refresh_schedule="staggered"``: each projected matrix refreshes at its own phase. The phase rule
+"""``refresh_schedule="staggered"``: each projected matrix refreshes at its own phase, under every
+optimizer whose basis comes from the gradient. The phase rule
 covers every matrix exactly once per period and balances the cost; the schedule is the same after
 load_state_dict (bit for bit), a pickle, in layer-wise mode and at any gap-1 run (= together);
 generated projections (APOLLO's random ones) keep advancing together."""
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import galorex
 from galorex import ApolloAdamW, GaLoreAdamW
 from galorex.optim import schedule
 from galorex.optim.config import PROJ_STEP, STEP
@@ -207,3 +209,30 @@ def test_generated_projections_keep_their_own_schedule():
             _train(model, opt, batches)
             runs.append(model)
         assert all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), runs[1].parameters())) == same, proj
+
+
+OPTIMIZERS = {
+    "GaLoreAdamW": (galorex.GaLoreAdamW, {}),
+    "NaturalGaLoreAdamW": (galorex.NaturalGaLoreAdamW, {"natural_history": 2}),
+    "GradNormLoRPAdamW": (galorex.GradNormLoRPAdamW, {}),
+    "GaLoreAdafactor": (galorex.GaLoreAdafactor, {"relative_step": False}),
+    "FiraAdamW": (galorex.FiraAdamW, {}),
+    "ApolloAdamW (svd)": (galorex.ApolloAdamW, {"proj": "svd"}),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_refreshes_each_matrix_at_its_phase(name):
+    cls, extra = OPTIMIZERS[name]
+    gap = 3
+    model = _stack()
+    groups = _groups(model, gap, "staggered")
+    groups[0].update({k: v for k, v in extra.items() if k == "proj"})
+    opt = cls(groups, lr=1e-2, **{k: v for k, v in extra.items() if k != "proj"})
+    weights = opt.param_groups[0]["params"]
+    phases = schedule.group_phases(opt.param_groups[0], opt.is_projected)
+    assert len(set(phases.values())) == gap
+    for step, batch in enumerate(_batches(7)):
+        _train(model, opt, [batch])
+        refreshed = _refreshed_at(opt, weights, step)
+        assert refreshed == [step == 0 or step % gap == phases[i] for i in range(len(weights))], step
