@@ -1,8 +1,8 @@
 """``refresh_schedule="staggered"``: each projected matrix refreshes at its own phase, under every
-optimizer whose basis comes from the gradient. The phase rule
-covers every matrix exactly once per period and balances the cost; the schedule is the same after
-load_state_dict (bit for bit), a pickle, in layer-wise mode and at any gap-1 run (= together);
-generated projections (APOLLO's random ones) keep advancing together."""
+optimizer whose basis comes from the gradient. The phase rule covers every matrix exactly once per
+period and balances the cost; the schedule is the same after load_state_dict (bit for bit), a
+pickle, in layer-wise mode and at any gap-1 run (= together); generated projections (APOLLO's
+random ones) keep advancing together."""
 
 from __future__ import annotations
 
