@@ -6,8 +6,14 @@ refresh, 8-bit moments, 4-bit bases). Prints the first step (which computes ever
 steady-state steps, an operator profile of a fourth, and the two projection GEMMs of the seven
 shapes alone in float32 and bf16. Run: ``python docs/profile_7b_block.py`` (about 2 minutes and
 2 GiB on a 2-core CPU).
+
+``--proj-precision bf16`` runs the projections, back-projections and the refresh's GEMMs on bf16
+operands (issue 27; emulated in float32 GEMMs where the CPU has no bf16 GEMM, which the script
+says); ``--refresh-schedule staggered`` gives the seven matrices phases 0–6 of the gap, so steps
+1–6 each refresh one of them (the first step still computes all seven).
 """
 
+import argparse
 import time
 
 import torch
@@ -41,6 +47,15 @@ class Block(nn.Module):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--proj-precision", choices=("bf16",), default=None, help="default: float32 projections")
+    parser.add_argument("--refresh-schedule", choices=("together", "staggered"), default="together")
+    args = parser.parse_args()
+    from galorex.projection import bf16_gemm_is_native
+
+    native = bf16_gemm_is_native(torch.device("cpu"))
+    print(f"proj_precision={args.proj_precision}, refresh_schedule={args.refresh_schedule}; this CPU's bf16 GEMM:")
+    print("  native (oneDNN with AVX512-BF16 or AMX)" if native else "  none (bf16 projections run emulated)")
     torch.manual_seed(0)
     block = Block().to(torch.bfloat16)
     opt = build_optimizer(
@@ -53,6 +68,8 @@ def main() -> None:
         refresh_method="randomized",
         optim_bits=8,
         basis_bits=4,
+        proj_precision=args.proj_precision,
+        refresh_schedule=args.refresh_schedule,
     )
 
     def new_grads() -> None:

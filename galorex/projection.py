@@ -7,6 +7,12 @@ vectors: ``left`` keeps P (m×r) and works on Pᵀ G (r×n), ``right`` keeps P (
 
 Everything here is a pure function of tensors: the optimizer stores the bases in its state, so a
 checkpoint holds tensors only.
+
+Bases in bf16 (``proj_precision="bf16"``: the loop hands the rule bf16 copies of its float32 bases)
+make every GEMM with them run on bf16 operands with float32 accumulation (:func:`matmul_bf16`), the
+other operand rounded to bf16 too and the result in float32; so :func:`project`,
+:func:`project_back` and :func:`add_projected_back_` serve both precisions, and a rule never asks
+which one it has.
 """
 
 from __future__ import annotations
@@ -76,6 +82,80 @@ def basis_shapes(side: str, m: int, n: int, rank: int) -> list[tuple[int, int]]:
     return {"left": [(m, r)], "right": [(n, r)], "full": [(m, r), (n, r)]}[side]
 
 
+# ----------------------------------------------------------------------------- bf16 GEMMs
+def bf16_gemm_is_native(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA (tensor cores), or a CPU whose
+    oneDNN has bf16 GEMMs (AVX512-BF16 or AMX). Elsewhere torch's bf16 GEMM is a slow fallback, and
+    :func:`matmul_bf16` multiplies the bf16-rounded operands in float32 instead."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _CPU_BF16_GEMM
+
+
+# Read once: a compiled step reads the constant instead of calling into oneDNN (a graph break).
+_CPU_BF16_GEMM = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_operand(t: torch.Tensor, native: bool) -> torch.Tensor:
+    """``t`` rounded to bf16 (round to nearest even, unit roundoff u = 2⁻⁸), as a bf16 tensor for a
+    native bf16 GEMM, else as float32 holding the bf16 values (exact: bf16 ⊂ float32)."""
+    low = t.to(torch.bfloat16)
+    return low if native else low.to(torch.float32)
+
+
+def bf16_product(a: torch.Tensor, b: torch.Tensor, native: bool) -> torch.Tensor:
+    """a @ b of two :func:`bf16_operand` results, in float32. Natively the GEMM accumulates in
+    float32 and rounds its result to bf16 once (CPU oneDNN and cuBLAS return the operands' dtype;
+    cuBLAS may also reduce split-K partial sums in bf16 unless
+    ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is False); emulated, the
+    products of bf16 values are exact in float32 and the sums accumulate in float32."""
+    out = a @ b
+    return out.to(torch.float32) if native else out
+
+
+def matmul_bf16(a: torch.Tensor, b: torch.Tensor, *, native: bool | None = None) -> torch.Tensor:
+    """a @ b on bf16 operands with float32 accumulation, in float32.
+
+    Each entry obeys |C − AB| ≤ (2u + u² + γ_K)·(|A||B|) + u·|C| elementwise, u = 2⁻⁸ (bf16's unit
+    roundoff, both operands rounded), γ_K = K·2⁻²⁴/(1 − K·2⁻²⁴) (float32 accumulation over the
+    inner dimension K), the last term only where the GEMM is native (its result rounded to bf16).
+
+    Args:
+        a, b: (M×K) and (K×N), any float dtype (a bf16 one is used as it is).
+        native: run torch's bf16 GEMM (True) or multiply the rounded operands in float32 (False);
+            None asks :func:`bf16_gemm_is_native` for the operands' device.
+    """
+    if native is None:
+        native = bf16_gemm_is_native(a.device)
+    return bf16_product(bf16_operand(a, native), bf16_operand(b, native), native)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # A bf16 basis beside a float32 operand: the bf16 GEMM (module docstring); else torch's own.
+    if a.dtype != b.dtype and torch.bfloat16 in (a.dtype, b.dtype):
+        return matmul_bf16(a, b)
+    return a @ b
+
+
+def _addmm_(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float, beta: float) -> torch.Tensor:
+    """target ← beta·target + alpha·(a @ b) in place, a @ b through :func:`_mm`'s choice."""
+    if a.dtype == b.dtype == target.dtype or torch.bfloat16 not in (a.dtype, b.dtype):
+        return target.addmm_(a, b, beta=beta, alpha=alpha)
+    native = bf16_gemm_is_native(target.device)
+    a, b = bf16_operand(a, native), bf16_operand(b, native)
+    if not native:
+        if target.dtype == torch.float32:
+            return target.addmm_(a, b, beta=beta, alpha=alpha)
+        wide = target.to(torch.float32).addmm_(a, b, beta=beta, alpha=alpha)
+        return target.copy_(wide)
+    if target.dtype == torch.bfloat16:
+        return target.addmm_(a, b, beta=beta, alpha=alpha)  # one rounding of the sum, as ever
+    product = a @ b
+    if beta != 1.0:
+        target.mul_(beta)
+    return target.add_(product, alpha=alpha)
+
+
 def randomized_left_basis(
     a: torch.Tensor,
     rank: int,
@@ -83,6 +163,7 @@ def randomized_left_basis(
     oversample: int = 16,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Top-``rank`` left singular vectors of ``a`` by a randomized range finder
     (Halko, Martinsson & Tropp, 2011, Alg. 4.4 then 5.1).
@@ -95,21 +176,36 @@ def randomized_left_basis(
     unlike an eigendecomposition of B Bᵀ), and a wide SVD costs several times a QR of the same size
     on the CPU.
 
+    With ``bf16`` the four kinds of GEMM with A (A Ω, Aᵀ Q, A Z, Qᵀ A — all of the work that grows
+    with m·n) take bf16 operands with float32 accumulation (:func:`matmul_bf16`; A rounded once);
+    every QR, the small SVD and the final rotation stay in float32, so the basis is orthonormal to
+    float32 rounding and only its span carries bf16's error.
+
     Args:
-        a: the m × n matrix (float32 or float64).
+        a: the m × n matrix (float32 or float64; float32 with ``bf16``).
         rank: how many singular vectors to return (≤ min(m, n)).
         oversample: extra sketch columns beyond ``rank``.
         power_iters: q, the number of power iterations.
         generator: draws the Gaussian test matrix Ω, for reproducible bases.
+        bf16: run the GEMMs with A on bf16 operands (``proj_precision="bf16"``).
     """
     m, n = a.shape
     k = min(rank + oversample, m, n)
     omega = torch.randn(n, k, device=a.device, dtype=a.dtype, generator=generator)
-    q = torch.linalg.qr(a @ omega).Q
+    if bf16:
+        native = bf16_gemm_is_native(a.device)
+        a_low = bf16_operand(a, native)
+
+        def mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return bf16_product(bf16_operand(x, native), bf16_operand(y, native), native)
+    else:
+        a_low, mm = a, torch.matmul
+    q = torch.linalg.qr(mm(a_low, omega)).Q
     for _ in range(power_iters):
-        z = torch.linalg.qr(a.mT @ q).Q
-        q = torch.linalg.qr(a @ z).Q
-    b = q.mT @ a
+        z = torch.linalg.qr(mm(a_low.mT, q)).Q
+        q = torch.linalg.qr(mm(a_low, z)).Q
+    b = mm(q.mT, a_low)
+    del a_low
     if b.shape[1] > b.shape[0]:
         b = torch.linalg.qr(b.mT).R.mT
     ub, _, _ = torch.linalg.svd(b, full_matrices=False)
@@ -125,6 +221,7 @@ def compute_bases(
     oversample: int = 16,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
+    bf16: bool = False,
 ) -> list[torch.Tensor]:
     """Orthonormal bases (as columns) for projecting the matrix ``g`` on ``side`` at ``rank``.
 
@@ -137,6 +234,7 @@ def compute_bases(
         side: "left" (P: m×r), "right" (Q: n×r) or "full" (both).
         method: "svd" or "randomized".
         oversample, power_iters, generator: the range finder's settings (``randomized`` only).
+        bf16: the range finder's GEMMs on bf16 operands (``randomized`` only; the SVD stays float32).
 
     Returns:
         One contiguous basis for left/right, [left, right] for full.
@@ -160,7 +258,7 @@ def compute_bases(
 
     def left_of(a: torch.Tensor) -> torch.Tensor:
         return randomized_left_basis(
-            a, r, oversample=oversample, power_iters=power_iters, generator=generator
+            a, r, oversample=oversample, power_iters=power_iters, generator=generator, bf16=bf16
         ).contiguous()
 
     if side == "left":
@@ -181,20 +279,20 @@ def project(g: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tens
         side: "left", "right" or "full".
     """
     if side == "left":
-        return bases[0].mT @ g
+        return _mm(bases[0].mT, g)
     if side == "right":
-        return g @ bases[0]
-    return bases[0].mT @ g @ bases[1]
+        return _mm(g, bases[0])
+    return _mm(_mm(bases[0].mT, g), bases[1])
 
 
 def project_back(low: torch.Tensor, bases: list[torch.Tensor], side: str) -> torch.Tensor:
     """The adjoint of :func:`project`: R ↦ P R (left), R Pᵀ (right), Pₗ R Pᵣᵀ (full); arguments
     as :func:`project`, ``low`` the low-rank matrix."""
     if side == "left":
-        return bases[0] @ low
+        return _mm(bases[0], low)
     if side == "right":
-        return low @ bases[0].mT
-    return bases[0] @ low @ bases[1].mT
+        return _mm(low, bases[0].mT)
+    return _mm(_mm(bases[0], low), bases[1].mT)
 
 
 def add_projected_back_(
@@ -208,10 +306,13 @@ def add_projected_back_(
 ) -> torch.Tensor:
     """target ← beta·target + alpha·project_back(low), in place, without a full-size temporary.
 
-    One ``addmm_`` (for ``full``, after forming the small Pₗ R).
+    One ``addmm_`` (for ``full``, after forming the small Pₗ R); with bf16 bases the product runs on
+    bf16 operands (module docstring), in one ``addmm_`` where the GEMM is emulated or the target is
+    bf16, else as a bf16 product added in a second pass.
 
     Args:
-        target: an (m×n) matrix (a view of the weight) of the same dtype as ``low`` and the bases.
+        target: an (m×n) matrix (a view of the weight) of the same dtype as ``low`` (and as the
+            bases, unless they are bf16).
         low: the low-rank matrix R.
         bases, side: as :func:`project`.
         alpha: the factor of the projected-back R.
@@ -221,10 +322,10 @@ def add_projected_back_(
         ``target``.
     """
     if side == "left":
-        return target.addmm_(bases[0], low, beta=beta, alpha=alpha)
+        return _addmm_(target, bases[0], low, beta=beta, alpha=alpha)
     if side == "right":
-        return target.addmm_(low, bases[0].mT, beta=beta, alpha=alpha)
-    return target.addmm_(bases[0] @ low, bases[1].mT, beta=beta, alpha=alpha)
+        return _addmm_(target, low, bases[0].mT, beta=beta, alpha=alpha)
+    return _addmm_(target, _mm(bases[0], low), bases[1].mT, beta=beta, alpha=alpha)
 
 
 def energy(t: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -73,6 +74,29 @@ def test_step_rows_and_per_round_ratios(tmp_path):
         main([*args, "--rows", "no-such-row"])
 
 
+def test_step_schedule_and_bf16_rows(tmp_path):
+    args = ["--out", str(tmp_path), "--device", "cpu", "step", "--model", "llama-tiny", "--rank", "8"]
+    args += ["--repeats", "2", "--refresh-repeats", "0", "--natural-history", "0", "--rows", "galore", "galore-bf16"]
+    main([*args, "--schedule-periods", "2", "--schedule-gap", "3"])
+    data = json.loads((tmp_path / "step.json").read_text())
+    results = data["results"]
+    assert data["bf16_vs_float32_paired"] == pytest.approx(
+        statistics.median(
+            a / b
+            for a, b in zip(
+                results["galorex GaLoreAdamW (proj_precision='bf16')"]["all_s"], results["galorex GaLoreAdamW"]["all_s"]
+            )
+        )
+    )
+    schedule = data["schedule"]
+    together, staggered = (schedule["results"][f"galorex GaLoreAdamW, {k}"] for k in ("together", "staggered"))
+    for r in schedule["results"].values():
+        assert len(r["all_s"]) == 6  # two periods of three steps, after the first step
+        assert r["slowest_s"] == max(r["all_s"]) and r["total_s"] == pytest.approx(sum(r["all_s"]))
+    assert schedule["staggered_vs_together_total"] == pytest.approx(staggered["total_s"] / together["total_s"])
+    assert "staggered / together" in (tmp_path / "step.md").read_text()
+
+
 def test_refresh_small(tmp_path):
     main(
         [
@@ -95,6 +119,9 @@ def test_refresh_small(tmp_path):
     by_spectrum = {r["spectrum"]: r for r in results}
     assert by_spectrum["decaying"]["energy_svd"] == pytest.approx(1.0, abs=1e-6)
     assert by_spectrum["decaying"]["energy_randomized"] >= 0.99
+    assert by_spectrum["decaying"]["energy_randomized_bf16"] >= 0.99
+    for r in results:  # re-orthonormalised in float32 either way
+        assert r["orthonormality_randomized"] < 1e-4 and r["orthonormality_randomized_bf16"] < 1e-4
     assert 0 < by_spectrum["flat"]["energy_randomized"] <= 1.0 + 1e-6
 
 

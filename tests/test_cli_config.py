@@ -16,7 +16,15 @@ from galorex.optim import config, registry
 from galorex.optim.factory import available, build_optimizer
 from galorex.train.checkpoint import load_checkpoint, save_checkpoint
 from galorex.train.cli import build_parser, main
-from galorex.train.config import OPTIONS, TRAIN_DEFAULTS, TrainConfig, TrainError, check_config, flag
+from galorex.train.config import (
+    BEFORE_THE_SETTING,
+    OPTIONS,
+    TRAIN_DEFAULTS,
+    TrainConfig,
+    TrainError,
+    check_config,
+    flag,
+)
 
 pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
@@ -88,11 +96,12 @@ OLD_TRAIN_CONFIG = {
 
 def test_an_old_config_dict_loads_and_new_settings_take_their_defaults():
     cfg = TrainConfig.from_dict(OLD_TRAIN_CONFIG)
-    assert cfg == TrainConfig(**OLD_TRAIN_CONFIG)
+    assert cfg == TrainConfig(**{**BEFORE_THE_SETTING, **OLD_TRAIN_CONFIG})
     saved = cfg.to_dict()
     assert {k: saved[k] for k in OLD_TRAIN_CONFIG} == OLD_TRAIN_CONFIG
-    for key in set(saved) - set(OLD_TRAIN_CONFIG):  # settings newer than that file
-        assert saved[key] == TrainConfig().to_dict()[key], key
+    for key in set(saved) - set(OLD_TRAIN_CONFIG):  # settings newer than that file: as runs had them then
+        assert saved[key] == BEFORE_THE_SETTING.get(key, TrainConfig().to_dict()[key]), key
+    assert cfg.refresh_schedule == "together" != TrainConfig().refresh_schedule
     assert TrainConfig.from_dict(json.loads(json.dumps(saved))) == cfg
     with pytest.raises(TrainError, match="'nope'"):
         TrainConfig.from_dict({**OLD_TRAIN_CONFIG, "nope": 1})
@@ -112,7 +121,7 @@ def test_every_option_is_a_field_a_flag_and_a_factory_keyword():
         assert getattr(cfg, o.name) == expected and defaults[o.name] == expected, o.name
     # the dataclasses come back whole
     assert cfg.projection == config.ProjectionConfig(rank=32, update_proj_gap=100, scale=None)
-    assert cfg.refresh == config.RefreshConfig()
+    assert cfg.refresh == config.RefreshConfig(refresh_schedule="staggered")  # galorex-train's default
     assert cfg.precision == config.StatePrecision()
     assert cfg.rule_options == config.RuleOptions()
 
@@ -205,8 +214,10 @@ def test_a_registered_optimizer_is_built_by_name():
 
 def test_a_checkpoint_of_an_older_version_resumes_bit_for_bit(tmp_path, capsys):
     """A checkpoint whose config lacks the settings added since (oversample, power_iters,
-    refresh_seed, proj_precision) resumes, and continues as the straight run does."""
+    refresh_seed, proj_precision, refresh_schedule) resumes, and continues as the straight run does
+    (runs then refreshed together: the resumed run says so, as a run of that time did)."""
     argv = tiny_train_args() + ["--rank", "8", "--update-proj-gap", "2", "--steps", "4", "--save-every", "2"]
+    argv += ["--refresh-schedule", "together"]
     argv += ["--eval-every", "0", "--warmup", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(argv + ["--out", str(a)]) == 0
@@ -218,6 +229,12 @@ def test_a_checkpoint_of_an_older_version_resumes_bit_for_bit(tmp_path, capsys):
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k in OLD_TRAIN_CONFIG}
     path.unlink()
     save_checkpoint(ckpt, b / "checkpoints", 2)
+    # galorex-train's default is staggered now: resuming without the flag names the difference.
+    plain = [a for a in argv if a not in ("--refresh-schedule", "together")]
+    assert main(plain + ["--out", str(b), "--resume"]) == 2
+    assert "trained with refresh_schedule='together', this run asks for refresh_schedule='staggered'" in (
+        capsys.readouterr().err
+    )
     assert main(argv + ["--out", str(b), "--resume"]) == 0
     assert "at step 2" in capsys.readouterr().out
     ca = load_checkpoint(a / "checkpoints" / "ckpt-00000004.pt")

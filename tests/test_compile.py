@@ -122,6 +122,20 @@ def test_compiled_update_matches_eager_in_one_graph(name):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_a_staggered_refresh_schedule_keeps_one_graph():
+    """refresh_schedule="staggered" (the two weights refresh at different steps): the host decides
+    which refresh, the compiled update is the same one graph, in step with eager."""
+    backend = CountingBackend()
+    pair = _pair("galore", {"backend": backend}, 2e-3, refresh_schedule="staggered")
+    for _ in range(7):
+        _step_in_sync(*pair)
+    eager = pair[1]
+    weights = eager.param_groups[0]["params"]
+    assert sorted(int(eager.state[p]["proj_step"]) for p in weights) == [4, 6]  # phases 0 and 1 of gap 3
+    assert backend.graphs == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def test_float_lr_changes_are_seen_by_the_compiled_update():
     """A Python-float lr is read as a constant or a symbolic input; either way a scheduler's new
     value must reach the compiled update (each step follows eager's)."""

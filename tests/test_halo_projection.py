@@ -1,4 +1,5 @@
-"""The ``proj_precision`` group key: GaLore's projection GEMM on quantised operands."""
+"""The ``proj_precision`` group key: GaLore's projection GEMM on quantised operands (bf16: in
+test_bf16_projection.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import galorex
 from galorex import projection as proj
 from galorex.halo import block_hadamard_matrix, default_block_size, format_max, grid_step
-from galorex.lowp.projection import PROJ_PRECISIONS, project_lowprec
+from galorex.lowp.projection import QUANTISED_PRECISIONS, project_lowprec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,7 +52,7 @@ def _gradient(outliers: bool, seed: int = 0) -> torch.Tensor:
     return grad
 
 
-@pytest.mark.parametrize("precision", PROJ_PRECISIONS)
+@pytest.mark.parametrize("precision", QUANTISED_PRECISIONS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_lowprec_projection_matches_float64_emulation(precision, side):
     grad = _gradient(True)
@@ -109,4 +110,4 @@ def test_proj_precision_bad_value():
     with pytest.raises(ValueError, match="'proj_precision' must be None or one of"):
         galorex.GaLoreAdamW([{"params": [w], "rank": 2, "proj_precision": "int4"}])
     with pytest.raises(ValueError, match="proj_precision"):
-        project_lowprec(torch.zeros(4, 4), [torch.zeros(4, 2)], "left", "bf16")
+        project_lowprec(torch.zeros(4, 4), [torch.zeros(4, 2)], "left", "fp16")

@@ -4,8 +4,9 @@ module of galorex.optim grows past 450 lines.
 
 The layers of galorex.optim, lowest first; a module may import only from its own layer or below:
 
-    0  config, keys, blocks, basis_codes, state8bit, code_lut, plan, adam_math
-                                            settings, 8-bit and 4-bit codes, typed records, Adam's maths
+    0  config, keys, blocks, basis_codes, state8bit, code_lut, plan, adam_math, schedule
+                                            settings, 8-bit and 4-bit codes, typed records, Adam's maths,
+                                            the refresh schedule
     1  codec, dense                            state storage around rules; AdamW for unprojected params
     2  rules.*                                 what runs inside the subspace (knows no optimizer)
     3  checkpointing, layerwise, fused, sharded, writes  what the loop mixes in or hands a step to
@@ -34,6 +35,7 @@ OPTIM_LAYERS = {
     "plan": 0,
     "adam_math": 0,
     "keys": 0,
+    "schedule": 0,
     "codec": 1,
     "dense": 1,
     "rules": 2,

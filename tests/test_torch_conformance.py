@@ -132,13 +132,21 @@ def _strided_pair():
     return strided, contiguous, grad
 
 
-@pytest.mark.parametrize("impl", [{}, {"foreach": True}, {"foreach": False}, {"fused": True}], ids=str)
+def _torch_twin(impl: dict) -> dict:
+    """torch.optim.AdamW's flags for the implementation galorex runs with ``impl``: with neither
+    flag set galorex takes torch's fused kernel (on the CPU), which torch takes only when asked."""
+    return impl if impl else {"fused": True}
+
+
+@pytest.mark.parametrize(
+    "impl", [{}, {"foreach": True}, {"foreach": False}, {"fused": False}, {"fused": True}], ids=str
+)
 def test_a_strided_parameter_gets_the_update_of_a_contiguous_copy(impl):
     strided, contiguous, grad = _strided_pair()
     assert strided.stride() != grad.stride()
     opts = [GaLoreAdamW([strided], lr=0.1, **impl), GaLoreAdamW([contiguous], lr=0.1, **impl)]
     ref_param = nn.Parameter(contiguous.detach().clone())
-    ref = torch.optim.AdamW([ref_param], lr=0.1, **impl)
+    ref = torch.optim.AdamW([ref_param], lr=0.1, **_torch_twin(impl))
     for _ in range(3):
         for p, o in zip((strided, contiguous, ref_param), (*opts, ref)):
             p.grad = grad.clone()
@@ -147,18 +155,30 @@ def test_a_strided_parameter_gets_the_update_of_a_contiguous_copy(impl):
     torch.testing.assert_close(contiguous, ref_param, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "impl, expected",
-    [({}, "_single_tensor_adam"), ({"foreach": True}, "_multi_tensor_adam"), ({"fused": True}, "_fused_adam")],
-    ids=["default", "foreach", "fused"],
-)
-def test_foreach_and_fused_choose_the_implementation_as_torch_does(impl, expected, monkeypatch):
+def _record_adam_implementations(monkeypatch) -> list[str]:
+    """The names of torch's AdamW implementations called from now on, in order."""
     import torch.optim.adam as adam_module
 
-    called = []
+    called: list[str] = []
     for name in ("_single_tensor_adam", "_multi_tensor_adam", "_fused_adam"):
         real = getattr(adam_module, name)
         monkeypatch.setattr(adam_module, name, lambda *a, _n=name, _r=real, **k: (called.append(_n), _r(*a, **k)))
+    return called
+
+
+@pytest.mark.parametrize(
+    "impl, ours, torchs",
+    [
+        ({}, "_fused_adam", "_single_tensor_adam"),  # the default: torch's fastest kernel on the CPU
+        ({"foreach": True}, "_multi_tensor_adam", "_multi_tensor_adam"),
+        ({"foreach": False}, "_single_tensor_adam", "_single_tensor_adam"),
+        ({"fused": False}, "_single_tensor_adam", "_single_tensor_adam"),
+        ({"fused": True}, "_fused_adam", "_fused_adam"),
+    ],
+    ids=["default", "foreach", "no-foreach", "no-fused", "fused"],
+)
+def test_foreach_and_fused_choose_the_implementation(impl, ours, torchs, monkeypatch):
+    called = _record_adam_implementations(monkeypatch)
     model = _model()
     opt = GaLoreAdamW(model.parameters(), **impl)
     ref = torch.optim.AdamW(copy.deepcopy(model).parameters(), **impl)
@@ -166,14 +186,75 @@ def test_foreach_and_fused_choose_the_implementation_as_torch_does(impl, expecte
         for p in o.param_groups[0]["params"]:
             p.grad = torch.ones_like(p)
         o.step()
-    assert called == [expected, expected]
+    assert called == [ours, torchs]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_the_default_takes_the_fused_kernel_per_device(strided, monkeypatch):
+    """Per device type: the fused kernel where torch has it for the parameter, torch's own default
+    where it has none (a device without the kernel, simulated by hiding the CPU's), a strided
+    parameter included; the update is the same either way, to torch's fused-vs-loop tolerance."""
+    from galorex.optim import dense
+
+    results = {}
+    for kernel_here in (True, False):
+        if not kernel_here:
+            monkeypatch.setattr(dense, "fused_devices", lambda: set())
+        called = _record_adam_implementations(monkeypatch)
+        param, _, grad = _strided_pair()
+        if not strided:
+            param = nn.Parameter(param.detach().contiguous())
+        opt = GaLoreAdamW([param], lr=0.1)
+        for _ in range(3):
+            param.grad = grad.clone()
+            opt.step()
+        assert called == ["_fused_adam" if kernel_here else "_single_tensor_adam"] * 3
+        results[kernel_here] = param.detach().clone()
+    torch.testing.assert_close(results[True], results[False])  # float32's default tolerance, as torch's test
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_default_takes_the_fused_kernel_on_cuda(monkeypatch):
+    called = _record_adam_implementations(monkeypatch)
+    param, _, grad = _strided_pair()
+    param = nn.Parameter(param.detach().cuda())  # strided on the GPU too
+    opt = GaLoreAdamW([param], lr=0.1)
+    param.grad = grad.cuda()
+    opt.step()
+    assert called == ["_fused_adam"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_the_default_is_torch_adamw_within_torchs_fused_tolerance(dtype):
+    """torch's own test_fused_matches_forloop (test/test_optim.py, TestOptimRenewed._compare_between)
+    compares its fused and for-loop AdamW over 7 steps with assertEqual's default tolerances for
+    the dtype; galorex's default (the fused kernel) keeps to the same against torch's default (the
+    loop) in float64 and float32. In bf16 the loop rounds every intermediate (moments, denominator,
+    the decayed weight) to bf16 and the kernel rounds once, so they part by a few bf16 ulps within
+    7 steps; there the default is held to torch's fused AdamW, step for step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 6)).to(dtype)
+    twin = copy.deepcopy(model)
+    ours = GaLoreAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    bf16 = dtype == torch.bfloat16
+    theirs = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, fused=True if bf16 else None)
+    for x, y in _batches(7):
+        for m, o in ((model, ours), (twin, theirs)):
+            o.zero_grad(set_to_none=True)
+            (m(x.to(dtype)) - y.to(dtype)).square().mean().backward()
+            o.step()
+    tolerance = {"rtol": 0, "atol": 0} if bf16 else {}  # {}: assert_close's defaults for the dtype
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **tolerance)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **tolerance)
 
 
 @pytest.mark.parametrize("flag", ["maximize", "amsgrad"])
 def test_maximize_and_amsgrad_are_torch_adamws_in_unprojected_groups(flag):
     model, ref_model = _model(), _model()
     ours = GaLoreAdamW(model.parameters(), lr=1e-2, **{flag: True})
-    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, **{flag: True})
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True, **{flag: True})  # our default's kernel
     batches = _batches(4)
     _train(model, ours, batches)
     _train(ref_model, ref, batches)
@@ -264,7 +345,13 @@ def test_the_defaults_are_torch_adamws(cls):
     assert {k: v for k, v in ours_opt.defaults.items() if k in ref.defaults} == {
         k: v for k, v in ref.defaults.items() if k in ours_opt.defaults
     }
+    # Step for step torch's AdamW with the kernel the default picks (test above: within torch's
+    # fused-vs-loop tolerance of torch's own default), and with foreach=False its loop exactly.
+    fused_model, loop_model, ref_loop_model = _model(), _model(), _model()
+    fused_ref = torch.optim.AdamW(fused_model.parameters(), fused=True)
+    loop, ref_loop = cls(loop_model.parameters(), foreach=False), torch.optim.AdamW(ref_loop_model.parameters())
     batches = _batches(4)
-    _train(model, ours_opt, batches)
-    _train(ref_model, ref, batches)
-    _assert_same(model, ref_model)
+    for m, o in ((model, ours_opt), (fused_model, fused_ref), (loop_model, loop), (ref_loop_model, ref_loop)):
+        _train(m, o, batches)
+    _assert_same(model, fused_model)
+    _assert_same(loop_model, ref_loop_model)

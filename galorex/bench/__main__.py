@@ -134,6 +134,7 @@ FLOOR = "floor: fused AdamW + 2 GEMMs + low-rank Adam"
 STEP_ROWS = (
     "galore",
     "galore-fused",
+    "galore-bf16",
     "natural-galore",
     "fira",
     "apollo",
@@ -172,6 +173,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     if "galore-fused" in rows:
         # The floor steps the unprojected parameters with torch's fused kernel; so does this row.
         runs["galorex GaLoreAdamW (fused=True)"] = GaLoreAdamW(groups(), lr=1e-3, fused=True)
+    if "galore-bf16" in rows:
+        bf16 = [{**g, "proj_precision": "bf16"} if g.get("rank") else g for g in groups()]
+        runs[BF16_ROW] = GaLoreAdamW(bf16, lr=1e-3)
     runs[FLOOR] = _ArithmeticFloor(groups())
     if args.natural_history > 0 and "natural-galore" in rows:
         runs["galorex NaturalGaLoreAdamW"] = NaturalGaLoreAdamW(groups(), lr=1e-3, natural_history=args.natural_history)
@@ -184,6 +188,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             set_grads()
             opt.step()
     times = _time_interleaved(runs, args.repeats, set_grads, device)
+    schedule = _bench_schedule(model, args, set_grads, device, Reference) if args.schedule_periods > 0 else None
 
     # Steps that refresh every basis (update_proj_gap = 1), for the amortised cost.
     refresh_runs: dict[str, torch.optim.Optimizer] = {}
@@ -269,8 +274,60 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
             *rows,
         ]
     )
+    if BF16_ROW in times and "galorex GaLoreAdamW" in times:
+        ratio = paired(BF16_ROW, "galorex GaLoreAdamW")
+        data["bf16_vs_float32_paired"] = ratio
+        table += f"\n\nproj_precision='bf16' / float32 projections (GaLoreAdamW, per round): {ratio:.2f}×"
+    if schedule is not None:
+        data["schedule"] = schedule.pop("data")
+        table += "\n\n" + schedule["table"]
     _write(Path(args.out), "step", table, data)
     return data
+
+
+BF16_ROW = "galorex GaLoreAdamW (proj_precision='bf16')"
+
+
+def _bench_schedule(model, args: argparse.Namespace, set_grads, device, reference) -> dict[str, Any]:
+    """Every step of ``--schedule-periods`` refresh periods at ``--schedule-gap`` after a first step
+    (which computes every basis under any schedule), the optimizers taking turns step by step:
+    the slowest step over the median step of each, and the total time of staggered over together."""
+    gap = args.schedule_gap
+    groups = lambda **kw: galore_param_groups(model, rank=args.rank, update_proj_gap=gap, scale=0.25, **kw)
+    runs: dict[str, torch.optim.Optimizer] = {}
+    if reference is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs["galore-torch GaLoreAdamW"] = reference(
+                [{**g, "params": [p for _, p in g["params"]]} for g in groups()], lr=1e-3
+            )
+    runs["galorex GaLoreAdamW, together"] = GaLoreAdamW(groups(), lr=1e-3)
+    runs["galorex GaLoreAdamW, staggered"] = GaLoreAdamW(groups(refresh_schedule="staggered"), lr=1e-3)
+    for opt in runs.values():  # the first step: every basis
+        set_grads()
+        opt.step()
+    times = _time_interleaved(runs, args.schedule_periods * gap, set_grads, device)
+    rows, data = [], {"gap": gap, "periods": args.schedule_periods, "results": {}}
+    for name, ts in times.items():
+        slowest, median = max(ts), statistics.median(ts)
+        data["results"][name] = {"all_s": ts, "slowest_s": slowest, "median_s": median, "total_s": sum(ts)}
+        rows.append(f"| {name} | {median * 1e3:.0f} | {slowest * 1e3:.0f} | {slowest / median:.2f} | {sum(ts):.2f} |")
+    ratio = sum(times["galorex GaLoreAdamW, staggered"]) / sum(times["galorex GaLoreAdamW, together"])
+    data["staggered_vs_together_total"] = ratio
+    table = "\n".join(
+        [
+            f"Every step of {args.schedule_periods} refresh periods at update_proj_gap {gap} after the first "
+            f"(which computes every basis), {args.model} rank {args.rank}, exact SVD, the optimizers taking turns "
+            "step by step",
+            "",
+            "| optimizer | median step (ms) | slowest step (ms) | slowest / median | total (s) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            f"total time, staggered / together: {ratio:.3f}",
+        ]
+    )
+    return {"table": table, "data": data}
 
 
 # ----------------------------------------------------------------------------- refresh
@@ -298,14 +355,21 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
         side = proj.projection_side("std", args.m, args.n)
         timings: dict[str, float] = {}
         bases: dict[str, list[torch.Tensor]] = {}
-        for method in ("svd", "randomized"):
+        for method in ("svd", "randomized", "randomized-bf16"):
             best = float("inf")
-            for rep in range(args.repeats if method == "randomized" else 1):
-                gen = torch.Generator(device=device).manual_seed(rep)
+            for rep in range(args.repeats if method != "svd" else 1):
+                gen = torch.Generator(device=device).manual_seed(rep)  # the same sketches, float32 and bf16
                 _sync(device)
                 t = time.perf_counter()
                 b = proj.compute_bases(
-                    G, args.rank, side, method, oversample=args.oversample, power_iters=args.power_iters, generator=gen
+                    G,
+                    args.rank,
+                    side,
+                    method.removesuffix("-bf16"),
+                    oversample=args.oversample,
+                    power_iters=args.power_iters,
+                    generator=gen,
+                    bf16=method.endswith("-bf16"),
                 )
                 _sync(device)
                 best = min(best, time.perf_counter() - t)
@@ -313,29 +377,39 @@ def bench_refresh(args: argparse.Namespace) -> dict[str, Any]:
         s = torch.linalg.svdvals(G).double()
         top = float((s[: args.rank] ** 2).sum())
         energy = {k: proj.energy(proj.project(G, b, side)) / top for k, b in bases.items()}
+        eye = torch.eye(args.rank, dtype=torch.float64, device=device)
+        ortho = {k: float(torch.linalg.norm(b[0].double().mT @ b[0].double() - eye)) for k, b in bases.items()}
         speedup = timings["svd"] / timings["randomized"]
         results.append(
             {
                 "spectrum": spectrum,
                 "svd_s": timings["svd"],
                 "randomized_s": timings["randomized"],
+                "randomized_bf16_s": timings["randomized-bf16"],
                 "speedup": speedup,
                 "energy_svd": energy["svd"],
                 "energy_randomized": energy["randomized"],
+                "energy_randomized_bf16": energy["randomized-bf16"],
+                "orthonormality_randomized": ortho["randomized"],
+                "orthonormality_randomized_bf16": ortho["randomized-bf16"],
             }
         )
         rows.append(
             f"| {spectrum} | {timings['svd']:.2f} | {timings['randomized']:.3f} | {speedup:.1f}× | "
-            f"{energy['svd']:.4f} | {energy['randomized']:.4f} |"
+            f"{timings['randomized-bf16']:.3f} | {energy['svd']:.4f} | {energy['randomized']:.4f} | "
+            f"{energy['randomized-bf16']:.4f} | {ortho['randomized']:.1e} | {ortho['randomized-bf16']:.1e} |"
         )
+    native = "native" if proj.bf16_gemm_is_native(device) else "emulated: bf16-rounded operands in float32 GEMMs"
     table = "\n".join(
         [
             f"Basis refresh of a {args.m}×{args.n} float32 gradient at rank {args.rank} "
             f"(randomized: oversample {args.oversample}, {args.power_iters} power iterations; best of "
-            f"{args.repeats}), device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            f"{args.repeats}; bf16: its GEMMs with G on bf16 operands, {native}), device {device}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads",
             "",
-            "| spectrum | svd (s) | randomized (s) | speed-up | energy svd | energy randomized |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| spectrum | svd (s) | randomized (s) | speed-up | randomized bf16 (s) | energy svd | "
+            "energy randomized | energy randomized bf16 | ‖QᵀQ − I‖_F randomized | ‖QᵀQ − I‖_F bf16 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
             "energy = ‖project(G)‖²_F / Σᵢ≤r σᵢ² (1.0 = the exact top-r subspace)",
@@ -624,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--natural-history", type=int, default=8, help="NaturalGaLoreAdamW's s (0: leave it out)")
     s.add_argument("--gap", type=int, default=200, help="update_proj_gap for the amortised cost")
     s.add_argument("--refresh-repeats", type=int, default=3)
+    s.add_argument(
+        "--schedule-periods",
+        type=int,
+        default=0,
+        help="also time every step of this many refresh periods, staggered vs together vs galore-torch (0: skip)",
+    )
+    s.add_argument("--schedule-gap", type=int, default=10, help="update_proj_gap of --schedule-periods")
     s.add_argument(
         "--rows",
         nargs="+",

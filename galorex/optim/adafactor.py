@@ -56,8 +56,9 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``refresh_method``,
     ``moment_policy`` (``keep`` as galore-torch; ``reset`` zeroes the statistics and restarts β̂_t;
     ``reproject`` carries m by R = P_newᵀP_old and the factored V̂ by R∘R, then re-factors it),
-    ``oversample``, ``power_iters``, ``refresh_seed``, ``optim_bits``, ``basis_bits``,
-    ``basis_rotation``, ``weight_rounding``, ``rounding_seed`` (INT8 and bf16 weights).
+    ``oversample``, ``power_iters``, ``refresh_seed``, ``refresh_schedule``, ``optim_bits``,
+    ``basis_bits``, ``basis_rotation``, ``weight_rounding``, ``rounding_seed`` (INT8 and bf16
+    weights).
 
     ``optim_bits=8`` stores the first moment ``exp_avg`` (and a vector's unfactored ``exp_avg_sq``)
     block-wise in 8 bits through the state codec, projected and unprojected parameters alike, when
@@ -102,6 +103,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         oversample: int = 16,
         power_iters: int = 2,
         refresh_seed: int = 0,
+        refresh_schedule: str = "together",
         optim_bits: int = 32,
         basis_bits: int = 32,
         basis_rotation: bool = False,
@@ -130,6 +132,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             "oversample": oversample,
             "power_iters": power_iters,
             "refresh_seed": refresh_seed,
+            "refresh_schedule": refresh_schedule,
             "optim_bits": optim_bits,
             "basis_bits": basis_bits,
             "basis_rotation": basis_rotation,

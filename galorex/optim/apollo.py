@@ -36,10 +36,10 @@ class ApolloAdamW(GaLoreAdamW):
     is no stored basis, so ``basis_bits`` must stay 32, ``refresh_method`` "svd" (it applies to
     ``proj="svd"``) and ``moment_policy`` "keep" or "reset" (moments cannot be carried between two
     unrelated random spaces). ``refresh_seed`` (0) offsets the random projections' seeds. Groups
-    without ``rank`` and 1-D parameters are plain AdamW, in torch's default implementation for
-    the device as ``torch.optim.AdamW`` picks it — on the CPU the single-tensor loop, which then
-    dominates APOLLO's step on a language model's embeddings and head; ``fused=True`` opts into
-    torch's fused kernel (docs/benchmarks.md measures both). The rank is clipped to min(m, n)
+    without ``rank`` and 1-D parameters are plain AdamW, by default torch's fused kernel where
+    it serves them (as GaLoreAdamW's ``foreach``/``fused``: ``foreach=False`` gives torch's
+    single-tensor loop, which would dominate APOLLO's step on a language model's embeddings and
+    head; docs/benchmarks.md measures both). The rank is clipped to min(m, n)
     (apollo-torch would draw more rows than the matrix has).
 
     Differences from apollo-torch, none of which changes a run it can do: ``proj_type`` other than

@@ -29,6 +29,7 @@ MOMENT_POLICY = "moment_policy"
 OVERSAMPLE = "oversample"
 POWER_ITERS = "power_iters"
 REFRESH_SEED = "refresh_seed"
+REFRESH_SCHEDULE = "refresh_schedule"
 EPS_MODE = "eps_mode"
 OPTIM_BITS = "optim_bits"
 BASIS_BITS = "basis_bits"
@@ -43,6 +44,7 @@ ROUNDING_SEED = "rounding_seed"
 EPS_MODES = ("torch", "galore_torch")
 WEIGHT_ROUNDINGS = ("nearest", "stochastic")
 MOMENT_POLICIES = ("keep", "reset", "reproject")
+REFRESH_SCHEDULES = ("together", "staggered")
 
 # State keys every projected parameter has.
 STEP = "step"
@@ -83,7 +85,9 @@ class ProjectionConfig:
         scale: multiplies the projected-back update (the GaLore paper uses 0.25).
         proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full`` (see ``projection``).
         moment_policy: what subspace state does at a refresh: ``keep``, ``reset`` or ``reproject``.
-        proj_precision: None, or a quantised projection GEMM (``galorex.lowp.projection``).
+        proj_precision: None (the compute dtype), ``bf16`` (projection, back-projection and the
+            randomized refresh's GEMMs on bf16 operands with float32 accumulation; state float32;
+            refused for float64 weights), or a quantised projection GEMM (``galorex.lowp.projection``).
     """
 
     rank: int | None = None
@@ -120,12 +124,16 @@ class RefreshConfig:
         power_iters: power iterations of the range finder.
         refresh_seed: seeds the sketch with the parameter's index and the step (splitmix64), so a
             resumed run draws the same bases without any RNG state in the checkpoint.
+        refresh_schedule: ``together`` (every matrix of a group at steps 0, T, 2T, …) or
+            ``staggered`` (each matrix at its own phase, spread over T so a step refreshes about
+            N/T of them; the first step computes every basis; ``galorex.optim.schedule``).
     """
 
     refresh_method: str = "svd"
     oversample: int = 16
     power_iters: int = 2
     refresh_seed: int = 0
+    refresh_schedule: str = "together"
 
     def validate(self, bad: Bad) -> None:
         if self.refresh_method not in proj.REFRESH_METHODS:
@@ -136,6 +144,8 @@ class RefreshConfig:
             raise bad(POWER_ITERS, "must be an integer >= 0")
         if not is_int(self.refresh_seed):
             raise bad(REFRESH_SEED, "must be an integer")
+        if self.refresh_schedule not in REFRESH_SCHEDULES:
+            raise bad(REFRESH_SCHEDULE, f"must be one of {REFRESH_SCHEDULES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +242,14 @@ def validate_projection(group: dict[str, Any], index: int) -> None:
     projection.validate(bad)
     if projection.rank is not None:
         refresh_config(group).validate(bad)
+    if projection.rank is not None and projection.proj_precision == "bf16":
+        for pi, p in enumerate(group["params"]):
+            if p.dtype == torch.float64 and p.dim() >= 2:
+                raise ValueError(
+                    f"param_groups[{index}]: {PROJ_PRECISION!r} 'bf16' would round the projections of the float64 "
+                    f"parameter param_groups[{index}]['params'][{pi}] (shape {tuple(p.shape)}) to 8 significant "
+                    "bits; use proj_precision=None (float64) for float64 weights"
+                )
 
 
 def check_lr(group: dict[str, Any], bad: Bad) -> None:
@@ -341,6 +359,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     MOMENT_POLICY: MOMENT_POLICIES,
     PROJ_PRECISION: PROJ_PRECISIONS,
     REFRESH_METHOD: proj.REFRESH_METHODS,
+    REFRESH_SCHEDULE: REFRESH_SCHEDULES,
     OPTIM_BITS: OPTIM_BITS_CHOICES,
     BASIS_BITS: BASIS_BITS_CHOICES,
     WEIGHT_ROUNDING: WEIGHT_ROUNDINGS,

@@ -1,11 +1,16 @@
 """AdamW for unprojected parameters (groups without ``rank``, and 1-D parameters).
 
-:func:`adamw_torch` is ``torch.optim.AdamW``'s own functional update with the implementation
-chosen as torch chooses it (``foreach``/``fused`` from the group; None: torch's default for the
-device, which never picks the fused kernel), so such parameters match ``torch.optim.AdamW`` step
-for step. Where torch's kernels do not apply — 8-bit moments, galore-torch's ε placement —
-:func:`adamw_foreach` runs the same maths through ``adam_math``; a large weight with 8-bit moments
-(an embedding, an output head) steps slice by slice (:func:`adamw_8bit_chunked`). AdamW: Loshchilov
+:func:`adamw_torch` is ``torch.optim.AdamW``'s own functional update. Its implementation: with
+``foreach`` and ``fused`` both unset (None, the default), torch's fused kernel for every parameter
+it serves (:func:`takes_fused_by_default`: a plain floating point tensor on a device type with the
+kernel, CPU and CUDA included), torch's own default for the others; ``fused=True`` the fused kernel;
+``foreach=True``/``False`` or ``fused=False`` exactly what ``torch.optim.AdamW`` runs with those
+flags (``foreach=False``, and ``fused=False`` on the CPU: its single-tensor loop). The fused kernel
+computes the same update as the loop, to float rounding (the tolerance torch's own
+``test_fused_matches_forloop`` allows); torch itself never picks it by default. Where torch's
+kernels do not apply — 8-bit moments, galore-torch's ε placement — :func:`adamw_foreach` runs the
+same maths through ``adam_math``; a large weight with 8-bit moments (an embedding, an output head)
+steps slice by slice (:func:`adamw_8bit_chunked`). AdamW: Loshchilov
 & Hutter, 2019, "Decoupled Weight Decay Regularization", Algorithm 2.
 
 Every entry point takes ``(group, params, state_of)``: the parameter group (its ``lr``, ``betas``,
@@ -24,6 +29,7 @@ from . import state8bit
 from .adam_math import adam_directions
 from .codec import load_moment, moment_kind, store_moment
 from .config import AMSGRAD, EPS_MODE, MAXIMIZE, OPTIM_BITS, STEP
+from .plan import is_dtensor
 
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
@@ -55,10 +61,29 @@ def adamw(group: dict[str, Any], params: list[torch.Tensor], state_of: Any) -> N
     return adamw_torch(group, params, state_of)
 
 
+def takes_fused_by_default(p: torch.Tensor) -> bool:
+    """Whether the default (``foreach`` and ``fused`` None) steps ``p`` with torch's fused AdamW
+    kernel: a floating point, dense tensor on a device type that has the kernel. A DTensor (FSDP2)
+    keeps torch's default, which handles its placements."""
+    return p.is_floating_point() and not p.is_sparse and p.device.type in fused_devices() and not is_dtensor(p)
+
+
 def adamw_torch(group: dict[str, Any], params: list[torch.Tensor], state_of: Any) -> None:
     """``torch.optim.AdamW``'s functional step with torch's state layout (``step``, ``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad) and implementation choice (module docstring)."""
-    fused = bool(group.get("fused"))
+    ``exp_avg_sq``, ``max_exp_avg_sq`` with amsgrad) and the implementation of the module docstring."""
+    if group.get("fused") is None and group.get("foreach") is None:
+        chosen = [takes_fused_by_default(p) for p in params]
+        fused = [p for p, c in zip(params, chosen) if c]
+        others = [p for p, c in zip(params, chosen) if not c]
+        if fused:
+            _adamw_torch(group, fused, state_of, fused=True)
+        if others:
+            _adamw_torch(group, others, state_of, fused=False)
+        return
+    _adamw_torch(group, params, state_of, fused=bool(group.get("fused")))
+
+
+def _adamw_torch(group: dict[str, Any], params: list[torch.Tensor], state_of: Any, *, fused: bool) -> None:
     amsgrad = group.get(AMSGRAD, False)
     grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
     for p in params:

@@ -36,6 +36,12 @@ class GaLoreAdamW(LowRankOptimizer):
     - ``moment_policy`` ("keep"): what the Adam moments do at a refresh — ``keep`` them as they are
       (galore-torch), ``reset`` them to zero (bias correction restarts), or ``reproject`` them into
       the new basis.
+    - ``refresh_schedule`` ("together"): ``together`` refreshes every basis of the group at steps
+      0, T, 2T, … (galore-torch); ``staggered`` gives each matrix its own phase φ and refreshes it
+      at the steps t ≡ φ (mod T), the phases spread over T by refresh cost so that each step
+      computes about N/T of the N bases instead of all of them every T-th step (the first step
+      still computes every basis). Phases follow from the group's shapes alone, so a resumed,
+      layer-wise or FSDP2 run keeps them (``galorex.optim.schedule``).
 
     - ``eps_mode`` ("torch"): where ε enters. ``torch`` follows the GaLore paper's Algorithm 1 and
       ``torch.optim.AdamW``: m̂/(√v̂ + ε), and decay W ← (1 − lr·wd)W before the update.
@@ -46,7 +52,7 @@ class GaLoreAdamW(LowRankOptimizer):
     - ``optim_bits`` (32): 8 stores Adam's moments block-wise in 8 bits (``state8bit``: per-block
       absmax scales, non-linear codes, √v for the second moment; tensors under 4096 elements stay
       float32), for projected and unprojected parameters alike. Unprojected parameters then use a
-      foreach AdamW instead of torch's fused kernel.
+      foreach AdamW instead of torch's kernels.
 
     - ``basis_bits`` (32): 4 or 8 stores each basis in 4 or 8 bits (symmetric codes, one float32
       scale per 64 entries; Q-GaLore keeps its projections in 4 bits) and dequantises it on use; the
@@ -67,9 +73,14 @@ class GaLoreAdamW(LowRankOptimizer):
       step); ``"nearest"`` rounds to nearest. Unprojected weights stepped so keep float32 AdamW
       moments (``galorex.weights``).
 
-    - ``proj_precision`` (None), group key only: ``"fp8"``, ``"int8"``, ``"fp8-hadamard"`` or
-      ``"int8-hadamard"`` runs the projection GEMM on quantised operands (per-row scales), with a
-      Hadamard rotation of its inner dimension for ``-hadamard`` (``galorex.lowp.projection``).
+    - ``proj_precision`` (None), group key only: ``"bf16"`` runs the projection, the
+      back-projection and the randomized refresh's GEMMs on bf16 operands with float32
+      accumulation (bases and state stay float32; refused for float64 weights; fast only where
+      the hardware multiplies bf16: GPUs, CPUs with AMX or AVX512-BF16 — elsewhere the rounded
+      operands are multiplied in float32, the same numbers at float32's speed). ``"fp8"``,
+      ``"int8"``, ``"fp8-hadamard"`` or ``"int8-hadamard"`` runs the projection GEMM on quantised
+      operands (per-row scales), with a Hadamard rotation of its inner dimension for
+      ``-hadamard`` (``galorex.lowp.projection``).
 
     Weight decay is decoupled and applied to the full weight.
 
@@ -80,13 +91,17 @@ class GaLoreAdamW(LowRankOptimizer):
     - ``amsgrad``, ``maximize`` (False): honoured for unprojected parameters (torch's own AdamW
       runs them); a group with ``rank`` refuses either, since neither is defined for Adam
       moments whose basis changes at every refresh.
-    - ``foreach``, ``fused`` (None): choose torch's AdamW implementation for unprojected
-      parameters exactly as ``torch.optim.AdamW`` does (None: torch's default for the device,
-      which never picks the fused kernel). ``fused=True`` is checked up front (floating point
-      parameters on a device with the fused kernel, not with ``foreach=True``, not with 8-bit
-      moments or ``eps_mode="galore_torch"``), and a gradient whose strides differ from its
-      parameter's is handed to the fused kernel in the parameter's layout (the kernel
-      mis-updates it otherwise).
+    - ``foreach``, ``fused`` (None): torch's AdamW implementation for unprojected parameters.
+      Both None (the default): torch's fused kernel for every parameter it serves (floating point,
+      on a device type with the kernel: CPU and CUDA; not a DTensor), torch's default for the
+      rest; torch.optim.AdamW itself never picks the fused kernel, so the default matches it to
+      float rounding (torch's fused-vs-loop tolerance), not bit for bit. Set either flag and the
+      choice is torch's with that flag: ``foreach=False`` (and ``fused=False`` on CPU) runs its
+      single-tensor loop, step for step ``torch.optim.AdamW(..., foreach=False)``.
+      ``fused=True`` is checked up front (floating point parameters on a device with the fused
+      kernel, not with ``foreach=True``, not with 8-bit moments or ``eps_mode="galore_torch"``),
+      and a gradient whose strides differ from its parameter's is handed to the fused kernel in
+      the parameter's layout (the kernel mis-updates it otherwise).
     - ``capturable``, ``differentiable``: only False (the refresh schedule runs on the host).
 
     ``lr``, ``weight_decay``, ``betas`` and ``eps`` may be 0-dim tensors (``lr=torch.tensor(1e-3)``),
@@ -127,8 +142,9 @@ class GaLoreAdamW(LowRankOptimizer):
             differentiable: as ``torch.optim.AdamW`` (above for what a projected group does
             with them).
         update_proj_gap, scale, proj_type, refresh_method, moment_policy, oversample,
-            power_iters, refresh_seed, eps_mode, optim_bits, basis_bits, basis_rotation,
-            weight_rounding, rounding_seed: the defaults of the group keys of the same names (above).
+            power_iters, refresh_seed, refresh_schedule, eps_mode, optim_bits, basis_bits,
+            basis_rotation, weight_rounding, rounding_seed: the defaults of the group keys of the
+            same names (above).
         compile: False, True, or a dict of ``torch.compile`` options for the numeric update.
         layerwise, accumulation_steps, per_param_grad_clip: the layer-wise mode (above).
         **rule_options: the rule's own group keys (a subclass's, e.g. NaturalGaLoreAdamW's
@@ -158,6 +174,7 @@ class GaLoreAdamW(LowRankOptimizer):
         oversample: int = 16,
         power_iters: int = 2,
         refresh_seed: int = 0,
+        refresh_schedule: str = "together",
         eps_mode: str = "torch",
         optim_bits: int = 32,
         basis_bits: int = 32,
@@ -192,6 +209,7 @@ class GaLoreAdamW(LowRankOptimizer):
             oversample=oversample,
             power_iters=power_iters,
             refresh_seed=refresh_seed,
+            refresh_schedule=refresh_schedule,
             eps_mode=eps_mode,
             optim_bits=optim_bits,
             basis_bits=basis_bits,

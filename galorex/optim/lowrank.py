@@ -3,16 +3,18 @@
 For each parameter group with a ``rank`` key, every parameter with ≥ 2 dimensions is stepped as
 
     G = rule.gradient(grad) as an (m×n) matrix
-    every update_proj_gap steps: P ← orthonormal top-r basis of G      (state follows moment_policy)
+    at its refresh steps:        P ← orthonormal top-r basis of G      (state follows moment_policy)
     R = project(G, P)                                                 (r×n, m×r or r×r)
     (D, decay, alpha) = rule.steps(R)                                 (Adam: M̂/(√V̂+ε), 1 − lr·wd, −lr·scale)
     W ← decay·W + alpha·project_back(D, P)                            (rule.write; one GEMM by default)
 
-and everything else (groups without ``rank``, 1-D parameters) by ``rule.step_dense`` (AdamW
-rules: ``torch.optim.AdamW``'s own functional). Around the rule the loop applies the state codec
-(8-bit moments, 4/8-bit bases), the placement (local, or FSDP2 row shards: ``sharded``), the
-layer-wise hooks (``layerwise``) and the checkpoint policy (``checkpointing``). The optimizer state
-holds tensors only: a checkpoint loads with ``torch.load(weights_only=True)``.
+(refresh steps: once every ``update_proj_gap`` steps, all matrices of a group together or each at
+its own phase: ``schedule``), and everything else (groups without ``rank``, 1-D parameters) by
+``rule.step_dense`` (AdamW rules: ``torch.optim.AdamW``'s own functional). Around the rule the
+loop applies the state codec (8-bit moments, 4/8-bit bases), the placement (local, or FSDP2 row
+shards: ``sharded``), the layer-wise hooks (``layerwise``) and the checkpoint policy
+(``checkpointing``). The optimizer state holds tensors only: a checkpoint loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 from torch.optim import Optimizer
 
 from .. import projection as proj
-from ..lowp.projection import project_lowprec
+from ..lowp.projection import BF16, project_lowprec, projection_bases
 from ..weights import write as weight_write
-from . import codec, config
+from . import codec, config, schedule
 from .checkpointing import CheckpointMixin
 from .config import PROJ_STEP, RANK, STEP, CompileOption, compute_dtype
 from .dense import eight_bit
@@ -243,11 +245,12 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
         state = self.state[p]
         plan.step = step = int(state[STEP].item()) if STEP in state else 0
         plan.new_bases = None
-        refresh_now = not state or step % group[config.UPDATE_PROJ_GAP] == 0
+        gap = group[config.UPDATE_PROJ_GAP]
         if self.rule.basis_is_generated(group):
-            plan.draw = refresh_now  # no gradient needed: the projection comes from a seed
+            # No gradient needed: the projection comes from a seed, and seeds advance together.
+            plan.draw = not state or step % gap == 0
             return
-        if not refresh_now:
+        if state and not schedule.refreshes_at(step, gap, self._refresh_phase(group, plan)):
             return
         # Cast here only at a refresh, and drop the copy afterwards: holding a float32 copy of
         # every bf16 gradient at once would cost as much memory as AdamW's moments.
@@ -273,7 +276,19 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
             oversample=refresh.oversample,
             power_iters=refresh.power_iters,
             generator=generator,
+            bf16=group.get(config.PROJ_PRECISION) == BF16,
         )
+
+    def _refresh_phase(self, group: dict[str, Any], plan: Plan) -> int:
+        """The parameter's phase in its group's refresh schedule (``schedule.group_phases``),
+        computed once per group and again only when the group's settings or size change."""
+        refresh = config.refresh_config(group)
+        key = (len(group["params"]), group[config.UPDATE_PROJ_GAP], group[RANK], group[config.PROJ_TYPE], refresh)
+        cache = self.__dict__.setdefault("_refresh_phases", {})
+        held = cache.get(plan.group_index)
+        if held is None or held[0] != key:
+            held = cache[plan.group_index] = (key, schedule.group_phases(group, self.is_projected))
+        return held[1][plan.param_index]
 
     def _commit_refresh(self, group: dict[str, Any], plan: Plan) -> None:
         if plan.draw:
@@ -371,6 +386,7 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
             # The weight as the rule reads and writes it: the parameter, or its float32 working copy.
             weight = p if w.target is None else w.target
             bases = w.bases if w.bases is not None else codec.load_bases(w.state, w.side, p, group[RANK])
+            bases = projection_bases(bases, group.get(config.PROJ_PRECISION))  # bf16 copies for "bf16"
             g, record = rule.gradient(group, weight, w.grad)
             lows.append(self._project_gradient(group, g, bases, w.side))
             del g  # the float32 gradient is freed here unless the rule keeps it as its record
@@ -386,8 +402,9 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
             codec.store_view(w.state, view, keys, eight)
 
     def _project_gradient(self, group: dict[str, Any], g: torch.Tensor, bases, side: str) -> torch.Tensor:
-        """R = project(G): in the compute dtype, or quantised when the group sets ``proj_precision``."""
-        if group.get(config.PROJ_PRECISION) is None:
+        """R = project(G): in the compute dtype, on bf16 bases as given, or quantised when the
+        group sets a quantised ``proj_precision``."""
+        if group.get(config.PROJ_PRECISION) in (None, BF16):
             return proj.project(g, bases, side)
         return project_lowprec(g, bases, side, group[config.PROJ_PRECISION])
 

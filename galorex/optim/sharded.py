@@ -26,9 +26,10 @@ the price is one all-gather of Q (n×r) per step on the right side, one all-redu
 all-gather of D (r×n each) on the left, all small next to FSDP2's own traffic on G (m×n).
 
 Supported: GaLoreAdamW (and NaturalGaLoreAdamW with ``natural_history=0``), 32-bit state, sides
-``left``/``right`` (any ``proj_type`` except ``full``), parameters sharded ``Shard(0)`` on a 1-D
-mesh; unprojected parameters go through torch's AdamW, which handles DTensors itself. Anything else
-is refused with a clear error.
+``left``/``right`` (any ``proj_type`` except ``full``), ``proj_precision`` None or ``bf16``, either
+``refresh_schedule`` (the phases follow from the global shapes, the same on every rank), parameters
+sharded ``Shard(0)`` on a 1-D mesh; unprojected parameters go through torch's AdamW, which handles
+DTensors itself. Anything else is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .. import projection as proj
+from ..lowp.projection import BF16, PROJ_PRECISION, projection_bases
 from .config import BASIS_BITS, OPTIM_BITS, PROJ_STEP, PROJ_TYPE, RANK, STEP, compute_dtype
 from .plan import Plan
 from .rules.base import Step
@@ -64,6 +66,11 @@ def check_group(opt: LowRankOptimizer, group: dict[str, Any], index: int) -> Non
         raise ValueError(f"{where}: optim_bits=8 / basis_bits=4 or 8 are not supported with FSDP2 (DTensor) parameters")
     if group.get(RANK) is not None and group[PROJ_TYPE] == "full":
         raise ValueError(f"{where}: proj_type='full' is not supported with FSDP2 (DTensor) parameters")
+    if group.get(RANK) is not None and group.get(PROJ_PRECISION) not in (None, BF16):
+        raise ValueError(
+            f"{where}: proj_precision={group[PROJ_PRECISION]!r} is not supported with FSDP2 (DTensor) parameters; "
+            "use None or 'bf16'"
+        )
 
 
 def _check_placement(opt: LowRankOptimizer, p: DTensor, gi: int, pi: int) -> None:
@@ -195,21 +202,29 @@ def _lowrank_step(opt: LowRankOptimizer, group: dict[str, Any], items: list[Plan
     states = [opt.state[p] for p in params]
     views = [_local_view(s) for s in states]
     lows, bases = [], []
+    precision = group.get(PROJ_PRECISION)
     for p, state, it in zip(params, states, items):
         g, _ = opt.rule.gradient(group, p.to_local(), p.grad.to_local())
         if it.side == "right":
-            q = state["basis"].full_tensor()  # n×r: every rank needs all of it
-            lows.append(g @ q)
-            bases.append([q])
+            # n×r: every rank needs all of it (bf16 copies for proj_precision="bf16")
+            q = projection_bases([state["basis"].full_tensor()], precision)
+            lows.append(proj.project(g, q, "right"))
+            bases.append(q)
         else:
-            local_p = state["basis"].to_local()  # the rows of P matching this rank's rows of G
+            # the rows of P matching this rank's rows of G
+            local_p = projection_bases([state["basis"].to_local()], precision)
             r, n = state["basis"].shape[1], g.shape[1]
             partial = DTensor.from_local(
-                local_p.mT @ g, p.device_mesh, [Partial()], run_check=False, shape=(r, n), stride=(n, 1)
+                proj.project(g, local_p, "left"),
+                p.device_mesh,
+                [Partial()],
+                run_check=False,
+                shape=(r, n),
+                stride=(n, 1),
             )
             low = partial.redistribute(p.device_mesh, [Replicate()]).redistribute(p.device_mesh, [Shard(1)])
             lows.append(low.to_local())
-            bases.append([local_p])
+            bases.append(local_p)
         state[STEP] += 1
     local_params = [p.to_local() for p in params]
     steps = opt.rule.steps(group, local_params, [proj.as_matrix(p) for p in local_params], lows, views)

@@ -26,12 +26,18 @@ OPTIONS: tuple[optim_config.Option, ...] = optim_config.options()
 OPTION_NAMES = frozenset(o.name for o in OPTIONS)
 # galorex-train's defaults where they differ from the optimizers' (scale None: the optimizer's
 # own, galorex.optim.factory.DEFAULT_SCALE).
-TRAIN_DEFAULTS: dict[str, Any] = {"rank": 32, "update_proj_gap": 100, "scale": None}
+# Staggered refreshes: within a seed's spread of together on llama-tiny at 1000 steps, 3 seeds
+# (docs/benchmarks.md, "Flat, fast steps", 2026-12-07).
+TRAIN_DEFAULTS: dict[str, Any] = {"rank": 32, "update_proj_gap": 100, "scale": None, "refresh_schedule": "staggered"}
+# What a run saved before a setting existed ran with, where that is not the setting's default now:
+# an older config.json or checkpoint without the key gets this value, not the new default.
+BEFORE_THE_SETTING: dict[str, Any] = {"refresh_schedule": "together"}
 # galorex-train's help where it says more than the option's own (its Args: line).
 TRAIN_HELP = {
     "rank": "GaLore rank r (clipped to min(m, n))",
-    "proj_precision": "quantise the projection GEMMs: fp8 or int8, -hadamard after a block Hadamard rotation "
-    "(galorex.lowp.projection); default: in the compute dtype",
+    "proj_precision": "the projection GEMMs' precision: bf16 (projection, back-projection and randomized refresh "
+    "on bf16 operands, float32 accumulation), or quantised: fp8 or int8, -hadamard after a block Hadamard "
+    "rotation (galorex.lowp.projection); default: in the compute dtype",
     "scale": "scale of the projected-back update (GaLore's scale, Fira's alpha, APOLLO's scale); "
     "default: the optimizer's own (0.25; apollo 1)",
     "weight_rounding": "how the step writes INT8 (--weight-bits 8) and bf16 weights: stochastic or nearest "
@@ -225,7 +231,8 @@ class TrainConfig(_OptimizerFields):
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """A configuration from a saved ``config.json``'s ``train`` dict or a checkpoint's
-        ``config``, of this version or an earlier one (a setting it lacks takes its default).
+        ``config``, of this version or an earlier one (a setting it lacks takes the value runs had
+        before it existed, :data:`BEFORE_THE_SETTING`, else its default).
 
         Args:
             values: setting name → value.
@@ -234,7 +241,7 @@ class TrainConfig(_OptimizerFields):
         unknown = sorted(set(values) - known)
         if unknown:
             raise TrainError(f"config keys {unknown} are not galorex-train settings (a newer galorex's run?)")
-        return cls(**values)
+        return cls(**{**BEFORE_THE_SETTING, **values})
 
 
 def check_config(cfg: TrainConfig) -> None:

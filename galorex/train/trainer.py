@@ -42,7 +42,7 @@ from .checkpoint import (
     save_safetensors,
     set_rng_state,
 )
-from .config import RESUME_MAY_CHANGE, TrainConfig, TrainError, check_config
+from .config import BEFORE_THE_SETTING, RESUME_MAY_CHANGE, TrainConfig, TrainError, check_config
 from .data import (
     DataError,
     TokenBatcher,
@@ -150,8 +150,9 @@ def _load_resume(cfg: TrainConfig, out: Path, ctx: distributed.Context | None = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or any(k not in ckpt for k in needed):
         raise TrainError(f"--resume: {path} is not a galorex-train checkpoint (format {CHECKPOINT_FORMAT})")
     saved = ckpt["config"]
-    # A setting newer than the checkpoint (absent from its config) had its default value then.
-    defaults = TrainConfig().to_dict()
+    # A setting newer than the checkpoint (absent from its config) had the value runs had before
+    # it existed (BEFORE_THE_SETTING), else its default.
+    defaults = {**TrainConfig().to_dict(), **BEFORE_THE_SETTING}
     for key, value in cfg.to_dict().items():
         before = saved.get(key, defaults[key])
         if key not in RESUME_MAY_CHANGE and before != value:
