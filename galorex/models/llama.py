@@ -237,7 +237,8 @@ def get_config(name_or_path: str | os.PathLike, vocab_size: int | None = None) -
 
 class RMSNorm(nn.Module):
     """y = x / √(mean(x²) + ε) · w over the last dimension (Zhang & Sennrich, 2019, "Root Mean
-    Square Layer Normalization"), computed in float32 and returned in x's dtype.
+    Square Layer Normalization"), computed in at least float32 (float64 weights stay float64) and
+    returned in x's dtype.
 
     Args:
         dim: the normalised (last) dimension; w starts at ones.
@@ -251,10 +252,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares over thousands of channels loses too much in
-        # bf16, so normalise in float32 and only hand back the input dtype.
-        xf = x.float()
+        # bf16, so normalise in float32 and only hand back the input dtype (float64 stays float64:
+        # a float32 norm would bring float32 rounding into a float64 run).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(dtype)).to(x.dtype)
 
 
 def rotary_tables(
@@ -522,7 +525,7 @@ class Llama(nn.Module):
             targets: None, or the ids (B, T) the logits should predict.
 
         Returns:
-            (logits (B, T, vocab_size) in the model's dtype, the loss in float32 or None).
+            (logits (B, T, vocab_size) in the model's dtype, the loss in float32 (float64 for float64 weights) or None).
 
         Raises:
             ValueError: T exceeds ``max_seq_len``.
@@ -544,8 +547,9 @@ class Llama(nn.Module):
         loss = None
         if targets is not None:
             # Softmax over 32k classes in bf16 gives a visibly wrong loss;
-            # upcast just for the cross-entropy.
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            # upcast just for the cross-entropy (to float32 at least: float64 stays float64).
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
