@@ -268,8 +268,3 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("--halo-save-quantized needs --halo 0|1|2")
     if cfg.data is not None and cfg.dataset is not None:
         raise TrainError("give either --data or --dataset, not both")
-    if cfg.layerwise and cfg.distributed == "fsdp2":
-        raise TrainError(
-            "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "
-            "after the hooks that would step it have fired (use --distributed ddp --layerwise)"
-        )

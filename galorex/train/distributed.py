@@ -169,10 +169,33 @@ def load_extra(ctx: Context, path: Path) -> dict[str, Any]:
         return load_checkpoint(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a complete sharded (DCP) checkpoint folder")
+    check_shard_files(path)
     extra = load_checkpoint(path / EXTRA)
     if isinstance(extra, dict):
         extra["model"] = extra["optimizer"] = str(path)
     return extra
+
+
+def check_shard_files(path: Path) -> None:
+    """Every file the checkpoint's metadata names is there (a rank's shards copied or synced
+    incompletely would otherwise surface as a bare error deep inside the load).
+
+    Raises:
+        CheckpointError: naming the missing files (``__<rank>_<n>.distcp``: written by that rank).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a truncated or foreign .metadata
+        raise CheckpointError(f"{path / '.metadata'}: cannot be read as DCP metadata ({e})") from None
+    names = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: missing shard file(s) {', '.join(missing)} of {len(names)} (each is written by one rank "
+            "of the saving run); the checkpoint is incomplete"
+        )
 
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -192,6 +215,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
         set_optimizer_state_dict,
     )
 
+    if hasattr(optimizer, "rule"):  # a galorex optimizer: give DCP the state to load into
+        from ..optim.sharded import materialize_state
+
+        materialize_state(optimizer)
     state = _dcp_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])

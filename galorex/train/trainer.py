@@ -497,6 +497,8 @@ def _setup_optimizer(cfg: TrainConfig, ctx: distributed.Context, model: Llama, m
         raise TrainError("--layerwise needs a galorex optimizer built with layerwise=True")
     if cfg.layerwise and ctx.mode == "ddp":
         optimizer.set_layerwise_grad_reducer(ctx.average_gradient)  # DDP's all-reduce, one gradient at a time
+    if cfg.layerwise and ctx.mode == "fsdp2":
+        optimizer.register_fsdp2_hooks(model)  # each block's shards step once its reduce-scatter lands
     return optimizer
 
 
