@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -617,6 +618,7 @@ def materialize_(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     seed: int | None = 0,
+    on_piece: Callable[[str, nn.Module], None] | None = None,
 ) -> Llama:
     """Give a model built on the meta device storage, one piece at a time, in ``dtype`` on
     ``device``, and initialise each piece there (``seed=None``: leave the storage uninitialised,
@@ -633,6 +635,9 @@ def materialize_(
         device: where its storage is allocated.
         dtype: the parameters' dtype (None: keep the model's).
         seed: seeds each piece's generator; None leaves the storage uninitialised.
+        on_piece: called as ``on_piece(name, module)`` once each piece is materialised and
+            initialised (galorex-train shards it there under FSDP2, so that no rank ever holds the
+            whole model).
 
     Returns:
         ``model`` itself, materialised.
@@ -645,6 +650,8 @@ def materialize_(
         if seed is not None:
             gen = torch.Generator(device=device).manual_seed(_piece_seed(seed, index))
             model.init_piece_(name, module, gen)
+        if on_piece is not None:
+            on_piece(name, module)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model
@@ -656,6 +663,7 @@ def build_llama(
     dtype: torch.dtype = torch.float32,
     seed: int | None = 0,
     activation_checkpointing: bool = False,
+    on_piece: Callable[[str, nn.Module], None] | None = None,
 ) -> Llama:
     """A Llama built on the meta device and materialised piece by piece in ``dtype`` on ``device``
     (:func:`materialize_`): a 7B model in bf16 never passes through float32.
@@ -665,7 +673,8 @@ def build_llama(
         device, dtype: where and in which dtype its parameters live.
         seed: the initialisation seed; None leaves the weights uninitialised (load them next).
         activation_checkpointing: as :class:`Llama`.
+        on_piece: as :func:`materialize_`.
     """
     with torch.device("meta"):
         model = Llama(cfg, activation_checkpointing=activation_checkpointing)
-    return materialize_(model, device, dtype, seed)
+    return materialize_(model, device, dtype, seed, on_piece)
