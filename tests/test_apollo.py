@@ -387,8 +387,9 @@ def test_factory_refuses_a_scale_for_apollo_mini():
         build_optimizer("apollo-mini", Llama(get_config("llama-tiny")), lr=1e-3, scale=2.0)
 
 
-def test_fsdp2_parameters_are_refused():
-    """A DTensor (FSDP2-sharded) parameter raises a ValueError naming the optimizer, for both."""
+def test_fsdp2_parameters_are_accepted():
+    """A DTensor (FSDP2-sharded) parameter is taken by both (the FSDP2 placement steps every rule;
+    tests/test_distributed.py compares them with one process)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -400,7 +401,10 @@ def test_fsdp2_parameters_are_refused():
         mesh = init_device_mesh("cpu", (1,))
         w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
         for cls in (FiraAdamW, ApolloAdamW):
-            with pytest.raises(ValueError, match=f"{cls.__name__} does not support FSDP2"):
-                cls([{"params": [w], "rank": 2}], lr=1e-3)
+            opt = cls([{"params": [w], "rank": 2}], lr=1e-3)
+            w.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+            before = w.full_tensor().clone()
+            opt.step()
+            assert not torch.equal(before, w.full_tensor())
     finally:
         dist.destroy_process_group()

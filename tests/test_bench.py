@@ -337,3 +337,13 @@ def test_common_options_go_before_or_after_the_subcommand(argv, monkeypatch, tmp
     argv = [str(tmp_path) if a == "OUT" else a for a in argv]
     assert bench_main.main(argv) == 0
     assert seen == [(str(tmp_path), True)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_int8_linear_times_both_layers_in_the_dtype_asked(tmp_path, dtype):
+    main(["--out", str(tmp_path), "--device", "cpu", "--quick", "int8-linear", "--dtype", dtype])
+    table = (tmp_path / "int8_linear.md").read_text()
+    assert f"| {dtype} nn.Linear |" in table and f"{dtype} compute)" in table
+    data = json.loads((tmp_path / "int8_linear.json").read_text())
+    assert data["args"]["dtype"] == dtype
+    assert len(data["ratios"]) == 3 and all(r > 0 for r in data["ratios"])

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,7 +238,8 @@ def get_config(name_or_path: str | os.PathLike, vocab_size: int | None = None) -
 
 class RMSNorm(nn.Module):
     """y = x / √(mean(x²) + ε) · w over the last dimension (Zhang & Sennrich, 2019, "Root Mean
-    Square Layer Normalization"), computed in float32 and returned in x's dtype.
+    Square Layer Normalization"), computed in at least float32 (float64 weights stay float64) and
+    returned in x's dtype.
 
     Args:
         dim: the normalised (last) dimension; w starts at ones.
@@ -251,10 +253,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares over thousands of channels loses too much in
-        # bf16, so normalise in float32 and only hand back the input dtype.
-        xf = x.float()
+        # bf16, so normalise in float32 and only hand back the input dtype (float64 stays float64:
+        # a float32 norm would bring float32 rounding into a float64 run).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(dtype)).to(x.dtype)
 
 
 def rotary_tables(
@@ -522,7 +526,7 @@ class Llama(nn.Module):
             targets: None, or the ids (B, T) the logits should predict.
 
         Returns:
-            (logits (B, T, vocab_size) in the model's dtype, the loss in float32 or None).
+            (logits (B, T, vocab_size) in the model's dtype, the loss in float32 (float64 for float64 weights) or None).
 
         Raises:
             ValueError: T exceeds ``max_seq_len``.
@@ -544,8 +548,9 @@ class Llama(nn.Module):
         loss = None
         if targets is not None:
             # Softmax over 32k classes in bf16 gives a visibly wrong loss;
-            # upcast just for the cross-entropy.
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            # upcast just for the cross-entropy (to float32 at least: float64 stays float64).
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
     @torch.no_grad()
@@ -615,6 +620,7 @@ def materialize_(
     seed: int | None = 0,
     weight_bits: int | None = None,
     weight_group_size: int = 256,
+    on_piece: Callable[[str, nn.Module], None] | None = None,
 ) -> Llama:
     """Give a model built on the meta device storage, one piece at a time, in ``dtype`` on
     ``device``, and initialise each piece there (``seed=None``: leave the storage uninitialised,
@@ -638,6 +644,9 @@ def materialize_(
             zero codes, to be loaded).
         weight_bits: None, or 8 for INT8 attention and MLP weights.
         weight_group_size: elements per INT8 scale (a positive multiple of 32).
+        on_piece: called as ``on_piece(name, module)`` once each piece is materialised,
+            initialised and (``weight_bits``) quantised (galorex-train shards it there under FSDP2,
+            so that no rank ever holds the whole model).
 
     Returns:
         ``model`` itself, materialised.
@@ -664,6 +673,8 @@ def materialize_(
             for sub_name, sub in module.named_modules():
                 if (f"{name}.{sub_name}" if sub_name else name) in quantized:
                     quantize_linear_(sub, weight_group_size, values=seed is not None)
+        if on_piece is not None:
+            on_piece(name, module)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model
@@ -677,6 +688,7 @@ def build_llama(
     activation_checkpointing: bool = False,
     weight_bits: int | None = None,
     weight_group_size: int = 256,
+    on_piece: Callable[[str, nn.Module], None] | None = None,
 ) -> Llama:
     """A Llama built on the meta device and materialised piece by piece in ``dtype`` on ``device``
     (:func:`materialize_`): a 7B model in bf16 never passes through float32, and with
@@ -688,7 +700,8 @@ def build_llama(
         seed: the initialisation seed; None leaves the weights uninitialised (load them next).
         activation_checkpointing: as :class:`Llama`.
         weight_bits, weight_group_size: INT8 attention and MLP weights (:func:`materialize_`).
+        on_piece: as :func:`materialize_`.
     """
     with torch.device("meta"):
         model = Llama(cfg, activation_checkpointing=activation_checkpointing)
-    return materialize_(model, device, dtype, seed, weight_bits, weight_group_size)
+    return materialize_(model, device, dtype, seed, weight_bits, weight_group_size, on_piece)

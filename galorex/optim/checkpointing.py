@@ -17,7 +17,6 @@ from ..weights.write import needs_working_copy
 from . import codec
 from .config import PROJ_STEP, WEIGHT_ROUNDING, as_step_tensor
 from .dense import eight_bit
-from .plan import is_dtensor
 
 
 class CheckpointMixin:
@@ -63,7 +62,6 @@ class CheckpointMixin:
         self._configure_layerwise(options["layerwise"], options["accumulation_steps"], options["per_param_grad_clip"])
         params = [p for g in self.param_groups for p in g["params"]]
         self._backward_counts = {p: c for p, c in zip(params, options["backward_counts"]) if c}
-        self._sharded = any(is_dtensor(p) for p in params)
         if self._layerwise:
             for gi in range(len(self.param_groups)):
                 self._register_layerwise_hooks(gi)

@@ -64,6 +64,10 @@ def load_view(state: dict[str, Any], moment_keys: tuple[str, ...], dtype: torch.
     for key in moment_keys:
         if key + "_q" in state:
             view[key] = load_moment(state, key, dtype)
+        elif key in view and view[key].dtype != dtype:
+            # A moment too small to code is kept in float32 under optim_bits=8; float64 weights
+            # compute in float64 (store_view writes the copy back).
+            view[key] = view[key].to(dtype)
     return view
 
 
@@ -107,13 +111,29 @@ def store_bases(
             state[key] = basis
 
 
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """The basis with each column's sign chosen so that its largest-magnitude entry is positive.
+
+    A singular vector's sign is arbitrary, and LAPACK's choice can flip under a 1e-16 change of the
+    matrix. Plain and block-coded bases do not care (the codes of −b are the negated codes of b,
+    and the moment policies carry signs), but Hadamard-rotated codes mix a column's sign into its
+    neighbours' codes, so the stored basis — and the run — would depend on that choice. With this
+    convention it depends continuously on the gradient: one process and FSDP2's ranks, whose
+    gradients differ by rounding, store the same codes."""
+    index = basis.abs().argmax(dim=0, keepdim=True)
+    signs = torch.where(basis.gather(0, index) < 0, -1.0, 1.0).to(basis.dtype)
+    return basis * signs
+
+
 def encode_for_storage(
     new: list[torch.Tensor], bits: int, rotated: bool
 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:
     """The bases as they will be stored (decoded again when coded, so moments carried into them
-    match them exactly) and their codes."""
+    match them exactly) and their codes; rotated ones with :func:`canonical_signs`."""
     if bits not in state8bit.BASIS_CODECS:
         return new, None
+    if rotated:
+        new = [canonical_signs(b) for b in new]
     encoded = [state8bit.encode_basis(b, bits, rotated) for b in new]
     return [state8bit.decode_basis(*e, b.shape, bits, rotated).to(b.dtype) for e, b in zip(encoded, new)], encoded
 
@@ -127,6 +147,25 @@ def _stored_format(state: dict[str, Any], key: str, p: torch.Tensor) -> tuple[in
         f"the optimizer state of a parameter of shape {tuple(p.shape)} holds no basis {key!r} in any stored "
         f"format (state keys: {sorted(state)}): the state dict does not belong to this parameter"
     )
+
+
+def coded_entries(state: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+    """Every block-coded entry of a state, as (codes key, scales key, entries per block, codes per
+    byte): 8-bit moments (``<key>_q`` with ``<key>_absmax``: 256 entries a block, one byte each)
+    and 4/8-bit bases (``<key>_q4[h]``/``_q8[h]`` with ``<key>_scale``: 64 entries a block, two or
+    one a byte). A block's codes and its scale belong together: the FSDP2 placement
+    (``galorex.optim.sharded``) keeps them on one rank."""
+    found = []
+    for key in state:
+        if key.endswith("_q") and key[:-2] + "_absmax" in state:
+            found.append((key, key[:-2] + "_absmax", state8bit.BLOCK_SIZE, 1))
+            continue
+        for bits in state8bit.BASIS_CODECS:
+            for rotated in (False, True):
+                suffix = state8bit.basis_code_suffix(bits, rotated)
+                if key.endswith(suffix) and key[: -len(suffix)] + "_scale" in state:
+                    found.append((key, key[: -len(suffix)] + "_scale", state8bit.INT4_BLOCK_SIZE, 8 // bits))
+    return found
 
 
 def has_basis(state: dict[str, Any]) -> bool:

@@ -1,7 +1,9 @@
 """Layer-wise updates (the GaLore paper's per-layer weight update, §4.2): each parameter is stepped
 from a post-accumulate-grad hook as soon as backward() has its gradient, then the gradient is freed,
-so the model's gradients never exist all at once. Mixed into ``LowRankOptimizer``; the step itself
-is the loop's (``_step_one`` takes one parameter through the same refresh and update as ``step()``).
+so the model's gradients never exist all at once (under FSDP2: from each FSDP2 group's post-backward,
+once its reduce-scatter has landed; :meth:`LayerwiseMixin.register_fsdp2_hooks`). Mixed into
+``LowRankOptimizer``; the step itself is the loop's (``_step_one`` takes one parameter through the
+same refresh and update as ``step()``).
 """
 
 from __future__ import annotations
@@ -54,18 +56,31 @@ class LayerwiseMixin:
         self._grad_reducer: Callable[[torch.Tensor], None] | None = None
 
     def _register_layerwise_hooks(self, group_index: int) -> None:
-        """Hook :meth:`_on_grad_ready` to every trainable parameter of a group; refuse DTensors."""
-        params = self.param_groups[group_index]["params"]
-        for pi, p in enumerate(params):  # check them all before hooking any
-            if is_dtensor(p):
-                raise ValueError(
-                    f"layerwise=True: {self._param_label(group_index, pi)} is a DTensor (FSDP2); "
-                    "FSDP2 writes the reduce-scattered gradient after the hooks would fire, so "
-                    "layer-wise updates are not supported there; use layerwise=False"
-                )
-        for p in params:
-            if p.requires_grad:
+        """Hook :meth:`_on_grad_ready` to every trainable parameter of a group. A DTensor (FSDP2)
+        gets no such hook, which would never fire (FSDP2 assigns its gradient shard directly):
+        :meth:`register_fsdp2_hooks` steps it from FSDP2's post-backward instead."""
+        for p in self.param_groups[group_index]["params"]:
+            if p.requires_grad and not is_dtensor(p):
                 self._layerwise_handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def register_fsdp2_hooks(self, model: torch.nn.Module) -> None:
+        """Layer-wise updates under FSDP2: step each parameter's shard as soon as its FSDP2 group's
+        reduce-scatter has landed, then free its gradient (``galorex.optim.sharded.hooks``, which
+        says why FSDP2 needs this instead of the post-accumulate-grad hooks). Call it once, after
+        ``fully_shard``; :meth:`remove_layerwise_hooks` undoes it.
+
+        Args:
+            model: the module ``fully_shard`` was applied to (its FSDP2 submodules are found in it).
+
+        Raises:
+            ValueError: the optimizer was built without ``layerwise=True``, or the model has no FSDP2
+                module.
+        """
+        if not self._layerwise:
+            raise ValueError("register_fsdp2_hooks needs an optimizer built with layerwise=True")
+        from .sharded import step_in_post_backward
+
+        self._layerwise_handles.extend(step_in_post_backward(self, model))
 
     def _locate(self, p: torch.Tensor) -> tuple[int, int, int]:
         """(group index, index in the group, index over all groups) of a parameter."""
@@ -107,6 +122,10 @@ class LayerwiseMixin:
             # clip_grad_norm_'s rule, applied to this parameter's gradient alone.
             norm = torch.linalg.vector_norm(p.grad)
             p.grad.mul_(torch.clamp(self._per_param_grad_clip / (norm + 1e-6), max=1.0))
+        if is_dtensor(p):
+            from .sharded import step_one
+
+            return step_one(self, gi, pi, index)
         if self.is_projected(group, p):
             plan = Plan(p, gi, pi, index, self.side_of(group, p))
             self._prepare_projection(group, plan)
@@ -124,6 +143,12 @@ class LayerwiseMixin:
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None and self._backward_counts.get(p, 0) == 0:
+                    if is_dtensor(p):
+                        raise RuntimeError(
+                            f"layerwise=True: {self._param_label(gi, pi)} is an FSDP2 (DTensor) parameter "
+                            "holding a gradient no hook stepped: call optimizer.register_fsdp2_hooks(model) "
+                            "once after fully_shard, and zero_grad() before the first backward"
+                        )
                     raise RuntimeError(
                         f"layerwise=True: {self._param_label(gi, pi)} holds a gradient that no "
                         "backward() delivered to its hook (set by hand, or zero_grad() was not "

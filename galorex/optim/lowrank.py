@@ -11,8 +11,8 @@ For each parameter group with a ``rank`` key, every parameter with ≥ 2 dimensi
 (refresh steps: once every ``update_proj_gap`` steps, all matrices of a group together or each at
 its own phase: ``schedule``), and everything else (groups without ``rank``, 1-D parameters) by
 ``rule.step_dense`` (AdamW rules: ``torch.optim.AdamW``'s own functional). Around the rule the
-loop applies the state codec (8-bit moments, 4/8-bit bases), the placement (local, or FSDP2 row
-shards: ``sharded``), the layer-wise hooks (``layerwise``) and the checkpoint policy
+loop applies the state codec (8-bit moments, 4/8-bit bases), the placement (one process, or FSDP2's
+DTensors: ``sharded``), the layer-wise hooks (``layerwise``) and the checkpoint policy
 (``checkpointing``). The optimizer state holds tensors only: a checkpoint loads with
 ``torch.load(weights_only=True)``.
 """
@@ -131,7 +131,6 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
         except ValueError:
             self.param_groups.pop()
             raise
-        self._sharded = getattr(self, "_sharded", False) or sharded_params
 
     def _param_label(self, group_index: int, param_index: int) -> str:
         group = self.param_groups[group_index]
@@ -174,7 +173,8 @@ class LowRankOptimizer(CheckpointMixin, LayerwiseMixin, WeightWriteMixin, Optimi
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if self._layerwise:
             return self._layerwise_step_call(closure)
-        if getattr(self, "_sharded", False):
+        # Checked at every step: accelerate swaps the parameters for DTensors after construction.
+        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
             from .sharded import sharded_step
 
             return sharded_step(self, closure)

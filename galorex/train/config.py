@@ -297,8 +297,3 @@ def check_config(cfg: TrainConfig) -> None:
             raise TrainError("--weight-bits with --distributed fsdp2 is not supported yet (use ddp, or one process)")
     elif cfg.weight_group_size != TrainConfig.weight_group_size:
         raise TrainError("--weight-group-size needs --weight-bits 8")
-    if cfg.layerwise and cfg.distributed == "fsdp2":
-        raise TrainError(
-            "--layerwise with --distributed fsdp2 is not supported: FSDP2 reduce-scatters a gradient "
-            "after the hooks that would step it have fired (use --distributed ddp --layerwise)"
-        )

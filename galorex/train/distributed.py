@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ class Context:
         dist.all_reduce(value)
         return value / self.world_size
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
     def average_gradient(self, grad: torch.Tensor) -> None:
         """In place: the mean of this gradient over the ranks (DDP's all-reduce, for one tensor)."""
         dist.all_reduce(grad)
@@ -114,6 +121,25 @@ def setup(mode: str, device_name: str, batch_size: int) -> tuple[Context, str]:
     return ctx, (f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
+def shard_as_built(ctx: Context, tie_embeddings: bool) -> Callable[[str, nn.Module], None] | None:
+    """Under FSDP2, what ``build_llama(on_piece=...)`` calls as each piece of the model is
+    materialised: each transformer block, and the embedding and head unless they are tied, is
+    sharded there and then, so no rank ever holds the whole model (the full weights of one piece
+    at a time; :func:`wrap_model` then shards the root). None otherwise.
+
+    Every rank initialises each piece from the same seed before keeping its rows, so the weights
+    are those one process would build."""
+    if ctx.mode != "fsdp2":
+        return None
+    from torch.distributed.fsdp import fully_shard
+
+    def on_piece(name: str, module: nn.Module) -> None:
+        if name.startswith("layers.") or (name in ("embed", "lm_head") and not tie_embeddings):
+            fully_shard(module)
+
+    return on_piece
+
+
 def wrap_model(ctx: Context, model: nn.Module, layerwise: bool = False) -> nn.Module:
     """The module to run forward/backward through: DDP around the model, or the model itself
     sharded in place by FSDP2 (each transformer block, then the root).
@@ -133,10 +159,11 @@ def wrap_model(ctx: Context, model: nn.Module, layerwise: bool = False) -> nn.Mo
         device_ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if ctx.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
         for block in model.layers:
-            fully_shard(block)
+            if not isinstance(block, FSDPModule):  # not already sharded as it was built
+                fully_shard(block)
         fully_shard(model)
     return model
 
@@ -169,10 +196,33 @@ def load_extra(ctx: Context, path: Path) -> dict[str, Any]:
         return load_checkpoint(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a complete sharded (DCP) checkpoint folder")
+    check_shard_files(path)
     extra = load_checkpoint(path / EXTRA)
     if isinstance(extra, dict):
         extra["model"] = extra["optimizer"] = str(path)
     return extra
+
+
+def check_shard_files(path: Path) -> None:
+    """Every file the checkpoint's metadata names is there (a rank's shards copied or synced
+    incompletely would otherwise surface as a bare error deep inside the load).
+
+    Raises:
+        CheckpointError: naming the missing files (``__<rank>_<n>.distcp``: written by that rank).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a truncated or foreign .metadata
+        raise CheckpointError(f"{path / '.metadata'}: cannot be read as DCP metadata ({e})") from None
+    names = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: missing shard file(s) {', '.join(missing)} of {len(names)} (each is written by one rank "
+            "of the saving run); the checkpoint is incomplete"
+        )
 
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -192,6 +242,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) 
         set_optimizer_state_dict,
     )
 
+    if hasattr(optimizer, "rule"):  # a galorex optimizer: give DCP the state to load into
+        from ..optim.sharded import materialize_state
+
+        materialize_state(optimizer)
     state = _dcp_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])

@@ -386,7 +386,7 @@ def _setup(cfg: TrainConfig, ctx: distributed.Context, device_name: str, log, ma
     model_cfg = _model_config(cfg)
     run_data, batcher = _setup_data(cfg, log)
     model_cfg = _vocabulary_of(cfg, model_cfg, run_data.tokenizer, log)
-    model, memory, estimate = _setup_model(cfg, model_cfg, run_data, ckpt, device, dtype, log)
+    model, memory, estimate = _setup_model(cfg, model_cfg, run_data, ckpt, device, dtype, log, ctx)
     # DDP: `runner` wraps `model`; FSDP2 shards `model` in place (runner is model).
     runner = distributed.wrap_model(ctx, model, layerwise=cfg.layerwise)
     runner = compile_model(runner, cfg.compile)
@@ -461,10 +461,12 @@ def _setup_model(
     device: torch.device,
     dtype: torch.dtype,
     log,
+    ctx: distributed.Context | None = None,
 ) -> tuple[Llama, dict[str, Any], dict[str, int] | None]:
     """The model, after the memory preflight: built on the meta device and materialised in
     ``dtype`` on ``device``, seeded or loaded (--init-from, or the checkpoint's weights), HALO
-    layers swapped in. Returns it, the memory figures so far and the preflight's estimate."""
+    layers swapped in (under FSDP2, ``ctx``, each block sharded as it is built). Returns it, the
+    memory figures so far and the preflight's estimate."""
     tokenizer = run_data.tokenizer
     if tokenizer.vocab_size > model_cfg.vocab_size:
         given = f"--vocab-size {cfg.vocab_size}" if cfg.vocab_size is not None else f"--model {cfg.model}'s vocabulary"
@@ -481,6 +483,10 @@ def _setup_model(
         _check_init_file(cfg.init_from)
     # Built on the meta device, then materialised piece by piece in `dtype` on `device`: no
     # float32 copy of the model ever exists (weights about to be loaded are left uninitialised).
+    # FSDP2: shard each block as it is built (weights loaded from a file, or HALO's layer swap,
+    # need the whole model first and are sharded by wrap_model).
+    build_sharded = ctx is not None and not loading and cfg.halo is None
+    on_piece = distributed.shard_as_built(ctx, model_cfg.tie_embeddings) if build_sharded else None
     model = build_llama(
         model_cfg,
         device=device,
@@ -489,6 +495,7 @@ def _setup_model(
         activation_checkpointing=cfg.activation_checkpointing,
         weight_bits=cfg.weight_bits,
         weight_group_size=cfg.weight_group_size,
+        on_piece=on_piece,
     )
     if loading:
         _load_initial_weights(model, cfg.init_from)
@@ -537,6 +544,8 @@ def _setup_optimizer(cfg: TrainConfig, ctx: distributed.Context, model: Llama, m
         raise TrainError("--layerwise needs a galorex optimizer built with layerwise=True")
     if cfg.layerwise and ctx.mode == "ddp":
         optimizer.set_layerwise_grad_reducer(ctx.average_gradient)  # DDP's all-reduce, one gradient at a time
+    if cfg.layerwise and ctx.mode == "fsdp2":
+        optimizer.register_fsdp2_hooks(model)  # each block's shards step once its reduce-scatter lands
     return optimizer
 
 
@@ -763,6 +772,9 @@ def _report(run: Run, position: Position, wall_s: float) -> dict[str, Any]:
         "world_size": ctx.world_size,
     }
     summary.update(run.run_metrics.summary(summary["tokens_per_s"]), val_data=str(run.run_data.val_source))
+    if ctx.active:  # each rank's own figures (rank 0's are the ones above)
+        mine = {k: summary[k] for k in ("optimizer_state_bytes", "peak_memory_bytes")}
+        summary["per_rank"] = ctx.gather_objects({**mine, "memory": run.memory})
     run.run_metrics.close()
     weights = distributed.full_state_dict(ctx, model)  # a collective under FSDP2
     if not ctx.is_main:

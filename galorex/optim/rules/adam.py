@@ -75,7 +75,9 @@ class AdamRule(Rule):
         "foreach": None,
         "fused": None,
     }
-    supports_sharding = True
+    # AdamW on unprojected parameters is elementwise; Adam in the subspace reads the low-rank
+    # gradients and states only, and the default gradient() and write() act row by row.
+    shard_local = frozenset({"subspace", "dense"})
     # The fused Triton step (triton_kernels.fused_galore_adam_step) computes exactly this rule.
     fusable = True
 

@@ -58,7 +58,6 @@ from .fira import (
     channel_norm_ratio,
     limit_norm_growth,
     norm_scaled_inputs,
-    refuse_dtensor_message,
     tensor_norm_ratio,
     validate_norm_scaled,
 )
@@ -205,7 +204,6 @@ class ApolloRule(AdamRule):
         DISABLE_NL: False,
     }
     fusable = False
-    supports_sharding = False
     cpu_state_keys = (PROJ_SEED,)
 
     def validate(self, group: dict[str, Any], bad: Bad) -> None:
@@ -234,9 +232,6 @@ class ApolloRule(AdamRule):
                 raise bad(REFRESH_METHOD, "chooses how proj='svd' computes its basis; proj='random' draws one")
             if group[MOMENT_POLICY] == "reproject":
                 raise bad(MOMENT_POLICY, "'reproject' needs orthonormal bases; with proj='random' use keep or reset")
-
-    def check_sharding(self, group: dict[str, Any], where: str) -> None:
-        raise ValueError(refuse_dtensor_message(where, "ApolloAdamW"))
 
     # ------------------------------------------------------------------ the random projection
     def basis_is_generated(self, group: dict[str, Any]) -> bool:

@@ -48,14 +48,19 @@ class Rule:
     Attributes:
         name: the optimizer's name in the registry (``galorex-train --optimizer``).
         defaults: the rule's own group keys and their defaults (``lr`` included).
-        supports_sharding: whether the FSDP2 (DTensor) placement may run this rule.
+        shard_local: what the FSDP2 placement (``galorex.optim.sharded``) may compute on each
+            rank's rows alone: ``"subspace"`` — :meth:`gradient` and :meth:`write` act row by row
+            and :meth:`steps` reads only the low-rank gradients and states (W and G then stay
+            sharded); ``"dense"`` — :meth:`step_dense` is elementwise. Whatever is not declared is
+            computed on the whole matrix, gathered, which is always correct. A subclass that
+            overrides one of these methods loses the declaration unless it repeats it.
         keeps_dense_state_dtype: load unprojected state in its saved dtype instead of the
             parameter's (torch's policy, the default, casts it to the parameter's dtype).
     """
 
     name = "rule"
     defaults: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0}
-    supports_sharding = False
+    shard_local: frozenset[str] = frozenset()
     keeps_dense_state_dtype = False
 
     # ------------------------------------------------------------------ settings
@@ -70,17 +75,17 @@ class Rule:
         config.check_weight_decay(group, bad)
 
     def check_sharding(self, group: dict[str, Any], where: str) -> None:
-        """Refuse, at construction, group settings the sharded placement cannot serve.
+        """Refuse group settings the FSDP2 placement cannot serve (at construction, and at every
+        step, since parameters may become DTensors later). Default: none; every rule and setting
+        runs on FSDP2 parameters.
 
         Args:
             group: the parameter group.
             where: how the error names the group (``"param_groups[i]"``).
 
         Raises:
-            ValueError: the rule or a setting cannot run on FSDP2 (DTensor) parameters.
+            ValueError: naming the group key and the reason.
         """
-        if not self.supports_sharding and group.get(config.RANK) is not None:
-            raise ValueError(f"{where}: {type(self).__name__} does not support FSDP2 (DTensor) parameters")
 
     # ------------------------------------------------------------------ subspace state
     def moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:

@@ -165,14 +165,10 @@ class FiraRule(AdamRule):
     name = "fira"
     defaults = {**AdamRule.defaults, "weight_decay": 0.0, ALPHA: 1.0, DISABLE_NL: False}
     fusable = False
-    supports_sharding = False
 
     def validate(self, group: dict[str, Any], bad: Bad) -> None:
         super().validate(group, bad)
         validate_norm_scaled(group, bad, ALPHA)
-
-    def check_sharding(self, group: dict[str, Any], where: str) -> None:
-        raise ValueError(refuse_dtensor_message(where, "FiraAdamW"))
 
     def init_state(self, group, p, state, shape, dtype) -> None:
         super().init_state(group, p, state, shape, dtype)
@@ -232,13 +228,6 @@ def validate_norm_scaled(
         raise bad(DISABLE_NL, "must be True or False")
     if group.get(RANK) is not None and group[PROJ_TYPE] == "full":
         raise bad(PROJ_TYPE, full)
-
-
-def refuse_dtensor_message(where: str, name: str) -> str:
-    return (
-        f"{where}: {name} does not support FSDP2 (DTensor) parameters yet: its full-rank term needs the "
-        "whole gradient of each matrix; use DDP (replicated parameters) instead"
-    )
 
 
 def _as(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

@@ -73,11 +73,6 @@ class GradNormRule(AdamRule):
 
     name = "gradnorm-lorp"
     fusable = False
-    supports_sharding = False
-
-    def check_sharding(self, group: dict[str, Any], where: str) -> None:
-        if group.get("rank") is not None:
-            raise ValueError(f"{where}: GradNormLoRPAdamW does not support FSDP2 (DTensor) parameters yet")
 
     def moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ADAM_MOMENTS + (MAG_EXP_AVG, MAG_EXP_AVG_SQ)

@@ -110,13 +110,6 @@ class NaturalRule(AdamRule):
         if not is_real(lam) or not math.isfinite(float(lam)) or float(lam) <= 0:
             raise bad(NATURAL_DAMPING, "must be a finite number > 0")
 
-    def check_sharding(self, group: dict[str, Any], where: str) -> None:
-        if group.get(NATURAL_HISTORY, 0):
-            raise ValueError(
-                f"{where}: NaturalGaLoreAdamW with FSDP2 (DTensor) parameters needs "
-                "natural_history=0 (the sharded Fisher window is not implemented)"
-            )
-
     def init_state(self, group, p, state, shape, dtype) -> None:
         super().init_state(group, p, state, shape, dtype)
         device = p.device
