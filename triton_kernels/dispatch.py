@@ -25,7 +25,7 @@ BACKENDS = ("auto", "torch", "triton")
 # The operations that have a Triton kernel beside a torch twin.
 OPS = ("hadamard", "quantize", "scaled_gemm", "project", "galore_adam_step")
 # What ``auto`` takes on CUDA. No Triton path has yet completed a GPU run that showed it correct
-# and faster than torch (README, "Triton kernels"), so every entry is torch; a GPU run flips them
+# and faster than torch (docs/low-precision.md), so every entry is torch; a GPU run flips them
 # one by one, by measurement, with GALOREX_BACKEND=triton the switch that runs them until then.
 CUDA_DEFAULT = dict.fromkeys(OPS, "torch")
 

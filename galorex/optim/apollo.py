@@ -45,7 +45,8 @@ class ApolloAdamW(GaLoreAdamW):
     Differences from apollo-torch, none of which changes a run it can do: ``proj_type`` other than
     ``std`` with channel-wise scaling, which apollo-torch computes along the wrong axis (a shape
     error unless the rank is 1), scales the unprojected dimension's channels here; a float64 weight
-    gets a float32 draw cast to float64, as there. FSDP2 (DTensor) parameters raise.
+    gets a float32 draw cast to float64, as there. FSDP2 (DTensor) parameters work as for every
+    galorex optimizer.
     """
 
     rule = ApolloRule()

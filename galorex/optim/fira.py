@@ -37,7 +37,7 @@ class FiraAdamW(GaLoreAdamW):
     Groups without ``rank`` and 1-D parameters are plain AdamW (``torch.optim.AdamW``).
 
     The α in the residual is the reference's: with α ≠ 1 the term keeps (1 − α) of the in-subspace
-    gradient too. FSDP2 (DTensor) parameters raise; DDP works as for every galorex optimizer.
+    gradient too. FSDP2 (DTensor) parameters and DDP work as for every galorex optimizer.
     """
 
     rule = FiraRule()

@@ -130,7 +130,9 @@ class GaLoreAdamW(LowRankOptimizer):
 
     Not supported with ``layerwise=True`` (each raises a clear error): ``step(closure)``,
     gradients set by hand instead of by backward(), sparse or complex gradients (as in the normal
-    mode), FSDP2 (DTensor) parameters, ``state_dict()`` in the middle of an accumulation.
+    mode), ``state_dict()`` in the middle of an accumulation. FSDP2 (DTensor) parameters get no
+    post-accumulate-grad hook: call :meth:`register_fsdp2_hooks` with the sharded model, which steps
+    each parameter's shard from its FSDP2 group's post-backward.
     Do not wrap the model in DDP (its hooks would fire before DDP's all-reduce, and DDP's buckets
     hold every gradient anyway); average gradients across ranks with
     :meth:`set_layerwise_grad_reducer` instead, as ``galorex-train --distributed ddp --layerwise`` does.

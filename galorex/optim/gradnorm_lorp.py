@@ -15,7 +15,7 @@ class GradNormLoRPAdamW(GaLoreAdamW):
 
     Args:
         Those of :class:`GaLoreAdamW`, with the same group keys (``optim_bits`` included);
-        FSDP2 (DTensor) parameters are refused in projected groups.
+        FSDP2 (DTensor) parameters are stepped as in one process (``galorex.optim.sharded``).
     """
 
     rule = GradNormRule()
