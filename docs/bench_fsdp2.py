@@ -41,6 +41,7 @@ RANDOM_PROJECTION = ("APOLLO", "APOLLO-Mini")  # moment_policy="reproject" needs
 REUSE = False
 COMMON = "--model llama-tiny --batch-size 4 --seq-len 32 --steps 5 --warmup 2 --update-proj-gap 2 --rank 4"
 COMMON += " --save-every 0 --sample-tokens 0 --threads 1 --no-progress --eval-batches 1 --eval-every 0"
+COMMON += " --refresh-schedule together"  # every basis at steps 0, 2 and 4 (galorex-train's default staggers them)
 
 
 def flags(case: str, dtype: str = "fp32") -> list[str]:

@@ -9,7 +9,7 @@
 # are what would flip a default, one operation at a time. Every step
 # gets at most its own limit and never more than what is left of BUDGET, so the whole script ends
 # inside the device call's limit with room for a second try. Leaves log.txt and the tables
-# (at most 9 files) in $OUT.
+# (at most 11 files) in $OUT.
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-480}
 START=$(date +%s)
@@ -37,6 +37,11 @@ step "bench step llama-60m (GALOREX_BACKEND=triton: fused step)" 45 env GALOREX_
 cp /tmp/stt/step.md "$OUT/step_triton.md" 2>/dev/null
 step "bench step llama-60m (default: torch)" 45 python -m galorex.bench --out /tmp/st step --model llama-60m --repeats 10 --natural-history 0
 cp /tmp/st/step.md "$OUT/step.md" 2>/dev/null
+# INT8 weights (issue 25): the layer against bf16 nn.Linear, and the 7B recipe's peak as CUDA max allocated
+step "int8-linear (bf16)" 30 python -m galorex.bench --out /tmp/i8 int8-linear
+cp /tmp/i8/int8_linear.md "$OUT/int8_linear.md" 2>/dev/null
+step "peak 7B, INT8 weights" 150 python -m galorex.bench --out /tmp/pk peak-memory --steps 2 -- --model llama-7b --dtype bf16 --optimizer galore --rank 1024 --update-proj-gap 200 --scale 0.25 --refresh-method randomized --optim-bits 8 --basis-bits 4 --layerwise --activation-checkpointing --batch-size 1 --seq-len 256 --weight-bits 8
+cp /tmp/pk/peak_memory.md "$OUT/peak7b_int8.md" 2>/dev/null
 step "refresh: exact vs randomized" 40 python -m galorex.bench --out /tmp/rf refresh --m 4096 --n 11008 --rank 512
 cp /tmp/rf/refresh.md "$OUT/refresh.md" 2>/dev/null
 step "layer-wise peak memory (CUDA max allocated)" 60 python -m galorex.bench --out /tmp/lw layerwise-memory --model llama-60m --batch-size 4 --seq-len 256
