@@ -23,8 +23,8 @@ from . import codes as C
 from .tensor import QuantizedWeight
 
 WEIGHT_ROUNDINGS = C.ROUNDINGS
-# bf16 weights default to round-to-nearest: docs/benchmarks.md, "INT8 weights and stochastic
-# rounding", measures both on llama-tiny.
+# bf16 weights default to round-to-nearest, what torch does: the bf16 quality comparison that should
+# decide it has not run yet (docs/benchmarks.md, "INT8 weights, and the peak as printed").
 BF16_DEFAULT_ROUNDING = "nearest"
 QUANTIZED_DEFAULT_ROUNDING = "stochastic"
 
