@@ -38,7 +38,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         metavar="NAME=FLAGS",
         help="a name and galorex-train flags (quoted), e.g. 'int8=--dtype bf16 --weight-bits 8'; the first is "
-        "the base (default: bf16 weights, INT8 with stochastic rounding, INT8 to nearest)",
+        "the base (default: bf16 weights, INT8 with stochastic rounding, INT8 to nearest; with --quick, the "
+        "same three in float32)",
     )
     v.add_argument("--steps", type=int, default=1000)
     v.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -81,10 +82,18 @@ DEFAULT_VARIANTS = [
     "int8=--dtype bf16 --weight-bits 8",
     "int8-nearest=--dtype bf16 --weight-bits 8 --weight-rounding nearest",
 ]
+# --quick without --variant: the same comparison in float32, which every CPU computes at speed (a
+# CPU without bf16 arithmetic takes minutes for a few bf16 steps of llama-tiny).
+QUICK_VARIANTS = [
+    "fp32=--dtype fp32",
+    "int8=--dtype fp32 --weight-bits 8",
+    "int8-nearest=--dtype fp32 --weight-bits 8 --weight-rounding nearest",
+]
 
 
 def bench_variants(args: argparse.Namespace) -> dict[str, Any]:
-    variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    chosen = args.variant or (QUICK_VARIANTS if getattr(args, "quick", False) else DEFAULT_VARIANTS)
+    variants = [parse_variant(v) for v in chosen]
     names = [n for n, _ in variants]
     if len(set(names)) != len(names):
         raise SystemExit(f"--variant names must differ, got {names}")
